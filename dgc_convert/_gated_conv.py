@@ -1,0 +1,156 @@
+"""Head-wise gated convolution with a lean backward pass.
+
+Computes, for every head ``h`` and sample ``b``,
+``out[b, h::H] = conv2d(x[b] * gate[b, h], weight[h::H])``, which is the
+DGC method: ``gate`` holds the saliency score of each kept input channel and
+zero for every dropped one, so the product equals gathering the kept channels,
+scaling them and convolving them with the matching weight columns (steps 1-4
+of the method, channel shuffle included, since head ``h`` writes the output
+channels ``h::H``).
+
+Plain autograd would save one gated copy of the input per head for backward
+(the authors' layer: H times the activation memory). This function saves only
+``x``, ``gate`` and ``weight`` and recomputes each head's gated input in
+backward, one head at a time, so at most one extra input-sized buffer lives at
+once, in forward and in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+def _head_weights(weight: Tensor, heads: int) -> Tensor:
+    """(C', C, kh, kw) -> (H, C'/H, C, kh, kw) with entry [h, j] = weight[j*H + h]."""
+    out_channels = weight.shape[0]
+    return weight.view(out_channels // heads, heads, *weight.shape[1:]).transpose(0, 1).contiguous()
+
+
+class _GatedConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, gate: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:  # type: ignore[override]
+        heads = gate.shape[1]
+        head_weights = _head_weights(weight, heads)
+        outputs = [
+            F.conv2d(x * gate[:, h, :, None, None], head_weights[h], None, stride, padding, dilation)
+            for h in range(heads)
+        ]
+        ctx.save_for_backward(x, gate, weight)
+        ctx.conv_args = (stride, padding, dilation)
+        # (B, C'/H, H, ...) flattened puts head h's j-th channel at j*H + h.
+        return torch.stack(outputs, dim=2).flatten(1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, gate, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv_args
+        heads = gate.shape[1]
+        need_x, need_gate, need_weight = ctx.needs_input_grad[:3]
+        head_weights = _head_weights(weight, heads)
+        batch, out_channels = grad_out.shape[:2]
+        grad_heads = grad_out.view(batch, out_channels // heads, heads, *grad_out.shape[2:])
+
+        grad_x = None
+        grad_gate = torch.empty_like(gate) if need_gate else None
+        grad_head_weights = torch.empty_like(head_weights) if need_weight else None
+        need_conv_input = need_x or need_gate
+        for h in range(heads):
+            gate_h = gate[:, h, :, None, None]
+            grad_input_h, grad_weight_h, _ = torch.ops.aten.convolution_backward(
+                grad_heads[:, :, h],
+                x * gate_h,
+                head_weights[h],
+                None,
+                stride,
+                padding,
+                dilation,
+                False,
+                [0, 0],
+                1,
+                [need_conv_input, need_weight, False],
+            )
+            if need_x:
+                # The first head writes, the others accumulate: no zero fill.
+                grad_x = grad_input_h * gate_h if grad_x is None else grad_x.addcmul_(grad_input_h, gate_h)
+            if need_gate:
+                grad_gate[:, h] = torch.linalg.vecdot(grad_input_h.flatten(2), x.flatten(2))
+            if need_weight:
+                grad_head_weights[h] = grad_weight_h
+        grad_weight = None
+        if need_weight:
+            grad_weight = grad_head_weights.transpose(0, 1).reshape(weight.shape)
+        return grad_x, grad_gate, grad_weight, None, None, None
+
+
+def _per_sample_gated_conv2d(x: Tensor, gate: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    """The same product with the gate folded into per-sample filters, all
+    samples in one convolution with ``groups=batch``. Plain autograd: it saves
+    the per-sample filters (batch x weight size), which ``_prefers_per_sample``
+    keeps within twice the size of the input."""
+    batch, channels = x.shape[:2]
+    heads = gate.shape[1]
+    out_channels = weight.shape[0]
+    # Output channel o belongs to head o % heads.
+    gate_per_output = gate.repeat(1, out_channels // heads, 1)  # (B, C', C), row o = gate[:, o % H]
+    filters = weight.unsqueeze(0) * gate_per_output[..., None, None]
+    out = F.conv2d(
+        x.reshape(1, batch * channels, *x.shape[2:]),
+        filters.reshape(batch * out_channels, channels, *weight.shape[2:]),
+        None,
+        stride,
+        padding,
+        dilation,
+        groups=batch,
+    )
+    return out.view(batch, out_channels, *out.shape[2:])
+
+
+def _prefers_per_sample(x: Tensor, weight: Tensor) -> bool:
+    # Per-sample filters cost batch * C' * C * kh * kw elements; one gated
+    # copy of the input costs batch * C * H * W. Fold into the filters while
+    # they stay within twice that (early, high-resolution layers): there the
+    # per-head loop's elementwise passes over the input dominate its time
+    # (benchmarks/layer_step.py: 64@56 and 128@28 run faster folded, 256@14
+    # and 512@7 faster head by head).
+    return weight.shape[0] * weight.shape[2] * weight.shape[3] <= 2 * x.shape[2] * x.shape[3]
+
+
+def gated_conv2d(
+    x: Tensor,
+    gate: Tensor,
+    weight: Tensor,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    algorithm: str = "auto",
+) -> Tensor:
+    """Head-wise gated convolution, no bias.
+
+    Args:
+        x: input (B, C, H, W).
+        gate: (B, heads, C): the factor each head applies to each input channel
+            (its saliency score where kept, 0 where dropped).
+        weight: dense-layout filters (C', C, kh, kw); head h owns ``weight[h::heads]``.
+        algorithm: "per_head" (one head at a time, recomputing the gated input
+            in backward), "per_sample" (gates folded into per-sample filters,
+            one grouped convolution) or "auto" (by buffer size). All are exact.
+
+    Returns:
+        (B, C', H', W'), channel ``j*heads + h`` computed by head ``h``.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Run the whole function in the autocast dtype so forward and backward
+        # agree on dtypes; gradients flow back through the casts.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return gated_conv2d(x.to(dtype), gate.to(dtype), weight.to(dtype), stride, padding, dilation, algorithm)
+    if algorithm not in ("auto", "per_head", "per_sample"):
+        raise ValueError(f"algorithm must be 'auto', 'per_head' or 'per_sample', got {algorithm!r}")
+    if algorithm == "per_sample" or (algorithm == "auto" and _prefers_per_sample(x, weight)):
+        return _per_sample_gated_conv2d(x, gate, weight, stride, padding, dilation)
+    return _GatedConv2d.apply(x, gate, weight, stride, padding, dilation)

@@ -1,0 +1,290 @@
+"""The Dynamic Group Convolution layer (Su et al., ECCV 2020).
+
+`DGCConv2d` replaces one ``groups=1`` convolution. Its output channels are
+split into ``heads`` groups; each head owns a small saliency generator that
+scores every input channel per sample, keeps the ``k`` highest-scoring
+channels, scales them by their scores and convolves them with the head's
+filters. The method is stated in ``shared/DGC_METHOD.md``; this module holds
+the method and nothing else (no surgery, no training).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from dgc_convert._gated_conv import gated_conv2d
+
+__all__ = ["DGCConv2d", "SaliencyGenerator", "Gates", "kept_channel_count"]
+
+
+def kept_channel_count(in_channels: int, zeta: float) -> int:
+    """Number of input channels each head keeps at pruning ratio ``zeta``.
+
+    ``k = C - round(zeta * C)``, never fewer than one channel.
+    """
+    return max(1, in_channels - int(round(zeta * in_channels)))
+
+
+def _check_zeta(name: str, value: float) -> float:
+    value = float(value)
+    if not (0.0 <= value < 1.0) or math.isnan(value):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+class Gates(NamedTuple):
+    """Per-sample gating of one DGC layer.
+
+    ``scores``: saliency ``g`` of shape (batch, heads, in_channels), before
+    gating. ``mask``: boolean, same shape, True where a head keeps the channel.
+    """
+
+    scores: Tensor
+    mask: Tensor
+
+
+class SaliencyGenerator(nn.Module):
+    """One SE-shaped saliency generator per head, computed for all heads at once.
+
+    For head ``i``: ``g_i = relu(W2_i relu(W1_i avgpool(x)) + beta_i)`` with
+    ``W1_i``: C -> hidden (no bias), ``W2_i``: hidden -> C (no bias) and
+    ``beta_i`` a learned per-channel bias initialised to 1.0, so a new layer
+    starts out close to a dense convolution.
+    """
+
+    def __init__(self, in_channels: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.heads = heads
+        self.hidden = hidden
+        self.reduce = nn.Parameter(torch.empty(heads, hidden, in_channels))
+        self.expand = nn.Parameter(torch.empty(heads, in_channels, hidden))
+        self.beta = nn.Parameter(torch.empty(heads, in_channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise like ``nn.Linear`` (uniform in ±1/sqrt(fan_in)); beta to 1."""
+        nn.init.uniform_(self.reduce, -1.0 / math.sqrt(self.in_channels), 1.0 / math.sqrt(self.in_channels))
+        nn.init.uniform_(self.expand, -1.0 / math.sqrt(self.hidden), 1.0 / math.sqrt(self.hidden))
+        nn.init.ones_(self.beta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Scores of shape (batch, heads, in_channels), all >= 0."""
+        # sum-then-divide: the backward of mean over a large spatial map is
+        # several times slower than that of sum on CPU.
+        pooled = x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])
+        squeezed = F.relu(torch.einsum("bc,hdc->bhd", pooled, self.reduce))
+        return F.relu(torch.einsum("bhd,hcd->bhc", squeezed, self.expand) + self.beta)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, heads={self.heads}, hidden={self.hidden}"
+
+
+class DGCConv2d(nn.Module):
+    """Dynamic Group Convolution: a drop-in for a ``groups=1`` ``nn.Conv2d``.
+
+    Same input and output shapes as the convolution it replaces. ``weight``
+    keeps the dense layout ``(out_channels, in_channels, kh, kw)``; head ``i``
+    owns the filters ``weight[i::heads]``, so the method's channel shuffle puts
+    every output channel where the dense convolution had it.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias:
+            as for ``nn.Conv2d`` (zeros padding, ``groups=1``).
+        heads: number of heads H; must divide ``out_channels``.
+        squeeze_ratio: d; each saliency generator's hidden width is
+            ``max(in_channels // d, 4)``.
+        zeta: target pruning ratio, the fraction of input channels each head
+            drops per sample, in [0, 1). The layer starts at ``zeta_t = zeta``;
+            a trainer moves ``zeta_t`` along its schedule with ``set_zeta_t``.
+
+    Attributes:
+        zeta_t: persistent buffer (saved in ``state_dict``) holding the ratio
+            forward uses, so a trained model evaluates at the ratio it was
+            trained to.
+        unit_scores: when True every saliency score is 1 (not persistent);
+            with ``zeta_t = 0`` the layer then equals its dense convolution.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+        *,
+        heads: int = 4,
+        squeeze_ratio: float = 16,
+        zeta: float = 0.5,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+            raise ValueError(f"heads must be a positive integer, got {heads!r}")
+        if out_channels % heads != 0:
+            raise ValueError(f"heads={heads} does not divide out_channels={out_channels}")
+        if not (squeeze_ratio >= 1):
+            raise ValueError(f"squeeze_ratio must be >= 1, got {squeeze_ratio!r}")
+        if isinstance(padding, str):
+            raise ValueError(f"padding must be an int or a pair of ints, got {padding!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.heads = heads
+        self.squeeze_ratio = squeeze_ratio
+        self.zeta = _check_zeta("zeta", zeta)
+        self.unit_scores = False
+
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        hidden = max(int(in_channels // squeeze_ratio), 4)
+        self.saliency_generator = SaliencyGenerator(in_channels, heads, hidden)
+        self.register_buffer("zeta_t", torch.tensor(self.zeta, dtype=torch.float64))
+        self._zeta_t_value = self.zeta
+        self._last_sparsity: Tensor | None = None
+        self.reset_parameters()
+
+    # -- construction -----------------------------------------------------
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        heads: int = 4,
+        squeeze_ratio: float = 16,
+        zeta: float = 0.5,
+    ) -> "DGCConv2d":
+        """Build a DGC layer with ``conv``'s geometry, weight and bias.
+
+        The new layer lives on ``conv``'s device and dtype; the weight and bias
+        are copied, not shared. Raises ``ValueError`` for a grouped conv or a
+        padding mode other than zeros.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(f"conv.groups must be 1, got {conv.groups}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
+        if isinstance(conv.padding, str):
+            raise ValueError(f"conv.padding must be numeric, got {conv.padding!r}")
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            heads=heads,
+            squeeze_ratio=squeeze_ratio,
+            zeta=zeta,
+        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def reset_parameters(self) -> None:
+        """Initialise weight and bias as ``nn.Conv2d`` does, and the gates."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.saliency_generator.reset_parameters()
+
+    # -- pruning ratio ----------------------------------------------------
+
+    def set_zeta_t(self, value: float) -> None:
+        """Set the pruning ratio forward uses, in [0, 1)."""
+        value = _check_zeta("zeta_t", value)
+        self.zeta_t.fill_(value)
+        self._zeta_t_value = value
+
+    @property
+    def kept_channels(self) -> int:
+        """k: input channels each head keeps per sample at the current ``zeta_t``."""
+        return kept_channel_count(self.in_channels, self._zeta_t_value)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        module = super()._apply(fn, recurse)
+        # ``model.half()`` / ``.to(bfloat16)`` would round the ratio (0.55 ->
+        # 0.5498) and could change k; keep it exact in float64 on the new device.
+        if self.zeta_t.dtype != torch.float64:
+            self._buffers["zeta_t"] = torch.tensor(self._zeta_t_value, dtype=torch.float64, device=self.zeta_t.device)
+        return module
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # The buffer was overwritten in place; keep the cached float in step so
+        # forward needs no device sync to read it.
+        self._zeta_t_value = _check_zeta("zeta_t", float(self.zeta_t))
+
+    # -- the method -------------------------------------------------------
+
+    def saliency(self, x: Tensor) -> Tensor:
+        """Per-head, per-sample channel scores ``g``: shape (batch, heads, in_channels), >= 0."""
+        if self.unit_scores:
+            return x.new_ones(x.shape[0], self.heads, self.in_channels)
+        return self.saliency_generator(x)
+
+    def selection_mask(self, scores: Tensor) -> Tensor:
+        """Boolean mask (batch, heads, in_channels): the ``k`` top-scoring channels per head.
+
+        Selection uses the detached scores and ``torch.topk``, so exactly
+        ``k`` channels are kept even when scores tie.
+        """
+        k = self.kept_channels
+        if k >= self.in_channels:
+            return torch.ones_like(scores, dtype=torch.bool)
+        index = scores.detach().topk(k, dim=2, sorted=False).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(2, index, True)
+
+    def gates(self, x: Tensor) -> Gates:
+        """Scores and kept-channel mask for input ``x``."""
+        scores = self.saliency(x)
+        return Gates(scores, self.selection_mask(scores))
+
+    @property
+    def sparsity_loss(self) -> Tensor | None:
+        """Sparsity term of the last forward: per head the mean score over batch
+        and channels (before gating), summed over heads. None before any forward."""
+        return self._last_sparsity
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores, mask = self.gates(x)
+        self._last_sparsity = scores.mean(dim=(0, 2)).sum()
+        gate = scores * mask if self.kept_channels < self.in_channels else scores
+        out = gated_conv2d(x, gate, self.weight, self.stride, self.padding, self.dilation)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
+        return out
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        )
+        if self.padding != (0, 0):
+            text += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text + f", heads={self.heads}, squeeze_ratio={self.squeeze_ratio}, zeta={self.zeta}, zeta_t={self._zeta_t_value:g}"

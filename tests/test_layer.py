@@ -1,0 +1,306 @@
+"""DGCConv2d against the method (shared/DGC_METHOD.md) and an independent loop."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dgc_convert import DGCConv2d, kept_channel_count
+from dgc_convert._gated_conv import gated_conv2d
+
+
+def reference_forward(layer: DGCConv2d, x: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample, per head: index_select the kept channels, scale them,
+    conv2d with the head's filters, place at output channels ``i::heads``."""
+    if scores is None:
+        scores = layer.saliency(x)
+    k = kept_channel_count(layer.in_channels, float(layer.zeta_t))
+    rows = []
+    for b in range(x.shape[0]):
+        out_b = [None] * layer.out_channels
+        for i in range(layer.heads):
+            keep = scores[b, i].detach().topk(k).indices
+            y = x[b].index_select(0, keep) * scores[b, i].index_select(0, keep)[:, None, None]
+            w = layer.weight[i :: layer.heads].index_select(1, keep)
+            o = F.conv2d(y[None], w, None, layer.stride, layer.padding, layer.dilation)[0]
+            for j in range(o.shape[0]):
+                out_b[j * layer.heads + i] = o[j]
+        rows.append(torch.stack(out_b))
+    out = torch.stack(rows)
+    if layer.bias is not None:
+        out = out + layer.bias.view(1, -1, 1, 1)
+    return out
+
+
+def make_layer(c_in=8, c_out=8, kernel=3, heads=4, zeta=0.5, dtype=torch.float64, **conv_kwargs):
+    conv = nn.Conv2d(c_in, c_out, kernel, **conv_kwargs).to(dtype)
+    return DGCConv2d.from_conv(conv, heads=heads, squeeze_ratio=2, zeta=zeta)
+
+
+# -- identity -----------------------------------------------------------------
+
+IDENTITY_CASES = [
+    dict(kernel_size=1),
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=5, padding=2),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, dilation=2, padding=2),
+    dict(kernel_size=5, stride=2, dilation=2),
+    dict(kernel_size=(3, 1), padding=(1, 0)),
+]
+
+
+@pytest.mark.parametrize("geometry", IDENTITY_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("size", [(9, 13), (16, 16), (3, 4)])
+def test_identity_with_unit_scores_and_no_pruning(geometry, bias, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 8, bias=bias, **geometry).double()
+    layer = DGCConv2d.from_conv(conv, heads=4, zeta=0.5)
+    layer.set_zeta_t(0.0)
+    layer.unit_scores = True
+    x = torch.randn(3, 12, *size, dtype=torch.float64)
+    reach = [d * (k - 1) + 1 - 2 * p for k, d, p in zip(conv.kernel_size, conv.dilation, conv.padding)]
+    if any(r > s for r, s in zip(reach, size)):
+        pytest.skip("kernel reaches beyond the padded input")
+    torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=1e-10)
+
+
+def test_from_conv_copies_rather_than_shares():
+    conv = nn.Conv2d(8, 8, 3, bias=True)
+    layer = DGCConv2d.from_conv(conv)
+    with torch.no_grad():
+        layer.weight.zero_()
+    assert conv.weight.abs().sum() > 0
+    assert layer.bias is not None and torch.equal(layer.bias, conv.bias)
+
+
+# -- reference loop -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4, 8])
+@pytest.mark.parametrize("zeta", [0.0, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("size", [(5, 6), (12, 12)])  # small maps run head by head, larger per sample
+def test_forward_matches_reference_loop(heads, zeta, size):
+    torch.manual_seed(heads)
+    layer = make_layer(c_in=10, c_out=8, heads=heads, zeta=zeta, padding=1, bias=True)
+    x = torch.randn(3, 10, *size, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("algorithm", ["per_head", "per_sample"])
+def test_both_algorithms_agree_with_each_other(algorithm):
+    torch.manual_seed(1)
+    x = torch.randn(4, 6, 7, 9, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(4, 3, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    args = ((2, 1), (1, 2), (1, 2))
+    out = gated_conv2d(x, gate, weight, *args, algorithm=algorithm)
+    grads = torch.autograd.grad(out.square().sum(), (x, gate, weight))
+    # Plain autograd through one explicit masked copy per head is the baseline.
+    copies = [F.conv2d(x * gate[:, h, :, None, None], weight[h::3], None, *args) for h in range(3)]
+    expected = torch.stack(copies, 2).flatten(1, 2)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, gate, weight))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_unknown_algorithm_is_refused():
+    with pytest.raises(ValueError, match="algorithm"):
+        gated_conv2d(torch.ones(1, 2, 3, 3), torch.ones(1, 1, 2), torch.ones(2, 2, 1, 1), algorithm="fast")
+
+
+# -- exactly k ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zeta", [0.0, 0.3, 0.5, 0.75, 0.99])
+def test_exactly_k_channels_per_head_and_sample(zeta):
+    torch.manual_seed(0)
+    layer = make_layer(c_in=16, c_out=8, heads=4, zeta=zeta)
+    x = torch.randn(5, 16, 6, 6, dtype=torch.float64)
+    mask = layer.gates(x).mask
+    expected = max(1, 16 - round(zeta * 16))
+    assert layer.kept_channels == expected
+    assert (mask.sum(dim=2) == expected).all()
+
+
+def test_ties_do_not_change_k():
+    layer = make_layer(c_in=16, c_out=8, heads=4, zeta=0.5)
+    scores = torch.ones(3, 4, 16, dtype=torch.float64)
+    scores[0, 0, :12] = 0.0  # zeros tie too
+    assert (layer.selection_mask(scores).sum(dim=2) == 8).all()
+    layer.unit_scores = True
+    assert (layer.gates(torch.randn(3, 16, 5, 5, dtype=torch.float64)).mask.sum(dim=2) == 8).all()
+
+
+def test_kept_channel_count_rounds_and_keeps_one():
+    assert kept_channel_count(64, 0.5) == 32
+    assert kept_channel_count(20, 0.55) == 9
+    assert kept_channel_count(3, 0.9) == 1
+    assert kept_channel_count(10, 0.0) == 10
+
+
+# -- gradients --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(5, 5), (16, 16)])
+def test_weight_gradient_is_zero_on_channels_a_head_dropped(size):
+    torch.manual_seed(3)
+    layer = make_layer(c_in=12, c_out=8, heads=4, zeta=0.5, padding=1)
+    x = torch.randn(1, 12, *size, dtype=torch.float64)
+    mask = layer.gates(x).mask[0]  # (heads, C)
+    layer(x).square().sum().backward()
+    grad = layer.weight.grad
+    for i in range(layer.heads):
+        head_grad = grad[i :: layer.heads]  # (C'/H, C, k, k)
+        dropped = ~mask[i]
+        assert head_grad[:, dropped].abs().max() == 0
+        assert head_grad[:, mask[i]].abs().sum() > 0
+
+
+def test_saliency_parameters_learn_from_task_loss_and_sparsity_term():
+    torch.manual_seed(0)
+    layer = make_layer(c_in=12, c_out=8, heads=4, zeta=0.5, padding=1)
+    x = torch.randn(2, 12, 6, 6, dtype=torch.float64)
+    params = list(layer.saliency_generator.parameters())
+
+    task = layer(x).square().mean()
+    task_grads = torch.autograd.grad(task, params)
+    assert all(g.abs().sum() > 0 for g in task_grads)
+
+    layer(x)
+    sparsity = layer.sparsity_loss
+    expected = sum(layer.saliency(x)[:, i].mean() for i in range(layer.heads))
+    torch.testing.assert_close(sparsity, expected)
+    sparsity_grads = torch.autograd.grad(sparsity, params)
+    assert all(g.abs().sum() > 0 for g in sparsity_grads)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    c_in=st.integers(1, 9),
+    per_head=st.integers(1, 3),
+    heads=st.sampled_from([1, 2, 3, 4]),
+    zeta=st.floats(0.0, 0.95),
+    kernel=st.sampled_from([1, 2, 3]),
+    stride=st.sampled_from([1, 2]),
+    dilation=st.sampled_from([1, 2]),
+    height=st.integers(4, 12),
+    width=st.integers(4, 12),
+    batch=st.integers(1, 3),
+    bias=st.booleans(),
+)
+def test_gradients_match_reference_loop(c_in, per_head, heads, zeta, kernel, stride, dilation, height, width, batch, bias):
+    torch.manual_seed(0)
+    padding = dilation * (kernel // 2)
+    layer = make_layer(c_in=c_in, c_out=heads * per_head, kernel=kernel, heads=heads, zeta=zeta,
+                       stride=stride, dilation=dilation, padding=padding, bias=bias)
+    x = torch.randn(batch, c_in, height, width, dtype=torch.float64, requires_grad=True)
+    target = torch.randn_like(layer(x))
+    params = [x] + [p for p in layer.parameters()]
+
+    got = torch.autograd.grad((layer(x) * target).sum(), params)
+    want = torch.autograd.grad((reference_forward(layer, x) * target).sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+# -- state, dtypes, validation ---------------------------------------------------
+
+
+def test_zeta_t_round_trips_through_state_dict():
+    layer = make_layer(c_in=16, c_out=8, zeta=0.75)
+    layer.set_zeta_t(0.3125)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = make_layer(c_in=16, c_out=8, zeta=0.75)
+    assert float(fresh.zeta_t) == 0.75
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert float(fresh.zeta_t) == 0.3125
+    assert fresh.kept_channels == 16 - 5
+    assert "zeta_t" in layer.state_dict()
+
+
+def test_zeta_t_survives_dtype_casts_exactly():
+    layer = make_layer(c_in=256, c_out=8, zeta=0.55, dtype=torch.float32)
+    k = layer.kept_channels
+    layer.to(torch.bfloat16)
+    assert layer.zeta_t.dtype == torch.float64 and float(layer.zeta_t) == 0.55
+    assert layer.kept_channels == k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dtypes_run_forward_and_backward_on_cpu(dtype):
+    torch.manual_seed(0)
+    layer = make_layer(c_in=16, c_out=8, heads=4, zeta=0.5, padding=1, dtype=dtype)
+    for size in (5, 16):
+        x = torch.randn(2, 16, size, size, dtype=dtype, requires_grad=True)
+        out = layer(x)
+        assert out.dtype == dtype and out.shape == (2, 8, size - 2 + 2, size)
+        out.float().sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+        want = reference_forward(layer, x)
+        tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(out.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_autocast_bfloat16_trains():
+    torch.manual_seed(0)
+    layer = make_layer(c_in=16, c_out=8, padding=1, dtype=torch.float32)
+    x = torch.randn(2, 16, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs, culprit",
+    [
+        (dict(heads=3), "heads=3"),
+        (dict(heads=0), "heads"),
+        (dict(zeta=1.0), "zeta"),
+        (dict(zeta=-0.1), "zeta"),
+        (dict(zeta=float("nan")), "zeta"),
+        (dict(squeeze_ratio=0.5), "squeeze_ratio"),
+    ],
+)
+def test_invalid_arguments_name_the_argument_and_value(kwargs, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        DGCConv2d(8, 8, 3, **kwargs)
+
+
+def test_set_zeta_t_validates():
+    layer = DGCConv2d(8, 8, 3)
+    with pytest.raises(ValueError, match="zeta_t"):
+        layer.set_zeta_t(1.0)
+
+
+@pytest.mark.parametrize(
+    "conv, culprit",
+    [
+        (nn.Conv2d(8, 8, 3, groups=2), "groups"),
+        (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), "padding_mode"),
+        (nn.Conv2d(8, 8, 3, padding="same"), "padding"),
+    ],
+)
+def test_from_conv_refuses_unsupported_convs(conv, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        DGCConv2d.from_conv(conv)
+
+
+def test_hidden_width_and_repr():
+    layer = DGCConv2d(64, 32, 3, heads=4, squeeze_ratio=16)
+    assert layer.saliency_generator.hidden == 4
+    assert DGCConv2d(256, 32, 3, squeeze_ratio=16).saliency_generator.hidden == 16
+    assert "heads=4" in repr(layer) and "zeta_t=0.5" in repr(layer)
+    assert layer.sparsity_loss is None
