@@ -3,8 +3,46 @@
 The public API is re-exported here; see README.md for a tour.
 """
 
+from dgc_convert.errors import ConversionError, DGCConvertError, IdentityCheckError, RecipeError, UnknownModelError
 from dgc_convert.layer import DGCConv2d, Gates, SaliencyGenerator, kept_channel_count
+from dgc_convert.macs import LayerMacs, MacReport, count_macs
+from dgc_convert.surgery import (
+    ConversionReport,
+    LayerDecision,
+    LayerOverride,
+    check_identity,
+    convert,
+    dgc_layers,
+    set_zeta,
+    sparsity_loss,
+)
+from dgc_convert.zoo import ModelInfo, create_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["DGCConv2d", "Gates", "SaliencyGenerator", "kept_channel_count", "__version__"]
+__all__ = [
+    "DGCConv2d",
+    "Gates",
+    "SaliencyGenerator",
+    "kept_channel_count",
+    "convert",
+    "ConversionReport",
+    "LayerDecision",
+    "LayerOverride",
+    "check_identity",
+    "dgc_layers",
+    "set_zeta",
+    "sparsity_loss",
+    "count_macs",
+    "MacReport",
+    "LayerMacs",
+    "create_model",
+    "list_models",
+    "ModelInfo",
+    "DGCConvertError",
+    "ConversionError",
+    "IdentityCheckError",
+    "RecipeError",
+    "UnknownModelError",
+    "__version__",
+]

@@ -1,12 +1,65 @@
-"""The ``dgc-convert`` command line: a thin Typer shell over the Python API."""
+"""The ``dgc-convert`` command line: a thin Typer shell over the Python API.
+
+``dgc-convert MODEL [options]`` converts a model and reports the MAC saving;
+subcommands (``list-models``, ``recipe``, ``train``, ...) sit beside it. Every
+command parses options, calls the API and hands the result to ``render``.
+Bad input is one line on stderr and exit code 2, never a traceback.
+"""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+from typing import Callable, Optional
+
+import click
 import typer
+from typer.core import TyperGroup
 
 from dgc_convert import __version__
+from dgc_convert.errors import DGCConvertError
+from dgc_convert.render import error_console, print_conversion, print_json, print_model_list
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert CNNs into Dynamic Group Convolution networks.")
+EXIT_BAD_INPUT = 2
+
+
+class _DefaultToConvert(TyperGroup):
+    """Route ``dgc-convert MODEL ...`` to the ``convert`` command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["convert", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=_DefaultToConvert,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Convert timm and torchvision CNNs into Dynamic Group Convolution networks.\n\n"
+    "Run `dgc-convert MODEL --heads 4 --zeta 0.5` to convert a model and see the MAC saving.",
+)
+
+
+def _fail(message: str) -> None:
+    error_console().print(f"[red]error:[/red] {message}", markup=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def handles_errors(command: Callable) -> Callable:
+    """Turn our input errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except DGCConvertError as error:
+            _fail(str(error))
+        except ValueError as error:  # bad arguments reaching the layer or libraries
+            _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+    return wrapper
 
 
 def _version(value: bool) -> None:
@@ -19,9 +72,73 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    """Convert CNNs into Dynamic Group Convolution networks."""
+    """Convert timm and torchvision CNNs into Dynamic Group Convolution networks."""
+
+
+@app.command("convert", help="Convert MODEL and report, for every convolution, what happened and the MACs saved.")
+@handles_errors
+def convert_command(
+    model: Optional[str] = typer.Argument(None, help="Model name (timm or torchvision; timm:NAME / torchvision:NAME to choose)."),
+    heads: Optional[int] = typer.Option(None, "--heads", help="Heads per converted layer (default 4)."),
+    zeta: Optional[float] = typer.Option(None, "--zeta", help="Pruning ratio: fraction of input channels each head drops, in [0, 1) (default 0.5)."),
+    squeeze_ratio: Optional[float] = typer.Option(None, "--squeeze-ratio", help="Saliency generator squeeze ratio d (default 16)."),
+    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob over module names; only matching convs convert. Repeatable."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob over module names to leave dense. Repeatable."),
+    min_channels: Optional[int] = typer.Option(None, "--min-channels", help="Fewest input channels worth gating (default 16)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input side in pixels (default: the model's)."),
+    source: Optional[str] = typer.Option(None, "--source", help="auto, timm or torchvision (default auto)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Take model and convert settings from a recipe; options given here win."),
+    check: bool = typer.Option(False, "--check", help="Verify the converted model equals the original at zeta 0 with unit scores."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
+) -> None:
+    from dgc_convert.recipe import load_recipe
+    from dgc_convert.summary import summarize_conversion
+
+    settings: dict = {"heads": 4, "zeta": 0.5, "squeeze_ratio": 16.0, "include": [], "exclude": [],
+                      "min_channels": 16, "overrides": {}}
+    model_settings: dict = {"source": "auto", "num_classes": None, "input_size": None}
+    if recipe is not None:
+        loaded = load_recipe(recipe)
+        if not loaded.convert.enabled:
+            _fail(f"{recipe}: convert.enabled is false; nothing to convert")
+        settings.update(loaded.convert.model_dump(exclude={"enabled"}))
+        model_settings.update(loaded.model.model_dump(include={"source", "num_classes", "input_size"}))
+        model = model or loaded.model.name
+    if model is None:
+        _fail("give a MODEL name or --recipe FILE (see `dgc-convert --help`)")
+    given = {"heads": heads, "zeta": zeta, "squeeze_ratio": squeeze_ratio, "include": include or None,
+             "exclude": exclude or None, "min_channels": min_channels}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    model_settings.update({k: v for k, v in {"source": source, "input_size": input_size}.items() if v is not None})
+
+    summary = summarize_conversion(model, **model_settings, **settings, check=check)
+    if json_output:
+        print_json(summary.to_dict())
+    else:
+        print_conversion(summary)
+
+
+@app.command("list-models", help="List model names from timm and torchvision matching PATTERN (glob or substring).")
+@handles_errors
+def list_models_command(
+    pattern: str = typer.Argument("*", help="Glob such as 'resnet*', or a substring."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
+    from dgc_convert.zoo import list_models
+
+    models = list_models(pattern)
+    if json_output:
+        print_json([{"name": n, "library": lib} for n, lib in models])
+    elif not models:
+        _fail(f"no model matches {pattern!r}")
+    else:
+        print_model_list(models)
 
 
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,7 @@ from torch.nn.modules.utils import _pair
 
 from dgc_convert._gated_conv import gated_conv2d
 
-__all__ = ["DGCConv2d", "SaliencyGenerator", "Gates", "kept_channel_count"]
+__all__ = ["DGCConv2d", "SaliencyGenerator", "Gates", "kept_channel_count", "static_padding"]
 
 
 def kept_channel_count(in_channels: int, zeta: float) -> int:
@@ -29,6 +29,22 @@ def kept_channel_count(in_channels: int, zeta: float) -> int:
     ``k = C - round(zeta * C)``, never fewer than one channel.
     """
     return max(1, in_channels - int(round(zeta * in_channels)))
+
+
+def static_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """Numeric padding equal to ``conv.padding`` ('valid', 'same' or numbers),
+    or None where 'same' would pad one side more than the other."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)  # type: ignore[return-value]
+    if conv.padding == "valid":
+        return (0, 0)
+    pads = []
+    for k, d in zip(conv.kernel_size, conv.dilation):
+        reach = d * (k - 1)
+        if reach % 2:
+            return None
+        pads.append(reach // 2)
+    return (pads[0], pads[1])
 
 
 def _check_zeta(name: str, value: float) -> float:
@@ -172,8 +188,9 @@ class DGCConv2d(nn.Module):
         """Build a DGC layer with ``conv``'s geometry, weight and bias.
 
         The new layer lives on ``conv``'s device and dtype; the weight and bias
-        are copied, not shared. Raises ``ValueError`` for a grouped conv or a
-        padding mode other than zeros.
+        are copied, not shared. String padding ('valid', symmetric 'same')
+        becomes its numeric equivalent. Raises ``ValueError`` for a grouped
+        conv, a padding mode other than zeros or an asymmetric 'same'.
         """
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -181,20 +198,26 @@ class DGCConv2d(nn.Module):
             raise ValueError(f"conv.groups must be 1, got {conv.groups}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
-        if isinstance(conv.padding, str):
-            raise ValueError(f"conv.padding must be numeric, got {conv.padding!r}")
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-            heads=heads,
-            squeeze_ratio=squeeze_ratio,
-            zeta=zeta,
-        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        padding = static_padding(conv)
+        if padding is None:
+            raise ValueError(f"conv.padding={conv.padding!r} pads asymmetrically for kernel {conv.kernel_size}")
+        # Built on the meta device: the dense init would be overwritten at once.
+        with torch.device("meta"):
+            layer = cls(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=padding,
+                dilation=conv.dilation,
+                bias=conv.bias is not None,
+                heads=heads,
+                squeeze_ratio=squeeze_ratio,
+                zeta=zeta,
+            )
+        layer = layer.to_empty(device=conv.weight.device).to(dtype=conv.weight.dtype)
+        layer.saliency_generator.reset_parameters()
+        layer.set_zeta_t(zeta)
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
             if conv.bias is not None:

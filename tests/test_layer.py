@@ -290,12 +290,22 @@ def test_set_zeta_t_validates():
     [
         (nn.Conv2d(8, 8, 3, groups=2), "groups"),
         (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), "padding_mode"),
-        (nn.Conv2d(8, 8, 3, padding="same"), "padding"),
+        (nn.Conv2d(8, 8, 4, padding="same"), "padding"),
     ],
 )
 def test_from_conv_refuses_unsupported_convs(conv, culprit):
     with pytest.raises(ValueError, match=culprit):
         DGCConv2d.from_conv(conv)
+
+
+def test_string_padding_becomes_numeric_when_exact():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    for conv in (nn.Conv2d(8, 8, 3, padding="same"), nn.Conv2d(8, 8, 3, padding="valid", dilation=2)):
+        conv = conv.double()
+        layer = DGCConv2d.from_conv(conv, zeta=0.0)
+        layer.unit_scores = True
+        torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=1e-10)
 
 
 def test_hidden_width_and_repr():

@@ -1,0 +1,240 @@
+"""Recipe files: a validated schema, safe YAML loading and ``--set`` overrides.
+
+A recipe describes one repeatable run: which model, how to convert it, how
+to train it, on which data, and where to write. Unknown keys are errors, and
+every error names the file, the key path, the bad value and what is allowed,
+in one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dgc_convert.errors import RecipeError
+
+__all__ = [
+    "Recipe",
+    "ModelSection",
+    "ConvertSection",
+    "TrainSection",
+    "DataSection",
+    "OutputSection",
+    "OverrideSection",
+    "load_recipe",
+    "recipe_from_dict",
+    "apply_overrides",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    """Which model to build."""
+
+    name: str
+    source: Literal["auto", "timm", "torchvision"] = "auto"
+    num_classes: int | None = Field(default=None, ge=1)
+    input_size: int | None = Field(default=None, ge=8, description="square input side in pixels; model default when unset")
+    pretrained: bool = False
+
+
+class OverrideSection(_Section):
+    """Per-layer settings for the convolutions a glob pattern matches."""
+
+    heads: int | None = Field(default=None, ge=1)
+    zeta: float | None = Field(default=None, ge=0.0, lt=1.0)
+    squeeze_ratio: float | None = Field(default=None, ge=1.0)
+    skip: bool = False
+
+
+class ConvertSection(_Section):
+    """How to convert; ``enabled: false`` trains the dense model the same way."""
+
+    enabled: bool = True
+    heads: int = Field(default=4, ge=1)
+    squeeze_ratio: float = Field(default=16, ge=1.0)
+    zeta: float = Field(default=0.5, ge=0.0, lt=1.0)
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    min_channels: int = Field(default=16, ge=1)
+    overrides: dict[str, OverrideSection] = Field(default_factory=dict)
+
+
+class TrainSection(_Section):
+    """The training run: the paper's three-stage schedule under a cosine learning rate."""
+
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.1, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    warmup_fraction: float = Field(default=1 / 12, ge=0.0, lt=1.0)
+    finetune_fraction: float = Field(default=1 / 4, ge=0.0, lt=1.0)
+    zeta_ramp: Literal["linear", "cosine"] = "linear"
+    sparsity_lambda: float = Field(default=1e-5, ge=0.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    num_workers: int = Field(default=0, ge=0)
+    checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints")
+    sync_batchnorm: bool = False
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> "TrainSection":
+        if self.warmup_fraction + self.finetune_fraction > 1.0:
+            raise ValueError(
+                f"warmup_fraction + finetune_fraction must be <= 1, got "
+                f"{self.warmup_fraction:g} + {self.finetune_fraction:g}"
+            )
+        return self
+
+
+class DataSection(_Section):
+    """The data set: digits (scikit-learn, no download), synthetic, CIFAR or an image folder."""
+
+    dataset: Literal["cifar10", "cifar100", "imagefolder", "digits", "synthetic"] = "digits"
+    root: str | None = None
+    download: bool = False
+    image_size: int | None = Field(default=None, ge=8)
+    augmentation: Literal["none", "flip", "crop_flip", "standard"] = "standard"
+    synthetic_size: int = Field(default=256, ge=1, description="samples per split of the synthetic set")
+
+    @model_validator(mode="after")
+    def _root_where_needed(self) -> "DataSection":
+        if self.dataset in ("cifar10", "cifar100", "imagefolder") and not self.root:
+            raise ValueError(f"dataset {self.dataset} needs data.root (a directory)")
+        return self
+
+
+class OutputSection(_Section):
+    """Where checkpoints and metrics go."""
+
+    directory: str = "runs/default"
+
+
+class Recipe(_Section):
+    """A whole recipe: model, convert, train, data, output."""
+
+    model: ModelSection
+    convert: ConvertSection = Field(default_factory=ConvertSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    data: DataSection = Field(default_factory=DataSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_may_be_a_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+def _first_error(error: ValidationError, source: str) -> RecipeError:
+    detail = error.errors()[0]
+    path = ".".join(str(p) for p in detail["loc"]) or "(top level)"
+    value = detail.get("input")
+    kind = detail["type"]
+    if kind == "extra_forbidden":
+        message = f"unknown key {path!r}"
+        allowed = _allowed_keys(detail["loc"][:-1])
+        if allowed:
+            message += f"; allowed: {', '.join(allowed)}"
+    elif kind == "missing":
+        message = f"{path}: required key is missing"
+    else:
+        message = f"{path}={value!r}: {detail['msg'].removeprefix('Value error, ')}"
+    return RecipeError(f"{source}: {message}")
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys the schema allows at ``loc`` (a path of section names)."""
+    model: type[BaseModel] = Recipe
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if model is ConvertSection and part == "overrides":
+            if not parts:
+                return []
+            parts.pop(0)  # the glob pattern
+            model = OverrideSection
+            continue
+        field_info = model.model_fields.get(str(part))
+        annotation = getattr(field_info, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a mapping as a recipe; errors are ``RecipeError`` naming ``source``."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise _first_error(error, source) from None
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file") from None
+
+
+def _parse_assignment(assignment: str) -> tuple[list[str], Any]:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, assignments: list[str]) -> dict:
+    """Apply ``KEY.PATH=VALUE`` assignments to recipe data (values parsed as YAML scalars)."""
+    for assignment in assignments:
+        path, value = _parse_assignment(assignment)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise RecipeError(f"--set {assignment!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a recipe YAML file (``yaml.safe_load`` only), then apply ``--set`` overrides."""
+    path = Path(path)
+    data = _read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    if isinstance(data.get("model"), str):
+        data["model"] = {"name": data["model"]}
+    apply_overrides(data, list(overrides or []))
+    source = str(path) + (f" (with --set {', '.join(overrides)})" if overrides else "")
+    return recipe_from_dict(data, source)

@@ -1,0 +1,168 @@
+"""The conversion summary the CLI shows: build, convert, count, optionally check.
+
+One function, ``summarize_conversion``, runs the whole first-run pipeline and
+returns plain data (``ConversionSummary``) that ``render`` turns into tables
+or JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dgc_convert.macs import count_macs, normalize_input_size
+from dgc_convert.surgery import ConversionReport, LayerOverride, check_identity, convert
+from dgc_convert.zoo import ModelInfo, create_model
+
+__all__ = ["ConversionSummary", "LayerRow", "summarize_conversion"]
+
+
+@dataclass
+class LayerRow:
+    """One convolution: geometry, decision and MACs per sample before and after."""
+
+    name: str
+    kind: str
+    geometry: str
+    status: str
+    reason: str
+    heads: int | None
+    zeta: float | None
+    kept: int | None
+    dense_macs: int
+    dgc_macs: int
+
+
+@dataclass
+class ConversionSummary:
+    """Everything ``dgc-convert MODEL`` reports (MACs per sample, integers)."""
+
+    model: str
+    library: str
+    auto_picked: bool
+    input_size: tuple[int, int, int]
+    settings: dict[str, Any]
+    layers: list[LayerRow]
+    totals: dict[str, Any]
+    identity_max_diff: float | None = None
+    converted_model: nn.Module | None = field(default=None, repr=False)
+    report: ConversionReport | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape: model, library, input_size, settings, layers, totals (and check)."""
+        data = {
+            "model": self.model,
+            "library": self.library,
+            "input_size": list(self.input_size),
+            "settings": self.settings,
+            "layers": [asdict(row) for row in self.layers],
+            "totals": self.totals,
+        }
+        if self.identity_max_diff is not None:
+            data["check"] = {"identity_max_diff": self.identity_max_diff, "passed": True}
+        return data
+
+
+def _geometry(decision) -> str:
+    kh, kw = decision.kernel_size
+    text = f"{decision.in_channels}->{decision.out_channels} {kh}x{kw}"
+    if decision.stride != (1, 1):
+        text += f" /{decision.stride[0]}" if decision.stride[0] == decision.stride[1] else f" /{decision.stride}"
+    if decision.groups != 1:
+        text += f" g{decision.groups}"
+    return text
+
+
+def summarize_conversion(
+    name: str,
+    *,
+    source: str = "auto",
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    heads: int = 4,
+    zeta: float = 0.5,
+    squeeze_ratio: float = 16,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    min_channels: int = 16,
+    overrides: dict[str, LayerOverride | dict] | None = None,
+    check: bool = False,
+) -> ConversionSummary:
+    """Build ``name``, convert it, count MACs per sample before and after.
+
+    ``input_size`` is the square side in pixels (the model's default when
+    None). With ``check`` the converted model is compared with the original at
+    zeta 0 and unit scores (``check_identity``) on a batch of two random images.
+    """
+    model = create_model(name, source=source, num_classes=num_classes)
+    info: ModelInfo = model.dgc_model_info
+    size = info.input_size if input_size is None else normalize_input_size(input_size, info.input_size[0])
+    model.eval()
+    dense = count_macs(model, size)
+    original = copy.deepcopy(model) if check else None
+    report = convert(
+        model,
+        heads=heads,
+        zeta=zeta,
+        squeeze_ratio=squeeze_ratio,
+        include=include,
+        exclude=exclude,
+        min_channels=min_channels,
+        overrides=overrides,
+    )
+    converted = count_macs(model, size)
+    dense_by_name, dgc_by_name = dense.by_name(), converted.by_name()
+    rows = [
+        LayerRow(
+            name=d.name,
+            kind=d.kind,
+            geometry=_geometry(d),
+            status=d.status,
+            reason=d.reason,
+            heads=d.heads,
+            zeta=d.zeta,
+            kept=d.kept,
+            dense_macs=dense_by_name[d.name].macs if d.name in dense_by_name else 0,
+            dgc_macs=dgc_by_name[d.name].macs if d.name in dgc_by_name else 0,
+        )
+        for d in report.layers
+    ]
+    identity = None
+    if check:
+        generator = torch.Generator().manual_seed(0)
+        example = torch.randn(2, *size, generator=generator)
+        identity = check_identity(original, model, example)
+    totals = {
+        "dense_macs": dense.total_macs,
+        "dgc_macs": converted.total_macs,
+        "saving": 1.0 - converted.total_macs / dense.total_macs if dense.total_macs else 0.0,
+        "dense_params": dense.total_params,
+        "dgc_params": converted.total_params,
+        "converted_layers": len(report.converted),
+        "convolutions": len(report.layers),
+    }
+    settings = {
+        "heads": heads,
+        "zeta": zeta,
+        "squeeze_ratio": squeeze_ratio,
+        "include": list(include or []),
+        "exclude": list(exclude or []),
+        "min_channels": min_channels,
+        "overrides": {k: (asdict(v) if isinstance(v, LayerOverride) else dict(v)) for k, v in (overrides or {}).items()},
+    }
+    return ConversionSummary(
+        model=info.name,
+        library=info.library,
+        auto_picked=info.auto_picked,
+        input_size=size,
+        settings=settings,
+        layers=rows,
+        totals=totals,
+        identity_max_diff=identity,
+        converted_model=model,
+        report=report,
+    )

@@ -1,0 +1,140 @@
+"""Build a model by name from timm or torchvision, one way for both."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torchvision
+from torch import nn
+
+from dgc_convert.errors import UnknownModelError
+
+Library = Literal["timm", "torchvision"]
+SOURCES = ("auto", "timm", "torchvision")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was built: the name, the library it came from, its default input
+    size (channels, height, width) and class count. Attached to the model as
+    ``model.dgc_model_info`` by ``create_model``."""
+
+    name: str
+    library: Library
+    input_size: tuple[int, int, int]
+    num_classes: int | None
+    auto_picked: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def torchvision_names() -> list[str]:
+    """Classification model names torchvision can build."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def timm_names() -> list[str]:
+    """Model names timm can build."""
+    import timm  # imported on demand: it takes seconds, and torchvision names need none of it
+
+    return timm.list_models()
+
+
+def list_models(pattern: str = "*") -> list[tuple[str, Library]]:
+    """(name, library) for every model whose name matches the glob ``pattern``
+    (case-insensitive; a pattern without wildcards matches as a substring)."""
+    if not any(ch in pattern for ch in "*?["):
+        pattern = f"*{pattern}*"
+    pattern = pattern.lower()
+    found: list[tuple[str, Library]] = [(n, "torchvision") for n in torchvision_names() if fnmatch.fnmatch(n, pattern)]
+    found += [(n, "timm") for n in timm_names() if fnmatch.fnmatch(n, pattern)]
+    return sorted(found)
+
+
+def resolve(name: str, source: str = "auto") -> tuple[str, Library, bool]:
+    """Which library builds ``name``: returns (bare name, library, picked automatically).
+
+    ``timm:NAME`` and ``torchvision:NAME`` force the library. ``auto`` prefers
+    torchvision (the paper's ResNets are torchvision-style), then timm. Unknown
+    names raise ``UnknownModelError`` with up to five close matches.
+    """
+    if source not in SOURCES:
+        raise UnknownModelError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    prefix, sep, bare = name.partition(":")
+    if sep:
+        if prefix not in ("timm", "torchvision"):
+            raise UnknownModelError(f"unknown library prefix {prefix!r} in {name!r}; use timm:NAME or torchvision:NAME")
+        if source != "auto" and source != prefix:
+            raise UnknownModelError(f"{name!r} names library {prefix} but source is {source}")
+        source, name = prefix, bare
+    tv = torchvision_names()
+    if source in ("auto", "torchvision") and name in tv:
+        return name, "torchvision", source == "auto"
+    tm = timm_names()
+    if source in ("auto", "timm") and name in tm:
+        return name, "timm", source == "auto"
+    candidates = sorted(set({"auto": tv + tm, "torchvision": tv, "timm": tm}[source]))
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    where = "timm or torchvision" if source == "auto" else source
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `dgc-convert list-models PATTERN`"
+    raise UnknownModelError(f"unknown model {name!r} in {where}{hint}")
+
+
+def default_input_size(name: str, library: Library) -> tuple[int, int, int]:
+    """The model's own input size (channels, height, width), from timm's
+    pretrained config or torchvision's weights transforms (224, or 299 for
+    Inception-v3); no download."""
+    if library == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is not None and cfg.input_size:
+            return tuple(cfg.input_size)  # type: ignore[return-value]
+        return (3, 224, 224)
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        crop = weights.transforms().crop_size[0]
+        return (3, int(crop), int(crop))
+    except (ValueError, AttributeError, KeyError):
+        return (3, 224, 224)
+
+
+def create_model(
+    name: str,
+    *,
+    source: str = "auto",
+    num_classes: int | None = None,
+    pretrained: bool = False,
+) -> nn.Module:
+    """Build the model ``name`` from timm or torchvision.
+
+    Args:
+        name: a model name, or ``timm:NAME`` / ``torchvision:NAME``.
+        source: ``auto`` (torchvision first, then timm), ``timm`` or ``torchvision``.
+        num_classes: classifier width; the library default when None.
+        pretrained: download the library's default weights (the only path that
+            touches the network).
+
+    Returns:
+        The model, with ``model.dgc_model_info`` (a ``ModelInfo``) attached.
+    """
+    bare, library, auto_picked = resolve(name, source)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if library == "timm":
+        import timm
+
+        model = timm.create_model(bare, pretrained=pretrained, **kwargs)
+    else:
+        if bare in ("inception_v3", "googlenet") and not pretrained:
+            # Keep today's init and silence torchvision's warning that it will change.
+            kwargs.setdefault("init_weights", True)
+        model = torchvision.models.get_model(bare, weights="DEFAULT" if pretrained else None, **kwargs)
+    classes = num_classes
+    if classes is None:
+        classes = getattr(model, "num_classes", None) or getattr(getattr(model, "fc", None), "out_features", None)
+    model.dgc_model_info = ModelInfo(bare, library, default_input_size(bare, library), classes, auto_picked)
+    return model

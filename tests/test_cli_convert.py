@@ -1,0 +1,117 @@
+"""`dgc-convert MODEL ...` and `list-models` through Typer's test runner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dgc_convert.cli import app
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_convert_prints_header_table_and_totals():
+    result = invoke("resnet18", "--heads", "4", "--zeta", "0.5", "--input-size", "64")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "resnet18 from torchvision (picked automatically), input 3x64x64" in out
+    assert "heads 4, zeta 0.5, squeeze ratio 16, min channels 16" in out
+    assert "conv1" in out and "kept dense: stem: sees the image" in out
+    assert "layer4.1.conv2" in out and "DGC H4 z0.5 k256" in out
+    assert "converted 19 of 20 convolutions" in out and "% saved" in out
+
+
+def test_json_has_the_documented_shape_and_nothing_else_on_stdout():
+    result = invoke("resnet18", "--input-size", "64", "--zeta", "0.75", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["model"] == "resnet18" and data["library"] == "torchvision"
+    assert data["input_size"] == [3, 64, 64]
+    assert data["settings"]["zeta"] == 0.75 and data["settings"]["heads"] == 4
+    assert len(data["layers"]) == 20
+    for layer in data["layers"]:
+        assert {"name", "status", "reason", "dense_macs", "dgc_macs"} <= set(layer)
+        assert layer["status"] in ("converted", "skipped")
+        assert isinstance(layer["dense_macs"], int) and isinstance(layer["dgc_macs"], int)
+    totals = data["totals"]
+    assert {"dense_macs", "dgc_macs", "saving", "dense_params", "dgc_params"} <= set(totals)
+    assert isinstance(totals["dense_macs"], int) and isinstance(totals["dgc_macs"], int)
+    assert 0.6 < totals["saving"] < 0.75
+    assert totals["dgc_params"] > totals["dense_params"]
+
+
+def test_check_reports_the_identity_difference():
+    result = invoke("timm:resnet18", "--input-size", "32", "--check", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["library"] == "timm"
+    assert data["check"]["passed"] and data["check"]["identity_max_diff"] < 1e-3
+    text = invoke("timm:resnet18", "--input-size", "32", "--check").stdout
+    assert "identity check passed" in text
+
+
+def test_include_exclude_min_channels_and_source():
+    result = invoke("resnet18", "--source", "timm", "--input-size", "32", "--include", "layer4.*",
+                    "--exclude", "layer4.0.downsample.0", "--min-channels", "300", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)["layers"]}
+    assert rows["layer3.0.conv1"]["reason"] == "not matched by include"
+    assert rows["layer4.0.downsample.0"]["reason"] == "matched by exclude"
+    assert rows["layer4.0.conv1"]["reason"] == "in_channels=256 < min_channels=300"
+    assert rows["layer4.1.conv1"]["status"] == "converted"
+
+
+def test_recipe_supplies_model_and_settings_and_options_win(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: resnet18, input_size: 32}\nconvert: {heads: 2, zeta: 0.25}\n")
+    data = json.loads(invoke("--recipe", str(recipe), "--json").stdout)
+    assert data["model"] == "resnet18" and data["input_size"] == [3, 32, 32]
+    assert data["settings"]["heads"] == 2 and data["settings"]["zeta"] == 0.25
+    data = json.loads(invoke("--recipe", str(recipe), "--zeta", "0.5", "--json").stdout)
+    assert data["settings"]["zeta"] == 0.5 and data["settings"]["heads"] == 2
+
+
+def test_list_models_lists_both_libraries():
+    result = invoke("list-models", "resnet1*")
+    assert result.exit_code == 0
+    assert "resnet18" in result.stdout and "torchvision" in result.stdout and "timm" in result.stdout
+    data = json.loads(invoke("list-models", "mobilenetv3_small", "--json").stdout)
+    assert {"name": "mobilenetv3_small_050", "library": "timm"} in data
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["resnt50"], "unknown model 'resnt50' in timm or torchvision; did you mean resnet50"),
+        (["resnet18", "--zeta", "1.5"], "zeta must be in [0, 1), got 1.5"),
+        (["resnet18", "--heads", "0"], "heads must be a positive integer, got 0"),
+        (["resnet18", "--input-size", "32", "--include", "nothing*"], "include pattern 'nothing*' matches no convolution"),
+        (["timm:vit_tiny_patch16_224"], "no convolution of vit_tiny_patch16_224 can be converted"),
+        (["resnet18", "--source", "keras"], "source must be one of auto, timm, torchvision"),
+        (["--recipe", "missing.yaml"], "missing.yaml: no such recipe file"),
+        (["list-models", "no-such-model-xyz"], "no model matches 'no-such-model-xyz'"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_console_script_and_top_level_cli_forward_to_the_app():
+    for command in (["dgc-convert", "--version"], [sys.executable, str(ROOT / "cli.py"), "--version"]):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith("dgc-convert ")

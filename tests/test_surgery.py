@@ -1,0 +1,144 @@
+"""convert(): eligibility, reasons, patterns, overrides, helpers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dgc_convert import (
+    ConversionError,
+    DGCConv2d,
+    LayerOverride,
+    check_identity,
+    convert,
+    dgc_layers,
+    set_zeta,
+    sparsity_loss,
+)
+from dgc_convert.errors import IdentityCheckError
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.body = nn.Sequential(
+            nn.Conv2d(32, 32, 3, padding=1, bias=False),  # body.0 converts
+            nn.BatchNorm2d(32),
+            nn.Conv2d(32, 32, 3, padding=1, groups=32),  # body.2 depthwise
+            nn.Conv2d(32, 30, 1),  # body.3: 30 not divisible by 4
+            nn.Conv2d(30, 8, 1),  # body.4 converts
+            nn.Conv2d(8, 16, 1),  # body.5: 8 < min_channels
+            nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"),  # body.6
+        )
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.body(self.stem(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_every_conv_gets_a_row_and_a_reason():
+    model = Toy()
+    report = convert(model)
+    rows = {d.name: d for d in report.layers}
+    assert list(rows) == ["stem", "body.0", "body.2", "body.3", "body.4", "body.5", "body.6"]
+    assert rows["stem"].reason == "stem: sees the image"
+    assert rows["body.2"].reason == "grouped convolution (groups=32)"
+    assert rows["body.3"].reason == "out_channels=30 not divisible by heads=4"
+    assert rows["body.5"].reason == "in_channels=8 < min_channels=16"
+    assert "padding_mode='reflect'" in rows["body.6"].reason
+    assert [d.name for d in report.converted] == ["body.0", "body.4"]
+    assert rows["body.0"].kept == 16 and rows["body.4"].kept == 15
+    assert isinstance(model.body[0], DGCConv2d) and isinstance(model.body[4], DGCConv2d)
+    assert isinstance(model.body[2], nn.Conv2d)
+    assert [n for n, _ in dgc_layers(model)] == ["body.0", "body.4"]
+
+
+def test_include_exclude_and_overrides():
+    model = Toy()
+    report = convert(model, include=["body.*"], exclude=["body.4"], heads=2,
+                     overrides={"body.0": {"zeta": 0.25, "heads": 8}})
+    rows = {d.name: d for d in report.layers}
+    assert rows["body.4"].reason == "matched by exclude"
+    assert rows["stem"].reason == "not matched by include"
+    assert (rows["body.0"].heads, rows["body.0"].zeta, rows["body.0"].kept) == (8, 0.25, 24)
+    assert rows["body.3"].status == "converted" and rows["body.3"].heads == 2
+
+    model = Toy()
+    report = convert(model, overrides={"body.0": LayerOverride(skip=True)})
+    assert report.layers[1].reason == "override 'body.0' says skip"
+
+
+def test_overrides_skip_everything_is_an_error():
+    with pytest.raises(ConversionError, match="no convolution of Toy can be converted"):
+        convert(Toy(), overrides={"body.*": LayerOverride(skip=True)})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(include=["nothing*"]), "include pattern 'nothing\\*' matches no convolution"),
+        (dict(exclude=["head"]), "exclude pattern 'head' matches no convolution"),
+        (dict(overrides={"x.*": {"zeta": 0.1}}), "overrides pattern 'x.\\*'"),
+        (dict(overrides={"body.0": {"zetta": 0.1}}), "unknown key 'zetta'"),
+        (dict(overrides={"body.0": {"zeta": 1.2}}), "layer body.0: zeta must be in \\[0, 1\\), got 1.2"),
+        (dict(zeta=1.5), "zeta must be in \\[0, 1\\), got 1.5"),
+        (dict(heads=0), "heads must be a positive integer, got 0"),
+        (dict(squeeze_ratio=0), "squeeze_ratio must be >= 1"),
+        (dict(min_channels=0), "min_channels"),
+    ],
+)
+def test_bad_settings_fail_before_touching_the_model(kwargs, message):
+    model = Toy()
+    with pytest.raises(ConversionError, match=message):
+        convert(model, **kwargs)
+    assert not dgc_layers(model)
+
+
+def test_shared_conv_is_replaced_everywhere():
+    shared = nn.Conv2d(16, 16, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), shared, nn.ReLU(), shared)
+    report = convert(model)
+    assert len(report.converted) == 1
+    assert model[1] is model[3] and isinstance(model[1], DGCConv2d)
+
+
+def test_check_identity_passes_and_restores_state():
+    torch.manual_seed(0)
+    model = Toy()
+    original = copy.deepcopy(model)
+    convert(model, zeta=0.75)
+    model.train()
+    diff = check_identity(original, model, torch.randn(2, 3, 12, 12))
+    assert diff < 1e-4
+    assert model.training
+    assert all(float(layer.zeta_t) == 0.75 and not layer.unit_scores for _, layer in dgc_layers(model))
+
+
+def test_check_identity_raises_on_mismatch():
+    model = Toy()
+    original = copy.deepcopy(model)
+    convert(model)
+    with torch.no_grad():
+        model.body[0].weight.add_(1.0)
+    with pytest.raises(IdentityCheckError, match="differs from the original"):
+        check_identity(original, model, torch.randn(2, 3, 8, 8))
+
+
+def test_set_zeta_and_sparsity_loss():
+    model = Toy()
+    convert(model, zeta=0.5, overrides={"body.4": {"zeta": 0.25}})
+    set_zeta(model, fraction=0.5)
+    assert [float(layer.zeta_t) for _, layer in dgc_layers(model)] == [0.25, 0.125]
+    set_zeta(model, 0.0)
+    assert all(float(layer.zeta_t) == 0.0 for _, layer in dgc_layers(model))
+    assert float(sparsity_loss(model)) == 0.0
+    model(torch.randn(2, 3, 8, 8))
+    loss = sparsity_loss(model)
+    assert loss.requires_grad and loss > 0
+    with pytest.raises(ValueError):
+        set_zeta(model)
