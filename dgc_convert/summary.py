@@ -104,16 +104,16 @@ def summarize_conversion(
     model.eval()
     dense = count_macs(model, size)
     original = copy.deepcopy(model) if check else None
-    report = convert(
-        model,
-        heads=heads,
-        zeta=zeta,
-        squeeze_ratio=squeeze_ratio,
-        include=include,
-        exclude=exclude,
-        min_channels=min_channels,
-        overrides=overrides,
-    )
+    settings = {
+        "heads": heads,
+        "zeta": zeta,
+        "squeeze_ratio": squeeze_ratio,
+        "include": list(include or []),
+        "exclude": list(exclude or []),
+        "min_channels": min_channels,
+        "overrides": dict(overrides or {}),
+    }
+    report = convert(model, **settings)
     converted = count_macs(model, size)
     dense_by_name, dgc_by_name = dense.by_name(), converted.by_name()
     rows = [
@@ -145,14 +145,9 @@ def summarize_conversion(
         "converted_layers": len(report.converted),
         "convolutions": len(report.layers),
     }
-    settings = {
-        "heads": heads,
-        "zeta": zeta,
-        "squeeze_ratio": squeeze_ratio,
-        "include": list(include or []),
-        "exclude": list(exclude or []),
-        "min_channels": min_channels,
-        "overrides": {k: (asdict(v) if isinstance(v, LayerOverride) else dict(v)) for k, v in (overrides or {}).items()},
+    # The overrides as plain data, for the JSON report.
+    settings["overrides"] = {
+        pattern: asdict(v) if isinstance(v, LayerOverride) else dict(v) for pattern, v in settings["overrides"].items()
     }
     return ConversionSummary(
         model=info.name,

@@ -1,0 +1,61 @@
+"""Recipe schema: safe loading, --set overrides and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from dgc_convert.errors import RecipeError
+from dgc_convert.recipe import load_recipe
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_recipe_gets_defaults_and_overrides(tmp_path):
+    recipe = load_recipe(write(tmp_path, "model: resnet18\n"), ["train.epochs=3", "convert.zeta=0.75", "data.dataset=synthetic"])
+    assert recipe.model.name == "resnet18"
+    assert recipe.train.epochs == 3 and recipe.convert.zeta == 0.75 and recipe.data.dataset == "synthetic"
+    assert recipe.train.warmup_fraction == pytest.approx(1 / 12) and recipe.train.sparsity_lambda == 1e-5
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("model: resnet18\ntrian: {}\n", [], "unknown key 'trian'; allowed: model, convert, train, data, output"),
+        ("model: {name: r, bogus: 1}\n", [], "unknown key 'model.bogus'; allowed: name, source"),
+        ("model: r\nconvert: {overrides: {'a*': {hed: 2}}}\n", [], "unknown key 'convert.overrides.a*.hed'; allowed: heads"),
+        ("convert: {}\n", [], "model: required key is missing"),
+        ("model: r\ntrain: {epochs: 0}\n", [], "train.epochs=0: Input should be greater than or equal to 1"),
+        ("model: r\nconvert: {zeta: 1.5}\n", [], "convert.zeta=1.5: Input should be less than 1"),
+        ("model: r\ntrain: {amp: fp8}\n", [], "train.amp='fp8': Input should be 'off', 'bf16' or 'fp16'"),
+        ("model: r\ndata: {dataset: cifar10}\n", [], "dataset cifar10 needs data.root"),
+        ("model: r\ntrain: {warmup_fraction: 0.5, finetune_fraction: 0.6}\n", [], "warmup_fraction + finetune_fraction must be <= 1"),
+        ("model: [unclosed\n", [], "not valid YAML (line 2, column 1)"),
+        ("- a list\n", [], "expected a mapping at the top level, got list"),
+        ("model: r\n", ["train.epochs"], "--set 'train.epochs': expected KEY.PATH=VALUE"),
+        ("model: r\n", ["train.lr=-1"], "train.lr=-1: Input should be greater than 0"),
+        ("model: r\ntrain: 3\n", ["train.epochs=2"], "'train' is not a section"),
+    ],
+)
+def test_malformed_recipes_give_one_line_naming_file_key_and_value(tmp_path, text, overrides, message):
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path, overrides)
+    text = str(caught.value)
+    assert "\n" not in text
+    assert message in text
+    assert str(path) in text or "--set" in text
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_yaml_tags_that_would_construct_objects_are_refused(tmp_path):
+    path = write(tmp_path, "model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
