@@ -91,19 +91,19 @@ def convert_command(
     check: bool = typer.Option(False, "--check", help="Verify the converted model equals the original at zeta 0 with unit scores."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
 ) -> None:
-    from dgc_convert.recipe import load_recipe
+    from dgc_convert.recipe import ConvertSection, ModelSection, load_recipe
     from dgc_convert.summary import summarize_conversion
 
-    settings: dict = {"heads": 4, "zeta": 0.5, "squeeze_ratio": 16.0, "include": [], "exclude": [],
-                      "min_channels": 16, "overrides": {}}
-    model_settings: dict = {"source": "auto", "num_classes": None, "input_size": None}
+    # Defaults come from the recipe schema, the one place that holds them.
+    convert_section, model_section = ConvertSection(), ModelSection(name=model or "")
     if recipe is not None:
         loaded = load_recipe(recipe)
         if not loaded.convert.enabled:
             _fail(f"{recipe}: convert.enabled is false; nothing to convert")
-        settings.update(loaded.convert.model_dump(exclude={"enabled"}))
-        model_settings.update(loaded.model.model_dump(include={"source", "num_classes", "input_size"}))
+        convert_section, model_section = loaded.convert, loaded.model
         model = model or loaded.model.name
+    settings = convert_section.model_dump(exclude={"enabled"})
+    model_settings = model_section.model_dump(include={"source", "num_classes", "input_size"})
     if model is None:
         _fail("give a MODEL name or --recipe FILE (see `dgc-convert --help`)")
     given = {"heads": heads, "zeta": zeta, "squeeze_ratio": squeeze_ratio, "include": include or None,
