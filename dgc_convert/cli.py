@@ -21,6 +21,8 @@ from dgc_convert.errors import DGCConvertError
 from dgc_convert.render import error_console, print_conversion, print_json, print_model_list
 
 EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 class _DefaultToConvert(TyperGroup):
@@ -42,9 +44,9 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str) -> None:
-    error_console().print(f"[red]error:[/red] {message}", markup=True)
-    raise typer.Exit(EXIT_BAD_INPUT)
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    error_console().print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
 
 
 def handles_errors(command: Callable) -> Callable:
@@ -52,8 +54,12 @@ def handles_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from dgc_convert.train import TrainingDiverged
+
         try:
             return command(*args, **kwargs)
+        except TrainingDiverged as error:
+            _fail(str(error), EXIT_RUN_FAILED)
         except DGCConvertError as error:
             _fail(str(error))
         except ValueError as error:  # bad arguments reaching the layer or libraries
@@ -133,6 +139,83 @@ def list_models_command(
         _fail(f"no model matches {pattern!r}")
     else:
         print_model_list(models)
+
+
+recipe_app = typer.Typer(no_args_is_help=True, help="Check recipe files and show them resolved.")
+app.add_typer(recipe_app, name="recipe")
+
+_SET_HELP = "Override a recipe value: KEY.PATH=VALUE (YAML value), e.g. train.epochs=3. Repeatable."
+
+
+@recipe_app.command("validate", help="Check FILE against the recipe schema; one line saying what is wrong, or OK.")
+@handles_errors
+def recipe_validate_command(
+    file: Path = typer.Argument(..., help="Recipe YAML file."),
+    set_values: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+) -> None:
+    from dgc_convert.recipe import load_recipe
+
+    recipe = load_recipe(file, set_values)
+    state = "dense baseline" if not recipe.convert.enabled else f"DGC heads {recipe.convert.heads}, zeta {recipe.convert.zeta:g}"
+    typer.echo(f"{file}: OK ({recipe.model.name}, {state}, {recipe.train.epochs} epochs on {recipe.data.dataset})")
+
+
+@recipe_app.command("show", help="Print FILE resolved (every default filled in) and its three stages as epoch and iteration ranges.")
+@handles_errors
+def recipe_show_command(
+    file: Path = typer.Argument(..., help="Recipe YAML file."),
+    set_values: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
+    from dataclasses import asdict
+
+    from dgc_convert.data import train_set_size
+    from dgc_convert.recipe import load_recipe
+    from dgc_convert.render import print_recipe
+    from dgc_convert.schedule import Schedule
+    from dgc_convert.train import iterations_per_epoch
+
+    recipe = load_recipe(file, set_values)
+    t = recipe.train
+    samples = train_set_size(recipe.data)
+    per_epoch = iterations_per_epoch(samples, t.batch_size)
+    if per_epoch < 1:
+        _fail(f"{file}: train.batch_size={t.batch_size} is larger than the {samples} training samples")
+    schedule = Schedule(t.epochs, per_epoch, t.lr, t.warmup_fraction, t.finetune_fraction, t.zeta_ramp)
+    stages = [asdict(s) for s in schedule.stages()]
+    data = recipe.model_dump(mode="json")
+    if json_output:
+        print_json({"recipe": data, "train_samples": samples, "iterations_per_epoch": per_epoch, "stages": stages})
+    else:
+        print_recipe(data, stages, per_epoch, samples)
+
+
+@app.command("train", help="Train RECIPE from scratch with the three-stage schedule (also under torchrun).")
+@handles_errors
+def train_command(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)."),
+    set_values: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue from output.directory/last exactly where it stopped."),
+) -> None:
+    from dgc_convert.recipe import load_recipe
+    from dgc_convert.render import TrainProgress
+    from dgc_convert.train import is_main_process, train
+
+    loaded = load_recipe(recipe, set_values)
+    reporter = TrainProgress() if is_main_process() else None
+    try:
+        result = train(loaded, resume=resume, reporter=reporter)
+    except KeyboardInterrupt:
+        _fail("aborted by a second Ctrl-C; no new checkpoint, the last one written is kept", EXIT_INTERRUPTED)
+    if result.status == "interrupted":
+        again = " ".join(["dgc-convert train", str(recipe), *[f"--set {v}" for v in set_values or []], "--resume"])
+        if is_main_process():
+            error_console().print(
+                f"stopped at epoch {result.epochs_completed + 1}, iteration {result.iteration} of "
+                f"{result.total_iterations}; checkpoint written to {result.output_dir / 'last'}. Continue with: {again}",
+                highlight=False, markup=False,
+            )
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def main() -> None:

@@ -106,7 +106,11 @@ class DataSection(_Section):
     root: str | None = None
     download: bool = False
     image_size: int | None = Field(default=None, ge=8)
-    augmentation: Literal["none", "flip", "crop_flip", "standard"] = "standard"
+    augmentation: Literal["none", "flip", "crop_flip", "standard"] = Field(
+        default="standard",
+        description="standard is the data set's usual one: crop+flip for CIFAR, random-resized crop+flip "
+        "for image folders, a small random shift for digits (not mirror-symmetric), none for synthetic",
+    )
     synthetic_size: int = Field(default=256, ge=1, description="samples per split of the synthetic set")
 
     @model_validator(mode="after")

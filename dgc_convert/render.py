@@ -11,7 +11,9 @@ from rich.table import Table
 
 from dgc_convert.summary import ConversionSummary
 
-__all__ = ["format_macs", "print_json", "print_conversion", "print_model_list", "error_console"]
+__all__ = [
+    "format_macs", "print_json", "print_conversion", "print_model_list", "print_recipe", "error_console", "TrainProgress",
+]
 
 
 def format_macs(macs: float) -> str:
@@ -92,3 +94,126 @@ def print_model_list(models: list[tuple[str, str]], console: Console | None = No
         table.add_row(name, library)
     console.print(table)
     console.print(f"{len(models)} models")
+
+
+def _stage_rows(stages: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    descriptions = {"warmup": "zeta_t = 0 (dense)", "ramp": "zeta_t rises to the target", "finetune": "zeta_t = target"}
+    rows = []
+    for s in stages:
+        if s["end_iteration"] <= s["start_iteration"]:
+            rows.append((s["stage"], "-", "(empty)", descriptions[s["stage"]]))
+            continue
+        epochs = f"{s['first_epoch']}" if s["first_epoch"] == s["last_epoch"] else f"{s['first_epoch']}-{s['last_epoch']}"
+        rows.append((s["stage"], epochs, f"{s['start_iteration']}-{s['end_iteration'] - 1}", descriptions[s["stage"]]))
+    return rows
+
+
+def print_recipe(recipe_data: dict[str, Any], stages: list[dict[str, Any]], iterations_per_epoch: int,
+                 train_samples: int, console: Console | None = None) -> None:
+    """A resolved recipe as YAML, then its three stages as epoch and iteration ranges."""
+    import yaml
+
+    console = console or output_console()
+    console.print(yaml.safe_dump(recipe_data, sort_keys=False).rstrip(), markup=False)
+    console.print()
+    total = stages[-1]["end_iteration"] if stages else 0
+    console.print(
+        f"[bold]schedule[/bold]: {train_samples} training samples, {iterations_per_epoch} iterations per epoch "
+        f"(one process), {total} in all; epochs 1-based, iterations 0-based and inclusive"
+    )
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for column in ("stage", "epochs", "iterations", "pruning ratio"):
+        table.add_column(column)
+    for row in _stage_rows(stages):
+        table.add_row(*row)
+    console.print(table)
+
+
+def _epoch_line(m: Any, total_epochs: int | None = None) -> str:
+    of = f"/{total_epochs}" if total_epochs else ""
+    top5 = f" (top-5 {m.val_top5:.1f}%)" if m.val_top5 is not None else ""
+    saving = f" (-{(1 - m.macs / m.dense_macs) * 100:.0f}%)" if m.dense_macs and m.macs < m.dense_macs else ""
+    return (
+        f"epoch {m.epoch}{of} {m.stage:<8} loss {m.train_loss:.4f}  train {m.train_top1:.1f}%  "
+        f"val {m.val_top1:.2f}%{top5}  zeta_t {m.zeta_t:.3f}  lr {m.lr:.4g}  "
+        f"{m.images_per_second:.0f} img/s  MACs {format_macs(m.macs)}{saving}  {m.epoch_seconds:.1f} s"
+    )
+
+
+class TrainProgress:
+    """Training reporter: rich progress bars on a terminal, plain lines otherwise.
+
+    Bars show epoch, loss, accuracy, zeta_t, lr and images/s; each finished
+    epoch leaves one line above them. Without a terminal (CI, ``| tee``) only
+    the lines are written, so logs stay readable.
+    """
+
+    def __init__(self, console: Console | None = None, *, bars: bool | None = None) -> None:
+        self.console = console or output_console()
+        self.bars = self.console.is_terminal if bars is None else bars
+        self.progress = None
+        self.epochs = 0
+
+    def on_start(self, info: Any) -> None:
+        """Print what the run does; open the bars."""
+        self.epochs = info.epochs
+        resumed = f", resuming after iteration {info.start_iteration}" if info.start_iteration else ""
+        procs = f" on {info.world_size} processes" if info.world_size > 1 else ""
+        self.console.print(
+            f"training [bold]{info.model}[/bold] ({info.converted_layers} DGC layers) on {info.dataset} "
+            f"({info.train_samples} train / {info.val_samples} held out, {info.image_size}x{info.image_size}, "
+            f"{info.num_classes} classes) on {info.device}{procs}{resumed}"
+        )
+        self.console.print(
+            f"{info.epochs} epochs x {info.iterations_per_epoch} iterations; MACs per sample: dense "
+            f"{format_macs(info.dense_macs)}, at target {format_macs(info.target_macs)}; writing to {info.output_dir}"
+        )
+        stages = ", ".join(f"{s} {e}" for s, e, _, _ in _stage_rows(info.stages) if e != "-")
+        self.console.print(f"stages by epoch: {stages}")
+        if self.bars:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[figures]}"), console=self.console, transient=False,
+            )
+            self.progress.start()
+            total = info.epochs * info.iterations_per_epoch
+            self.run_task = self.progress.add_task("run", total=total, completed=info.start_iteration, figures="")
+            self.epoch_task = self.progress.add_task(
+                f"epoch {info.start_epoch + 1}/{info.epochs}", total=info.iterations_per_epoch,
+                completed=info.start_iteration - info.start_epoch * info.iterations_per_epoch, figures="",
+            )
+
+    def on_iteration(self, stats: Any) -> None:
+        """Advance the bars with the running loss, accuracy, zeta_t, lr and images/s."""
+        if self.progress is None:
+            return
+        figures = (f"loss {stats.loss:.4f} acc {stats.train_top1:.1f}% zeta_t {stats.zeta_t:.3f} "
+                   f"lr {stats.lr:.4g} {stats.images_per_second:.0f} img/s")
+        self.progress.update(self.run_task, completed=stats.iteration)
+        self.progress.update(self.epoch_task, description=f"epoch {stats.epoch}/{self.epochs}",
+                             completed=stats.epoch_iteration, figures=figures)
+
+    def on_epoch(self, metrics: Any) -> None:
+        """One line per finished epoch."""
+        self.console.print(_epoch_line(metrics, self.epochs), markup=False, highlight=False)
+        if self.progress is not None:
+            self.progress.reset(self.epoch_task, description=f"epoch {metrics.epoch + 1}/{self.epochs}", figures="")
+
+    def on_message(self, text: str) -> None:
+        """A note from the trainer (resuming, stopping, ...)."""
+        self.console.print(text, markup=False, highlight=False)
+
+    def on_finish(self, result: Any) -> None:
+        """Close the bars and sum up."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        final = result.final
+        if result.status == "finished":
+            figures = f": held-out top-1 {final.val_top1:.2f}% at {format_macs(final.macs)} MACs" if final else ""
+            best = f", best at target {result.best_top1:.2f}%" if result.best_top1 is not None else ""
+            self.console.print(f"finished {result.epochs_completed} epochs in {result.wall_seconds:.0f} s{figures}{best}")
+            self.console.print(f"checkpoints: {result.output_dir / 'last'}, {result.output_dir / 'best'}; "
+                               f"metrics: {result.output_dir / 'metrics.jsonl'}")
