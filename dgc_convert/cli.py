@@ -169,7 +169,7 @@ def recipe_show_command(
 ) -> None:
     from dataclasses import asdict
 
-    from dgc_convert.data import train_set_size
+    from dgc_convert.data import DataError, train_set_size
     from dgc_convert.recipe import load_recipe
     from dgc_convert.render import print_recipe
     from dgc_convert.schedule import Schedule
@@ -177,17 +177,25 @@ def recipe_show_command(
 
     recipe = load_recipe(file, set_values)
     t = recipe.train
-    samples = train_set_size(recipe.data)
-    per_epoch = iterations_per_epoch(samples, t.batch_size)
+    try:
+        samples: int | None = train_set_size(recipe.data)
+    except DataError as error:
+        samples, missing = None, str(error)
+    # Without the data, stages are still exact in epochs when measured on a fine grid.
+    per_epoch = iterations_per_epoch(samples, t.batch_size) if samples is not None else 10_000
     if per_epoch < 1:
         _fail(f"{file}: train.batch_size={t.batch_size} is larger than the {samples} training samples")
     schedule = Schedule(t.epochs, per_epoch, t.lr, t.warmup_fraction, t.finetune_fraction, t.zeta_ramp)
     stages = [asdict(s) for s in schedule.stages()]
+    if samples is None:
+        for stage in stages:
+            stage["start_iteration"] = stage["end_iteration"] = None
+        per_epoch = None
     data = recipe.model_dump(mode="json")
     if json_output:
         print_json({"recipe": data, "train_samples": samples, "iterations_per_epoch": per_epoch, "stages": stages})
     else:
-        print_recipe(data, stages, per_epoch, samples)
+        print_recipe(data, stages, per_epoch, samples, note=None if samples is not None else missing)
 
 
 @app.command("train", help="Train RECIPE from scratch with the three-stage schedule (also under torchrun).")

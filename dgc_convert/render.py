@@ -100,27 +100,37 @@ def _stage_rows(stages: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]
     descriptions = {"warmup": "zeta_t = 0 (dense)", "ramp": "zeta_t rises to the target", "finetune": "zeta_t = target"}
     rows = []
     for s in stages:
-        if s["end_iteration"] <= s["start_iteration"]:
+        empty = s["first_epoch"] > s["last_epoch"]
+        if empty:
             rows.append((s["stage"], "-", "(empty)", descriptions[s["stage"]]))
             continue
         epochs = f"{s['first_epoch']}" if s["first_epoch"] == s["last_epoch"] else f"{s['first_epoch']}-{s['last_epoch']}"
-        rows.append((s["stage"], epochs, f"{s['start_iteration']}-{s['end_iteration'] - 1}", descriptions[s["stage"]]))
+        iterations = "?" if s["start_iteration"] is None else f"{s['start_iteration']}-{s['end_iteration'] - 1}"
+        rows.append((s["stage"], epochs, iterations, descriptions[s["stage"]]))
     return rows
 
 
-def print_recipe(recipe_data: dict[str, Any], stages: list[dict[str, Any]], iterations_per_epoch: int,
-                 train_samples: int, console: Console | None = None) -> None:
-    """A resolved recipe as YAML, then its three stages as epoch and iteration ranges."""
+def print_recipe(recipe_data: dict[str, Any], stages: list[dict[str, Any]], iterations_per_epoch: int | None,
+                 train_samples: int | None, console: Console | None = None, note: str | None = None) -> None:
+    """A resolved recipe as YAML, then its three stages as epoch and iteration ranges.
+
+    Without the data set (``train_samples`` None), iteration ranges are
+    unknown and ``note`` says why; epoch ranges still hold.
+    """
     import yaml
 
     console = console or output_console()
     console.print(yaml.safe_dump(recipe_data, sort_keys=False).rstrip(), markup=False)
     console.print()
-    total = stages[-1]["end_iteration"] if stages else 0
-    console.print(
-        f"[bold]schedule[/bold]: {train_samples} training samples, {iterations_per_epoch} iterations per epoch "
-        f"(one process), {total} in all; epochs 1-based, iterations 0-based and inclusive"
-    )
+    if train_samples is None:
+        console.print(f"[bold]schedule[/bold]: iterations per epoch unknown until the data is there ({note})",
+                      highlight=False)
+    else:
+        total = stages[-1]["end_iteration"] if stages else 0
+        console.print(
+            f"[bold]schedule[/bold]: {train_samples} training samples, {iterations_per_epoch} iterations per epoch "
+            f"(one process), {total} in all; epochs 1-based, iterations 0-based and inclusive", highlight=False,
+        )
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     for column in ("stage", "epochs", "iterations", "pruning ratio"):
         table.add_column(column)
@@ -165,7 +175,7 @@ class TrainProgress:
             f"{info.num_classes} classes) on {info.device}{procs}{resumed}"
         )
         self.console.print(
-            f"{info.epochs} epochs x {info.iterations_per_epoch} iterations; MACs per sample: dense "
+            f"{info.epochs} epoch{'s' if info.epochs != 1 else ''} x {info.iterations_per_epoch} iterations; MACs per sample: dense "
             f"{format_macs(info.dense_macs)}, at target {format_macs(info.target_macs)}; writing to {info.output_dir}"
         )
         stages = ", ".join(f"{s} {e}" for s, e, _, _ in _stage_rows(info.stages) if e != "-")
@@ -214,6 +224,7 @@ class TrainProgress:
         if result.status == "finished":
             figures = f": held-out top-1 {final.val_top1:.2f}% at {format_macs(final.macs)} MACs" if final else ""
             best = f", best at target {result.best_top1:.2f}%" if result.best_top1 is not None else ""
-            self.console.print(f"finished {result.epochs_completed} epochs in {result.wall_seconds:.0f} s{figures}{best}")
+            plural = "s" if result.epochs_completed != 1 else ""
+            self.console.print(f"finished {result.epochs_completed} epoch{plural} in {result.wall_seconds:.0f} s{figures}{best}")
             self.console.print(f"checkpoints: {result.output_dir / 'last'}, {result.output_dir / 'best'}; "
                                f"metrics: {result.output_dir / 'metrics.jsonl'}")

@@ -405,6 +405,10 @@ class _Run:
                 f"{self.output} already holds a run's checkpoint; pass --resume to continue it, "
                 f"or choose a new output.directory (--set output.directory=...)"
             )
+        if t.sync_batchnorm and self.p.distributed and self.p.device.type != "cuda":
+            raise DGCConvertError(
+                "train.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm runs on CUDA only; set it false on CPU"
+            )
         if t.batch_size % self.p.world_size:
             raise DGCConvertError(
                 f"train.batch_size={t.batch_size} does not split evenly over {self.p.world_size} processes"
@@ -737,6 +741,7 @@ class _Run:
                     self.save_last("interrupted")
                     return False
         train_seconds = time.perf_counter() - epoch_start
+        self._average_norm_statistics()
         self.epochs_done += 1
         self.epoch_iteration = 0
         totals = self.p.all_reduce([loss_sum.item(), correct.item(), seen, sparsity_sum.item()])
@@ -756,6 +761,19 @@ class _Run:
         if finished or stop or self.epochs_done % t.checkpoint_every == 0:
             self.save_last("finished" if finished else ("interrupted" if stop else "running"))
         return finished or not stop
+
+    @torch.no_grad()
+    def _average_norm_statistics(self) -> None:
+        """Average BatchNorm running statistics over ranks, so every rank evaluates
+        and would save the same model (each rank's stats saw only its own batches)."""
+        if not self.p.distributed:
+            return
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+                for buffer in (module.running_mean, module.running_var):
+                    if buffer is not None:
+                        dist.all_reduce(buffer)
+                        buffer /= self.p.world_size
 
     @torch.no_grad()
     def _evaluate_epoch(self, totals: list[float], per_epoch: int, lr: float, train_seconds: float, epoch_start: float) -> EpochMetrics:

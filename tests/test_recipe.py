@@ -38,6 +38,15 @@ def test_minimal_recipe_gets_defaults_and_overrides(tmp_path):
         ("model: r\n", ["train.epochs"], "--set 'train.epochs': expected KEY.PATH=VALUE"),
         ("model: r\n", ["train.lr=-1"], "train.lr=-1: Input should be greater than 0"),
         ("model: r\ntrain: 3\n", ["train.epochs=2"], "'train' is not a section"),
+        ("model: r\ntrain: {zeta: 0.5}\n", [], "unknown key 'train.zeta'; allowed: epochs, batch_size"),
+        ("model: r\ntrain: {optimizer: adam}\n", [], "train.optimizer='adam': Input should be 'sgd' or 'adamw'"),
+        ("model: r\ndata: {dataset: mnist}\n", [], "data.dataset='mnist': Input should be 'cifar10', 'cifar100', 'imagefolder', 'digits' or 'synthetic'"),
+        ("model: r\ndata: {augmentation: mixup}\n", [], "data.augmentation='mixup': Input should be 'none'"),
+        ("model: r\nconvert: {heads: four}\n", [], "convert.heads='four': Input should be a valid integer"),
+        ("model: r\ntrain: {zeta_ramp: step}\n", [], "train.zeta_ramp='step': Input should be 'linear' or 'cosine'"),
+        ("model: r\noutput: {dir: x}\n", [], "unknown key 'output.dir'; allowed: directory"),
+        ("model: r\ntrain: {batch_size: 0}\n", [], "train.batch_size=0: Input should be greater than or equal to 1"),
+        ("model: r\n", ["data.download=maybe"], "data.download='maybe': Input should be a valid boolean"),
     ],
 )
 def test_malformed_recipes_give_one_line_naming_file_key_and_value(tmp_path, text, overrides, message):

@@ -1,0 +1,93 @@
+"""`dgc-convert train`, `recipe validate` and `recipe show` from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dgc_convert.cli import app
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_recipe(tmp_path, epochs=1, size=32, batch=16):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        "model: resnet18\n"
+        "convert: {heads: 4, zeta: 0.5}\n"
+        f"train: {{epochs: {epochs}, batch_size: {batch}, lr: 0.02}}\n"
+        f"data: {{dataset: synthetic, synthetic_size: {size}}}\n"
+        f"output: {{directory: {tmp_path / 'run'}}}\n"
+    )
+    return path
+
+
+def test_train_prints_plain_lines_when_not_a_terminal_and_resume_refuses_nothing_new(tmp_path):
+    recipe = write_recipe(tmp_path)
+    result = runner.invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "training resnet18 (19 DGC layers) on synthetic" in out
+    assert "epoch 1/1 ramp" in out and "zeta_t 0.500" in out and "img/s" in out
+    assert "finished 1 epoch in" in out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["zeta_t"] == 0.5
+    again = runner.invoke(app, ["train", str(recipe)])
+    assert again.exit_code == 2 and "pass --resume to continue it" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+
+def test_set_overrides_and_bad_values_from_the_command_line(tmp_path):
+    recipe = write_recipe(tmp_path)
+    result = runner.invoke(app, ["train", str(recipe), "--set", "train.epochs=0"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {recipe} (with --set train.epochs=0): train.epochs=0: Input should be greater than or equal to 1"
+
+
+def test_recipe_validate_and_show(tmp_path):
+    ok = runner.invoke(app, ["recipe", "validate", str(ROOT / "recipes" / "digits.yaml")])
+    assert ok.exit_code == 0 and "OK (resnet18, DGC heads 4, zeta 0.5, 15 epochs on digits)" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: resnet18\ntrain: {epochs: many}\n")
+    failed = runner.invoke(app, ["recipe", "validate", str(bad)])
+    assert failed.exit_code == 2 and failed.stdout == ""
+    assert failed.stderr.strip().splitlines() == [f"error: {bad}: train.epochs='many': Input should be a valid integer, unable to parse string as an integer"]
+    shown = runner.invoke(app, ["recipe", "show", str(ROOT / "recipes" / "digits.yaml")])
+    assert shown.exit_code == 0
+    assert "22 iterations per epoch" in shown.stdout and "330 in all" in shown.stdout
+    assert any(line.split()[:3] == ["warmup", "1-2", "0-27"] for line in shown.stdout.splitlines())
+    assert any(line.split()[:3] == ["finetune", "12-15", "248-329"] for line in shown.stdout.splitlines())
+    as_json = json.loads(runner.invoke(app, ["recipe", "show", str(ROOT / "recipes" / "digits.yaml"), "--json"]).stdout)
+    assert as_json["iterations_per_epoch"] == 22 and as_json["recipe"]["train"]["warmup_fraction"] == pytest.approx(1 / 12)
+    assert [s["stage"] for s in as_json["stages"]] == ["warmup", "ramp", "finetune"]
+
+
+def test_ctrl_c_writes_a_checkpoint_exits_130_and_resume_finishes(tmp_path):
+    recipe = write_recipe(tmp_path, epochs=8, size=64, batch=8)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dgc_convert.cli", "train", str(recipe)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "checkpoint written to" in stderr and f"dgc-convert train {recipe} --resume" in stderr
+    state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
+    assert state["status"] == "interrupted" and 1 <= state["epochs_completed"] < 8
+    resumed = runner.invoke(app, ["train", str(recipe), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after iteration" in resumed.stdout and "finished 8 epochs" in resumed.stdout

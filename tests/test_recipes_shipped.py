@@ -1,0 +1,38 @@
+"""Every recipe in recipes/ loads, validates and converts the layers it says it converts."""
+
+from pathlib import Path
+
+import pytest
+
+from dgc_convert.recipe import load_recipe
+from dgc_convert.train import build_model
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_the_promised_recipes_are_there():
+    assert {p.stem for p in RECIPES} >= {
+        "digits", "resnet18_imagenet", "resnet50_imagenet", "resnet18_cifar10", "densenet121_imagenet"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_loads_and_its_model_converts(path):
+    recipe = load_recipe(path)
+    assert recipe.convert.enabled and not recipe.model.pretrained and not recipe.data.download
+    model, report = build_model(recipe, recipe.model.num_classes or 10)
+    assert report.converted, path.name
+    names = [d.name for d in report.converted]
+    if path.stem == "densenet121_imagenet":
+        assert len(names) == 58 and all(n.endswith(".conv1") and ".denselayer" in n for n in names)
+    if path.stem.startswith("resnet18"):
+        # The paper's placement: every 3x3 of the blocks and every 1x1 shortcut; not the stem.
+        assert len(names) == 19 and "conv1" not in names
+
+
+def test_paper_resnet18_settings():
+    recipe = load_recipe(next(p for p in RECIPES if p.stem == "resnet18_imagenet"))
+    t = recipe.train
+    assert (recipe.convert.heads, recipe.convert.zeta, t.epochs, t.batch_size, t.lr, t.weight_decay) == (4, 0.55, 120, 256, 0.1, 1e-4)
+    assert t.optimizer == "sgd" and t.nesterov and t.momentum == 0.9
+    cifar = load_recipe(next(p for p in RECIPES if p.stem == "resnet18_cifar10"))
+    assert (cifar.train.epochs, cifar.train.batch_size) == (300, 64)
