@@ -10,7 +10,7 @@ channels ``h::H``).
 
 Plain autograd would save one gated copy of the input per head for backward
 (the authors' layer: H times the activation memory). This function saves only
-``x``, ``gate`` and ``weight`` and recomputes each head's gated input in
+``x``, ``gate`` and a head-major copy of ``weight`` and recomputes each head's gated input in
 backward, one head at a time, so at most one extra input-sized buffer lives at
 once, in forward and in backward.
 """
@@ -38,7 +38,9 @@ class _GatedConv2d(torch.autograd.Function):
             F.conv2d(x * gate[:, h, :, None, None], head_weights[h], None, stride, padding, dilation)
             for h in range(heads)
         ]
-        ctx.save_for_backward(x, gate, weight)
+        # Keep the head-major copy of the weight (one weight's worth of memory)
+        # rather than rebuilding it in backward.
+        ctx.save_for_backward(x, gate, head_weights)
         ctx.conv_args = (stride, padding, dilation)
         # (B, C'/H, H, ...) flattened puts head h's j-th channel at j*H + h.
         return torch.stack(outputs, dim=2).flatten(1, 2)
@@ -46,13 +48,13 @@ class _GatedConv2d(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, gate, weight = ctx.saved_tensors
+        x, gate, head_weights = ctx.saved_tensors
         stride, padding, dilation = ctx.conv_args
         heads = gate.shape[1]
         need_x, need_gate, need_weight = ctx.needs_input_grad[:3]
-        head_weights = _head_weights(weight, heads)
         batch, out_channels = grad_out.shape[:2]
-        grad_heads = grad_out.view(batch, out_channels // heads, heads, *grad_out.shape[2:])
+        # One head-major copy of the output gradient, so every head's slice is contiguous.
+        grad_heads = grad_out.view(batch, out_channels // heads, heads, *grad_out.shape[2:]).transpose(1, 2).contiguous()
 
         grad_x = None
         grad_gate = torch.empty_like(gate) if need_gate else None
@@ -61,7 +63,7 @@ class _GatedConv2d(torch.autograd.Function):
         for h in range(heads):
             gate_h = gate[:, h, :, None, None]
             grad_input_h, grad_weight_h, _ = torch.ops.aten.convolution_backward(
-                grad_heads[:, :, h],
+                grad_heads[:, h],
                 x * gate_h,
                 head_weights[h],
                 None,
@@ -82,7 +84,9 @@ class _GatedConv2d(torch.autograd.Function):
                 grad_head_weights[h] = grad_weight_h
         grad_weight = None
         if need_weight:
-            grad_weight = grad_head_weights.transpose(0, 1).reshape(weight.shape)
+            # One contiguous transpose back to the dense layout (row j*H + h); far
+            # cheaper than writing each head into its strided rows.
+            grad_weight = grad_head_weights.transpose(0, 1).reshape(out_channels, *head_weights.shape[2:])
         return grad_x, grad_gate, grad_weight, None, None, None
 
 
@@ -119,6 +123,9 @@ def _prefers_per_sample(x: Tensor, weight: Tensor) -> bool:
     return weight.shape[0] * weight.shape[2] * weight.shape[3] <= 2 * x.shape[2] * x.shape[3]
 
 
+ALGORITHMS = ("auto", "per_head", "per_sample")
+
+
 def gated_conv2d(
     x: Tensor,
     gate: Tensor,
@@ -149,8 +156,10 @@ def gated_conv2d(
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             return gated_conv2d(x.to(dtype), gate.to(dtype), weight.to(dtype), stride, padding, dilation, algorithm)
-    if algorithm not in ("auto", "per_head", "per_sample"):
-        raise ValueError(f"algorithm must be 'auto', 'per_head' or 'per_sample', got {algorithm!r}")
-    if algorithm == "per_sample" or (algorithm == "auto" and _prefers_per_sample(x, weight)):
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(map(repr, ALGORITHMS))}, got {algorithm!r}")
+    if algorithm == "auto":
+        algorithm = "per_sample" if _prefers_per_sample(x, weight) else "per_head"
+    if algorithm == "per_sample":
         return _per_sample_gated_conv2d(x, gate, weight, stride, padding, dilation)
     return _GatedConv2d.apply(x, gate, weight, stride, padding, dilation)

@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,12 +37,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from dgc_convert.checkpoint import Checkpoint, CheckpointError, find_checkpoint, read_checkpoint, save_checkpoint
+from dgc_convert.distributed import Processes
 from dgc_convert.data import DataError, build_data, dataset_classes, native_image_size
 from dgc_convert.errors import DGCConvertError
 from dgc_convert.macs import count_macs
 from dgc_convert.recipe import Recipe, recipe_from_dict
 from dgc_convert.schedule import Schedule
 from dgc_convert.surgery import ConversionReport, convert, dgc_layers, set_zeta, sparsity_loss
+from dgc_convert.stop_signals import StopSignals
 from dgc_convert.zoo import create_model
 
 __all__ = [
@@ -197,56 +196,6 @@ def _call(target: Any, method: str, *args: Any) -> None:
         handler(*args)
 
 
-# -- process group -----------------------------------------------------------
-
-
-@dataclass
-class _Processes:
-    world_size: int
-    rank: int
-    local_rank: int
-    device: torch.device
-    owns_group: bool
-
-    @classmethod
-    def from_env(cls) -> "_Processes":
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available()
-        device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1)) if cuda else torch.device("cpu")
-        owns_group = False
-        if world_size > 1 and not dist.is_initialized():
-            if cuda:
-                torch.cuda.set_device(device)
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
-            owns_group = True
-        return cls(world_size, rank, local_rank, device, owns_group)
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce(self, values: Sequence[float], op: Any = None) -> list[float]:
-        if not self.distributed:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-        return tensor.tolist()
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 # -- building ---------------------------------------------------------------
 
 
@@ -335,50 +284,8 @@ def _recipe_differences(saved: dict, current: dict, path: tuple[str, ...] = ()) 
 # -- the run ----------------------------------------------------------------
 
 
-class _StopSignals:
-    """First SIGINT/SIGTERM asks for a clean stop; a second SIGINT aborts."""
-
-    def __init__(self, control: TrainControl, reporter: Any) -> None:
-        self.control = control
-        self.reporter = reporter
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGINT, signal.SIGTERM):
-                self.previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def _handle(self, number: int, frame: Any) -> None:
-        if self.control.stop_requested and number == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.control.request_stop(signal.Signals(number).name)
-        _call(self.reporter, "on_message", "stopping after this iteration to write a checkpoint (Ctrl-C again aborts without one)")
-
-    def __exit__(self, *exc: Any) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """Defer signals while a checkpoint is written, so a save is never cut in half."""
-        if not self.previous:
-            yield
-            return
-        pending: list[int] = []
-        for number in self.previous:
-            signal.signal(number, lambda n, f: pending.append(n))
-        try:
-            yield
-        finally:
-            for number in self.previous:
-                signal.signal(number, self._handle)
-            for number in pending:
-                self._handle(number, None)
-
-
 class _Run:
-    def __init__(self, recipe: Recipe, processes: _Processes, reporter: Any, callbacks: Sequence[Any]) -> None:
+    def __init__(self, recipe: Recipe, processes: Processes, reporter: Any, callbacks: Sequence[Any]) -> None:
         self.recipe = recipe
         self.p = processes
         self.reporter = reporter if processes.main else None
@@ -653,7 +560,9 @@ class _Run:
     def run(self) -> TrainResult:
         t = self.recipe.train
         schedule = self.schedule
-        self.signals = _StopSignals(self.control, self.reporter)
+        self.signals = StopSignals(
+            self.control, None if self.reporter is None else lambda text: _call(self.reporter, "on_message", text)
+        )
         with self.signals:
             if self.p.main:
                 self.output.mkdir(parents=True, exist_ok=True)
@@ -849,7 +758,7 @@ def train(
     """
     if not isinstance(recipe, Recipe):
         recipe = recipe_from_dict(recipe)
-    processes = _Processes.from_env()
+    processes = Processes.from_env()
     try:
         with _determinism(recipe.train.seed, recipe.train.deterministic):
             run = _Run(recipe, processes, reporter, callbacks)
