@@ -3,6 +3,8 @@
 The public API is re-exported here; see README.md for a tour.
 """
 
+__version__ = "0.1.0"  # before the imports below: checkpoint.py records it
+
 from dgc_convert.errors import ConversionError, DGCConvertError, IdentityCheckError, RecipeError, UnknownModelError
 from dgc_convert.layer import DGCConv2d, Gates, SaliencyGenerator, kept_channel_count
 from dgc_convert.macs import LayerMacs, MacReport, count_macs
@@ -17,8 +19,9 @@ from dgc_convert.surgery import (
     sparsity_loss,
 )
 from dgc_convert.zoo import ModelInfo, create_model, list_models
-
-__version__ = "0.1.0"
+from dgc_convert.recipe import Recipe, load_recipe
+from dgc_convert.schedule import Schedule
+from dgc_convert.train import EpochMetrics, TrainingDiverged, TrainResult, train
 
 __all__ = [
     "DGCConv2d",
@@ -44,5 +47,12 @@ __all__ = [
     "IdentityCheckError",
     "RecipeError",
     "UnknownModelError",
+    "Recipe",
+    "load_recipe",
+    "Schedule",
+    "train",
+    "TrainResult",
+    "EpochMetrics",
+    "TrainingDiverged",
     "__version__",
 ]

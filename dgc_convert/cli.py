@@ -214,7 +214,7 @@ def train_command(
     try:
         result = train(loaded, resume=resume, reporter=reporter)
     except KeyboardInterrupt:
-        _fail("aborted by a second Ctrl-C; no new checkpoint, the last one written is kept", EXIT_INTERRUPTED)
+        _fail("aborted before a checkpoint could be written; the last one written (if any) is kept", EXIT_INTERRUPTED)
     if result.status == "interrupted":
         again = " ".join(["dgc-convert train", str(recipe), *[f"--set {v}" for v in set_values or []], "--resume"])
         if is_main_process():

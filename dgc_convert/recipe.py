@@ -77,7 +77,7 @@ class TrainSection(_Section):
     nesterov: bool = True
     weight_decay: float = Field(default=1e-4, ge=0.0)
     warmup_fraction: float = Field(default=1 / 12, ge=0.0, lt=1.0)
-    finetune_fraction: float = Field(default=1 / 4, ge=0.0, lt=1.0)
+    finetune_fraction: float = Field(default=1 / 4, ge=0.0, le=1.0)
     zeta_ramp: Literal["linear", "cosine"] = "linear"
     sparsity_lambda: float = Field(default=1e-5, ge=0.0)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)

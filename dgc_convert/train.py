@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -234,6 +235,16 @@ class _SkipFirst(Sampler[int]):
 
     def __len__(self) -> int:
         return max(len(self.sampler) - self.skip, 0)
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader worker start-up: leave Ctrl-C to the main process.
+
+    A terminal's Ctrl-C reaches every process of the foreground group; a
+    worker killed by it would break the clean stop the main process is
+    making (finish the iteration, write a checkpoint).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def iterations_per_epoch(train_samples: int, batch_size: int, world_size: int = 1) -> int:
@@ -541,6 +552,7 @@ class _Run:
             num_workers=self.recipe.train.num_workers,
             pin_memory=self.p.device.type == "cuda",
             generator=generator,  # keeps the global stream untouched and worker seeds reproducible
+            worker_init_fn=_ignore_interrupts,
         )
 
     def _agree(self, nonfinite: Tensor) -> tuple[bool, bool]:
@@ -707,7 +719,8 @@ class _Run:
         model.eval()
         indices = list(range(self.p.rank, len(self.data.val), self.p.world_size))
         loader = DataLoader(Subset(self.data.val, indices), batch_size=max(self.local_batch, 64), shuffle=False,
-                            num_workers=self.recipe.train.num_workers, pin_memory=self.p.device.type == "cuda")
+                            num_workers=self.recipe.train.num_workers, pin_memory=self.p.device.type == "cuda",
+                            worker_init_fn=_ignore_interrupts)
         loss_sum, top1, top5, count = 0.0, 0, 0, 0
         criterion = nn.CrossEntropyLoss(reduction="sum")
         for images, labels in loader:

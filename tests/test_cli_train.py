@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,12 +19,12 @@ runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_recipe(tmp_path, epochs=1, size=32, batch=16):
+def write_recipe(tmp_path, epochs=1, size=32, batch=16, workers=0):
     path = tmp_path / "tiny.yaml"
     path.write_text(
         "model: resnet18\n"
         "convert: {heads: 4, zeta: 0.5}\n"
-        f"train: {{epochs: {epochs}, batch_size: {batch}, lr: 0.02}}\n"
+        f"train: {{epochs: {epochs}, batch_size: {batch}, lr: 0.02, num_workers: {workers}}}\n"
         f"data: {{dataset: synthetic, synthetic_size: {size}}}\n"
         f"output: {{directory: {tmp_path / 'run'}}}\n"
     )
@@ -71,16 +72,17 @@ def test_recipe_validate_and_show(tmp_path):
 
 
 def test_ctrl_c_writes_a_checkpoint_exits_130_and_resume_finishes(tmp_path):
-    recipe = write_recipe(tmp_path, epochs=8, size=64, batch=8)
+    # As from a terminal: Ctrl-C reaches the whole process group, data-loading workers included.
+    recipe = write_recipe(tmp_path, epochs=8, size=64, batch=8, workers=1)
     process = subprocess.Popen(
         [sys.executable, "-m", "dgc_convert.cli", "train", str(recipe)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True,
     )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
