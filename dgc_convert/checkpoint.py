@@ -135,6 +135,9 @@ def save_checkpoint(
     metadata = {"format": CHECKPOINT_FORMAT, "checkpoint_id": checkpoint_id, "dgc_convert_version": __version__}
     if "recipe" in state:
         metadata["recipe"] = json.dumps(state["recipe"])
+    for key in ("num_classes", "image_size"):
+        if state.get(key) is not None:
+            metadata[key] = str(state[key])
     save_model(model, str(temporary / MODEL_FILE), metadata=metadata)
     full_state = {"format": CHECKPOINT_FORMAT, "checkpoint_id": checkpoint_id, "dgc_convert_version": __version__, **state}
     if training_state is not None:

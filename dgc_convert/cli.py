@@ -226,6 +226,37 @@ def train_command(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
+@app.command("bench", help="Time MODEL (or a trained checkpoint) dense, as DGC computed densely, and on the DGC inference path.")
+@handles_errors
+def bench_command(
+    model: str = typer.Argument(..., help="Model name, or a checkpoint (a run's last/ or best/ directory, or its model.safetensors)."),
+    heads: Optional[int] = typer.Option(None, "--heads", help="Heads per converted layer (default 4; model names only)."),
+    zeta: Optional[float] = typer.Option(None, "--zeta", help="Pruning ratio (default 0.5; model names only)."),
+    squeeze_ratio: Optional[float] = typer.Option(None, "--squeeze-ratio", help="Saliency squeeze ratio d (default 16)."),
+    min_channels: Optional[int] = typer.Option(None, "--min-channels", help="Fewest input channels worth gating (default 16)."),
+    source: Optional[str] = typer.Option(None, "--source", help="auto, timm or torchvision (default auto)."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Samples per forward."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input side in pixels (default: the model's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)."),
+    repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs per variant (median reported)."),
+    warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed runs per variant first."),
+    layers: int = typer.Option(15, "--layers", min=0, help="Slowest dense layers to list (0: none)."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout: dense_ms, dgc_masked_ms, dgc_ms, speedup, mac_ratio, realized_fraction, layers."),
+) -> None:
+    from dgc_convert.bench import benchmark
+    from dgc_convert.render import print_bench
+    from dgc_convert.sources import models_for_bench
+
+    settings = {"heads": heads, "zeta": zeta, "squeeze_ratio": squeeze_ratio, "min_channels": min_channels, "source": source}
+    dense, dgc, name, default_size = models_for_bench(model, {k: v for k, v in settings.items() if v is not None})
+    result = benchmark(dense, dgc, name=name, batch_size=batch_size, input_size=input_size or default_size,
+                       repeats=repeats, warmup=warmup, threads=threads, layers=json_output or layers > 0)
+    if json_output:
+        print_json(result.to_dict())
+    else:
+        print_bench(result, layer_rows=layers)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

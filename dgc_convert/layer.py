@@ -14,11 +14,11 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from dgc_convert._gated_conv import gated_conv2d
+from dgc_convert.inference import WeightCache, pick_algorithm, sparse_conv2d
 
 __all__ = ["DGCConv2d", "SaliencyGenerator", "Gates", "kept_channel_count", "static_padding"]
 
@@ -95,8 +95,11 @@ class SaliencyGenerator(nn.Module):
         # sum-then-divide: the backward of mean over a large spatial map is
         # several times slower than that of sum on CPU.
         pooled = x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])
-        squeezed = F.relu(torch.einsum("bc,hdc->bhd", pooled, self.reduce))
-        return F.relu(torch.einsum("bhd,hcd->bhc", squeezed, self.expand) + self.beta)
+        # Batched products over heads, (H, B, .), in as few operations as
+        # possible: at batch 1 the per-operation cost is what eval pays for.
+        squeezed = torch.matmul(pooled, self.reduce.transpose(1, 2)).relu_()  # (H, B, hidden)
+        scores = torch.baddbmm(self.beta.unsqueeze(1), squeezed, self.expand.transpose(1, 2)).relu_()  # (H, B, C)
+        return scores.transpose(0, 1)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, heads={self.heads}, hidden={self.hidden}"
@@ -126,6 +129,12 @@ class DGCConv2d(nn.Module):
             trained to.
         unit_scores: when True every saliency score is 1 (not persistent);
             with ``zeta_t = 0`` the layer then equals its dense convolution.
+        inference_algorithm: how eval mode computes (not persistent):
+            "auto" (default: the fastest exact sparse algorithm for the case,
+            timed once and cached; see ``dgc_convert.inference``),
+            "gather_conv", "gather_bmm", or "masked" (the training
+            computation, dense in cost). Training mode always uses the
+            training computation.
     """
 
     def __init__(
@@ -164,6 +173,9 @@ class DGCConv2d(nn.Module):
         self.squeeze_ratio = squeeze_ratio
         self.zeta = _check_zeta("zeta", zeta)
         self.unit_scores = False
+        self.inference_algorithm = "auto"
+        self.last_algorithm: str | None = None  # what the last eval-mode forward ran
+        self._weight_cache = WeightCache()
 
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
@@ -292,10 +304,27 @@ class DGCConv2d(nn.Module):
         return self._last_sparsity
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.training and self.inference_algorithm != "masked":
+            return self._sparse_forward(x)
         scores, mask = self.gates(x)
         self._last_sparsity = scores.mean(dim=(0, 2)).sum()
         gate = scores * mask if self.kept_channels < self.in_channels else scores
         out = gated_conv2d(x, gate, self.weight, self.stride, self.padding, self.dilation)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
+        return out
+
+    def _sparse_forward(self, x: Tensor) -> Tensor:
+        """Eval mode: gather and convolve only the kept channels (equal to the training computation)."""
+        scores = self.saliency(x)
+        self._last_sparsity = scores.mean(dim=(0, 2)).sum()
+        kept_scores, index = scores.topk(self.kept_channels, dim=2, sorted=False)
+        args = (x, kept_scores, index, self.weight, self._weight_cache, self.stride, self.padding, self.dilation)
+        algorithm = self.inference_algorithm
+        if algorithm == "auto":
+            algorithm = pick_algorithm(*args)
+        self.last_algorithm = algorithm
+        out = sparse_conv2d(*args, algorithm)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out

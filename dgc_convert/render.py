@@ -12,7 +12,8 @@ from rich.table import Table
 from dgc_convert.summary import ConversionSummary
 
 __all__ = [
-    "format_macs", "print_json", "print_conversion", "print_model_list", "print_recipe", "error_console", "TrainProgress",
+    "format_macs", "print_json", "print_conversion", "print_model_list", "print_recipe", "print_bench", "error_console",
+    "TrainProgress",
 ]
 
 
@@ -228,3 +229,33 @@ class TrainProgress:
             self.console.print(f"finished {result.epochs_completed} epoch{plural} in {result.wall_seconds:.0f} s{figures}{best}")
             self.console.print(f"checkpoints: {result.output_dir / 'last'}, {result.output_dir / 'best'}; "
                                f"metrics: {result.output_dir / 'metrics.jsonl'}")
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def print_bench(result: Any, console: Console | None = None, layer_rows: int | None = None) -> None:
+    """Whole-model medians and the per-layer table of ``dgc-convert bench``."""
+    console = console or output_console()
+    c, h, w = result.input_size
+    console.print(
+        f"[bold]{result.model}[/bold], batch {result.batch_size}, input {c}x{h}x{w}, {result.threads} threads, "
+        f"median of {result.repeats} interleaved runs (ms per batch)", highlight=False,
+    )
+    if result.layers:
+        table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+        for column in ("layer", "dense ms", "DGC masked ms", "DGC ms", "speedup", "MAC ratio", "realised", "algorithm"):
+            table.add_column(column, justify="left" if column in ("layer", "algorithm") else "right")
+        rows = result.layers if layer_rows is None else sorted(result.layers, key=lambda r: -r.dense_ms)[:layer_rows]
+        for row in rows:
+            table.add_row(row.name, f"{row.dense_ms:.3f}", f"{row.dgc_masked_ms:.3f}", f"{row.dgc_ms:.3f}",
+                          f"{row.speedup:.2f}", f"{row.mac_ratio:.2f}", _ratio(row.realized_fraction), row.algorithm or "dense")
+        console.print(table)
+    realised = "-" if result.realized_fraction is None else f"{result.realized_fraction * 100:.0f}%"
+    console.print(
+        f"dense {result.dense_ms:.2f} ms ({result.dense_layout}), DGC computed densely {result.dgc_masked_ms:.2f} ms, "
+        f"DGC inference path {result.dgc_ms:.2f} ms: [bold]{result.speedup:.2f}x[/bold] dense speed at "
+        f"{result.mac_ratio:.2f} of its MACs ({format_macs(result.dgc_macs)} vs {format_macs(result.dense_macs)} "
+        f"per sample); {realised} of the theoretical saving realised", highlight=False,
+    )

@@ -1,0 +1,301 @@
+"""Sparse inference for DGC layers: compute only the kept channels.
+
+In eval mode without gradients a DGC layer need not touch dropped channels.
+For every sample and head it gathers the ``k`` kept input channels and the
+matching weight slices, folds the saliency scores into whichever side is
+smaller, and convolves:
+
+- ``gather_conv``: one sample at a time; the kept channels of all heads are
+  stacked and convolved with ``groups=heads`` (low fixed cost; batch 1);
+- ``gather_bmm``: all samples at once as im2col + batched matrix products with
+  per-sample weight slices (``B * heads`` products of (pixels x k*kh*kw) by
+  (k*kh*kw x C'/heads));
+- ``gather_pointwise``: 1x1 convolutions only, per sample one batched matrix
+  product over heads of gathered filters by gathered input rows;
+- ``stacked``: dense in cost, every head's gated copy of the input in one
+  grouped convolution (small maps, where per-call overhead dominates);
+- ``masked``: the training computation (every channel, dropped ones at zero),
+  which is dense in cost but has no gathers.
+
+All are exact. Which is fastest depends on the shape, the batch size,
+``k`` and the machine, so ``pick_algorithm`` times each once per distinct
+case and caches the winner (as cuDNN's benchmark mode does); the masked path
+is a candidate, so the sparse path is never slower than it, up to timing
+noise. The weights are rearranged for gathering once and kept until they
+change (``WeightCache``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dgc_convert._gated_conv import gated_conv2d
+
+__all__ = ["ALGORITHMS", "WeightCache", "sparse_conv2d", "pick_algorithm", "clear_algorithm_cache", "algorithm_cache"]
+
+ALGORITHMS = ("gather_conv", "gather_bmm", "gather_pointwise", "stacked", "masked")
+_TIMING_ROUNDS = 5
+_TIMING_BATCH = 8
+
+
+@dataclass
+class WeightCache:
+    """The weight rearranged for gathering, rebuilt whenever the weight changes.
+
+    ``rows``: (heads * C, kh * kw * C'/heads); row ``h*C + c`` holds head h's
+    filters over input channel c, for the matrix-product path.
+    ``conv``: (heads, C, C'/heads, kh, kw), for the grouped-convolution path.
+    ``grouped``: (C', C, kh, kw) head-major, for ``stacked``.
+    """
+
+    key: tuple = ()
+    rows: Tensor | None = None
+    conv: Tensor | None = None
+    offsets: Tensor | None = None  # (heads, 1): h * C, turns per-head channel indices into rows
+    grouped: Tensor | None = None  # (C', C, kh, kw) head-major, for one grouped convolution over all heads
+
+    def get(self, weight: Tensor, heads: int) -> "WeightCache":
+        """Up-to-date arrangements of ``weight`` (dense layout, head h owns rows h::heads)."""
+        # Inference tensors (made under torch.inference_mode) keep no version counter.
+        version = None if weight.is_inference() else weight._version
+        key = (weight.data_ptr(), version, weight.dtype, weight.device, heads)
+        if key != self.key:
+            out_channels, channels, kh, kw = weight.shape
+            # head_major[h, j] = weight[j*H + h]
+            head_major = weight.detach().view(out_channels // heads, heads, channels, kh, kw).transpose(0, 1)
+            self.conv = head_major.permute(0, 2, 1, 3, 4).contiguous()  # (H, C, C'/H, kh, kw)
+            # (H, C, kh*kw, C'/H) flattened to rows of (kh*kw * C'/H), ordered (kernel offset, filter)
+            self.rows = head_major.permute(0, 2, 3, 4, 1).reshape(heads * channels, kh * kw * (out_channels // heads))
+            self.grouped = head_major.reshape(out_channels, channels, kh, kw)
+            self.offsets = torch.arange(heads, device=weight.device).mul_(channels).view(heads, 1)
+            self.key = key
+        return self
+
+
+def _flat_index(index: Tensor, rows_per_group: int) -> Tensor:
+    """(..., G, k) indices into groups of ``rows_per_group`` rows -> flat row indices."""
+    groups = index.shape[-2]
+    offsets = torch.arange(groups, device=index.device).mul_(rows_per_group).view(groups, 1)
+    return (index + offsets).flatten()
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def gather_conv(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> Tensor:
+    """Grouped convolution over gathered channels, one sample at a time.
+
+    ``scores``/``index``: (B, heads, k) kept channels and their scores.
+    Channels are gathered as rows of the NCHW input (a channels-last input is
+    converted first: gathering along its last axis is several times slower);
+    the filters are handed to oneDNN channels-last, which makes its grouped
+    convolution 2-4x faster on CPU; the output comes back NCHW in dense
+    channel order.
+    """
+    x = x.contiguous()
+    batch, channels = x.shape[:2]
+    heads, k = index.shape[1:]
+    out_channels, _, kh, kw = weight.shape
+    per_head = out_channels // heads
+    cache = cache.get(weight, heads)
+    arranged, offsets = cache.conv.view(heads * channels, per_head, kh, kw), cache.offsets
+    fold_into_input = x.shape[2] * x.shape[3] <= per_head * kh * kw
+    outputs = []
+    for b in range(batch):
+        selected_x = x[b].index_select(0, index[b].flatten())  # (H*k, h, w)
+        selected_w = arranged.index_select(0, (index[b] + offsets).flatten()).view(heads, k, per_head, kh, kw)
+        if fold_into_input:
+            selected_x = selected_x * scores[b].reshape(heads * k, 1, 1)
+        else:
+            selected_w = selected_w * scores[b].view(heads, k, 1, 1, 1)
+        # Head-major filters (C', k, kh, kw) laid out channels-last, in one copy.
+        filters = selected_w.permute(0, 2, 3, 4, 1).reshape(out_channels, kh, kw, k).permute(0, 3, 1, 2)
+        outputs.append(F.conv2d(selected_x.unsqueeze(0), filters, None, stride, padding, dilation, groups=heads))
+    out = torch.cat(outputs) if batch > 1 else outputs[0]
+    return _head_major_to_dense(out, heads)
+
+
+def _head_major_to_dense(out: Tensor, heads: int) -> Tensor:
+    """Channel shuffle, head-major (h*C'/H + j) -> dense order (j*H + h), as one copy into NCHW."""
+    batch, out_channels, height, width = out.shape
+    per_head = out_channels // heads
+    if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
+        grouped = out.permute(0, 2, 3, 1).view(batch, height, width, heads, per_head).permute(0, 4, 3, 1, 2)
+    else:
+        grouped = out.view(batch, heads, per_head, height, width).transpose(1, 2)
+    return grouped.reshape(batch, out_channels, height, width)
+
+
+def gather_bmm(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> Tensor:
+    """im2col + one batched matrix product over (sample, head) with gathered weights."""
+    batch, channels, height, width = x.shape
+    heads, k = index.shape[1:]
+    out_channels, _, kh, kw = weight.shape
+    per_head = out_channels // heads
+    taps = kh * kw
+    out_h = _output_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = _output_size(width, kw, stride[1], padding[1], dilation[1])
+    pixels = out_h * out_w
+    if taps == 1 and stride == (1, 1) and padding == (0, 0):
+        columns = x.reshape(batch * channels, pixels)
+    else:
+        columns = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+        columns = columns.view(batch * channels, taps * pixels)  # rows (b, c), columns (offset, pixel)
+    rows = _flat_index(index.view(batch, heads * k), channels)  # b*C + c, per (b, h, kept)
+    selected = columns.index_select(0, rows).view(batch * heads, k * taps, pixels)
+    flat_weight = _flat_index(index.transpose(0, 1).reshape(heads, batch * k), channels)  # h*C + c
+    selected_w = cache.get(weight, heads).rows.index_select(0, flat_weight)  # (H*B*k, taps*C'/H)
+    selected_w = selected_w.view(heads, batch, k * taps, per_head).transpose(0, 1).reshape(batch * heads, k * taps, per_head)
+    score_rows = scores.reshape(batch * heads, k, 1).expand(-1, -1, taps).reshape(batch * heads, k * taps, 1)
+    if pixels <= per_head:
+        selected = selected * score_rows
+    else:
+        selected_w = selected_w * score_rows
+    out = torch.bmm(selected.transpose(1, 2), selected_w)  # (B*H, pixels, C'/H)
+    # (B, H, pixels, C'/H) -> (B, C'/H, H, pixels): output channel j*H + h
+    return out.view(batch, heads, pixels, per_head).permute(0, 3, 1, 2).reshape(batch, out_channels, out_h, out_w)
+
+
+def gather_pointwise(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> Tensor:
+    """1x1 convolutions: per sample, one batched product over heads of the
+    gathered filters (C'/H x k) by the gathered input rows (k x pixels)."""
+    sub = x[:, :, :: stride[0], :: stride[1]] if stride != (1, 1) else x
+    sub = sub.contiguous()
+    batch, channels, height, width = sub.shape
+    heads, k = index.shape[1:]
+    out_channels = weight.shape[0]
+    per_head = out_channels // heads
+    pixels = height * width
+    cache = cache.get(weight, heads)
+    rows, offsets = cache.rows, cache.offsets  # rows: (H*C, C'/H) for a 1x1 kernel
+    flat = sub.view(batch, channels, pixels)
+    outputs = []
+    for b in range(batch):
+        selected_x = flat[b].index_select(0, index[b].flatten()).view(heads, k, pixels)
+        selected_w = rows.index_select(0, (index[b] + offsets).flatten()).view(heads, k, per_head)
+        if pixels <= per_head:
+            selected_x = selected_x * scores[b].view(heads, k, 1)
+        else:
+            selected_w = selected_w * scores[b].view(heads, k, 1)
+        outputs.append(torch.bmm(selected_w.transpose(1, 2), selected_x))  # (H, C'/H, P)
+    out = torch.stack(outputs) if batch > 1 else outputs[0].unsqueeze(0)
+    # (B, H, C'/H, P) -> (B, C'/H, H, P): output channel j*H + h
+    return out.transpose(1, 2).reshape(batch, out_channels, height, width)
+
+
+def masked(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> Tensor:
+    """The training computation: every channel, the dropped ones gated to zero."""
+    gate = torch.zeros(x.shape[0], index.shape[1], x.shape[1], dtype=scores.dtype, device=x.device)
+    gate.scatter_(2, index, scores)
+    return gated_conv2d(x, gate, weight, stride, padding, dilation)
+
+
+def stacked(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> Tensor:
+    """Dense in cost like ``masked``, but one grouped convolution over a gated
+    copy of the input per head (heads x the input, transient: no backward to
+    keep it for) instead of one convolution per head; wins on small maps."""
+    batch, channels = x.shape[:2]
+    heads = index.shape[1]
+    gate = torch.zeros(batch, heads, channels, dtype=scores.dtype, device=x.device).scatter_(2, index, scores)
+    copies = (x.unsqueeze(1) * gate[..., None, None]).reshape(batch, heads * channels, *x.shape[2:])
+    out = F.conv2d(copies, cache.get(weight, heads).grouped, None, stride, padding, dilation, groups=heads)
+    return _head_major_to_dense(out, heads)
+
+
+_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
+    "gather_conv": gather_conv, "gather_bmm": gather_bmm, "gather_pointwise": gather_pointwise, "stacked": stacked,
+    "masked": masked,
+}
+
+
+def _applicable(name: str, x: Tensor, weight: Tensor, padding) -> bool:
+    if name == "gather_pointwise":
+        return weight.shape[2:] == (1, 1) and tuple(padding) == (0, 0)
+    return True
+_CACHE: dict[tuple, str] = {}
+
+
+def algorithm_cache() -> dict[tuple, str]:
+    """The algorithm picked for every case timed so far (a copy)."""
+    return dict(_CACHE)
+
+
+def clear_algorithm_cache() -> None:
+    """Forget every timed choice (they are re-measured on the next call)."""
+    _CACHE.clear()
+
+
+def _case(x: Tensor, index: Tensor, weight: Tensor, stride, padding, dilation) -> tuple:
+    return (tuple(x.shape), index.shape[1], index.shape[2], tuple(weight.shape), tuple(stride), tuple(padding),
+            tuple(dilation), x.dtype, x.device.type, torch.get_num_threads())
+
+
+def pick_algorithm(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> str:
+    """The fastest exact algorithm for this case: timed once, then cached."""
+    case = _case(x, index, weight, stride, padding, dilation)
+    choice = _CACHE.get(case)
+    if choice is not None:
+        return choice
+    candidates = {name: f for name, f in _FUNCTIONS.items() if _applicable(name, x, weight, padding)}
+    # Every algorithm's cost grows linearly with the batch, so a large batch is
+    # timed on its first few samples: a one-off cost of milliseconds, not
+    # seconds, per layer (evaluation batches of 256 would otherwise take minutes).
+    if x.shape[0] > _TIMING_BATCH:
+        x, scores, index = x[:_TIMING_BATCH], scores[:_TIMING_BATCH], index[:_TIMING_BATCH]
+    for function in candidates.values():
+        function(x, scores, index, weight, cache, stride, padding, dilation)  # warm-up (allocations, weight cache)
+    # Rounds interleave the candidates so that machine noise hits all alike;
+    # each keeps its best time.
+    timings = dict.fromkeys(candidates, float("inf"))
+    for _ in range(_TIMING_ROUNDS):
+        for name, function in candidates.items():
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
+            function(x, scores, index, weight, cache, stride, padding, dilation)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            timings[name] = min(timings[name], time.perf_counter() - start)
+    choice = min(timings, key=timings.get)
+    _CACHE[case] = choice
+    return choice
+
+
+def sparse_conv2d(
+    x: Tensor,
+    scores: Tensor,
+    index: Tensor,
+    weight: Tensor,
+    cache: WeightCache,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    algorithm: str = "auto",
+) -> Tensor:
+    """Head-wise gated convolution over the kept channels only (no bias).
+
+    Args:
+        x: input (B, C, H, W).
+        scores: (B, heads, k) saliency scores of the kept channels.
+        index: (B, heads, k) their input-channel indices.
+        weight: dense-layout filters (C', C, kh, kw); head h owns rows h::heads.
+        cache: the layer's ``WeightCache``.
+        algorithm: one of ``ALGORITHMS`` or "auto" (timed once per case).
+
+    Returns:
+        (B, C', H', W'), equal to the training computation.
+    """
+    if algorithm == "auto":
+        algorithm = pick_algorithm(x, scores, index, weight, cache, stride, padding, dilation)
+    elif algorithm not in _FUNCTIONS:
+        raise ValueError(f"algorithm must be 'auto' or one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    elif not _applicable(algorithm, x, weight, padding):
+        raise ValueError(f"algorithm {algorithm!r} applies to 1x1 convolutions without padding only")
+    return _FUNCTIONS[algorithm](x, scores, index, weight, cache, stride, padding, dilation)

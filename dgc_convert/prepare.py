@@ -1,0 +1,106 @@
+"""Get a model ready to serve: fold BatchNorm into the convolution before it,
+arrange DGC weights for gathering, switch to eval mode.
+
+Folding is valid for DGC layers too: BatchNorm scales and shifts each output
+channel, and a DGC layer gates input channels, so the per-output-channel
+affine map moves into the filters and bias unchanged. Which BatchNorm follows
+which convolution is read from a ``torch.fx`` trace (DGC layers are leaves);
+a model that cannot be traced keeps its BatchNorms, and the report says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+from dgc_convert.layer import DGCConv2d
+
+__all__ = ["InferenceReport", "prepare_for_inference", "fold_batchnorm"]
+
+
+@dataclass
+class InferenceReport:
+    """What ``prepare_for_inference`` did: folded (conv, batchnorm) pairs, and why not more."""
+
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    not_folded: list[tuple[str, str]] = field(default_factory=list)  # (batchnorm name, reason)
+    dgc_layers: int = 0
+    trace_error: str | None = None
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, DGCConv2d) or super().is_leaf_module(module, qualified_name)
+
+
+@torch.no_grad()
+def fold_batchnorm(conv: nn.Conv2d | DGCConv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode ``bn`` that directly follows ``conv`` into its weight and bias, in place."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.weight.mul_(scale.to(conv.weight.dtype).view(-1, 1, 1, 1))
+    new_bias = (bias - bn.running_mean) * scale + shift
+    if conv.bias is None:
+        conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+    else:
+        conv.bias.copy_(new_bias)
+
+
+def _parent_and_name(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = qualified.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _foldable_pairs(model: nn.Module, report: InferenceReport) -> list[tuple[str, str]]:
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as error:  # tracing arbitrary models fails in many ways; folding is optional
+        report.trace_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return []
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        bn = modules[node.target]
+        source = node.args[0] if node.args else None
+        conv = modules.get(source.target) if isinstance(source, torch.fx.Node) and source.op == "call_module" else None
+        if not isinstance(conv, (nn.Conv2d, DGCConv2d)) or (isinstance(conv, nn.Conv2d) and type(conv).forward is not nn.Conv2d.forward):
+            report.not_folded.append((node.target, "does not directly follow a convolution"))
+        elif len(source.users) != 1:
+            report.not_folded.append((node.target, f"{source.target}'s output is also used elsewhere"))
+        elif calls[node.target] != 1 or calls[source.target] != 1:
+            report.not_folded.append((node.target, "module called more than once"))
+        elif not bn.track_running_stats or bn.running_var is None:
+            report.not_folded.append((node.target, "no running statistics"))
+        else:
+            pairs.append((source.target, node.target))
+    return pairs
+
+
+def prepare_for_inference(model: nn.Module) -> InferenceReport:
+    """Prepare ``model`` for serving, in place: eval mode, BatchNorm folded into
+    the convolutions (dense and DGC) they follow, DGC weights pre-arranged for
+    the sparse inference path. Outputs equal the unprepared model's in eval
+    mode (up to float rounding). Train again only after rebuilding the model.
+    """
+    model.eval()
+    report = InferenceReport()
+    for conv_name, bn_name in _foldable_pairs(model, report):
+        fold_batchnorm(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        parent, child = _parent_and_name(model, bn_name)
+        setattr(parent, child, nn.Identity())
+        report.folded.append((conv_name, bn_name))
+    for module in model.modules():
+        if isinstance(module, DGCConv2d):
+            module._weight_cache.get(module.weight, module.heads)
+            report.dgc_layers += 1
+    return report
