@@ -316,6 +316,9 @@ class DGCConv2d(nn.Module):
 
     def _sparse_forward(self, x: Tensor) -> Tensor:
         """Eval mode: gather and convolve only the kept channels (equal to the training computation)."""
+        # Every algorithm gathers channels as rows of an NCHW tensor: convert a
+        # channels-last input once, here.
+        x = x.contiguous()
         scores = self.saliency(x)
         self._last_sparsity = scores.mean(dim=(0, 2)).sum()
         kept_scores, index = scores.topk(self.kept_channels, dim=2, sorted=False)
