@@ -22,6 +22,8 @@ from dgc_convert.zoo import ModelInfo, create_model, list_models
 from dgc_convert.recipe import Recipe, load_recipe
 from dgc_convert.schedule import Schedule
 from dgc_convert.train import EpochMetrics, TrainingDiverged, TrainResult, train
+from dgc_convert.prepare import InferenceReport, prepare_for_inference
+from dgc_convert.bench import BenchResult, benchmark
 
 __all__ = [
     "DGCConv2d",
@@ -54,5 +56,9 @@ __all__ = [
     "TrainResult",
     "EpochMetrics",
     "TrainingDiverged",
+    "prepare_for_inference",
+    "InferenceReport",
+    "benchmark",
+    "BenchResult",
     "__version__",
 ]
