@@ -24,6 +24,7 @@ from dgc_convert.schedule import Schedule
 from dgc_convert.train import EpochMetrics, TrainingDiverged, TrainResult, train
 from dgc_convert.prepare import InferenceReport, prepare_for_inference
 from dgc_convert.bench import BenchResult, benchmark
+from dgc_convert.serialize import LoadError, load, save
 
 __all__ = [
     "DGCConv2d",
@@ -60,5 +61,8 @@ __all__ = [
     "InferenceReport",
     "benchmark",
     "BenchResult",
+    "save",
+    "load",
+    "LoadError",
     "__version__",
 ]

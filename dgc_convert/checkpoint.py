@@ -132,7 +132,12 @@ def save_checkpoint(
     temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
-    metadata = {"format": CHECKPOINT_FORMAT, "checkpoint_id": checkpoint_id, "dgc_convert_version": __version__}
+    metadata = {"checkpoint_id": checkpoint_id, "dgc_convert_version": __version__}
+    if getattr(model, "dgc_model_info", None) is not None:
+        # The same metadata as ``dgc_convert.save``: ``load`` opens trainer checkpoints.
+        from dgc_convert.serialize import model_metadata
+
+        metadata.update(model_metadata(model, state.get("image_size")))
     if "recipe" in state:
         metadata["recipe"] = json.dumps(state["recipe"])
     for key in ("num_classes", "image_size"):

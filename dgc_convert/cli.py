@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 
 from dgc_convert import __version__
 from dgc_convert.errors import DGCConvertError
-from dgc_convert.render import error_console, print_conversion, print_json, print_model_list
+from dgc_convert.render import error_console, output_console, print_conversion, print_json, print_model_list
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -95,6 +95,7 @@ def convert_command(
     source: Optional[str] = typer.Option(None, "--source", help="auto, timm or torchvision (default auto)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Take model and convert settings from a recipe; options given here win."),
     check: bool = typer.Option(False, "--check", help="Verify the converted model equals the original at zeta 0 with unit scores."),
+    save_path: Optional[Path] = typer.Option(None, "--save", help="Write the converted (untrained) model to FILE.safetensors; dgc_convert.load opens it."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
 ) -> None:
     from dgc_convert.recipe import ConvertSection, ModelSection, load_recipe
@@ -118,10 +119,17 @@ def convert_command(
     model_settings.update({k: v for k, v in {"source": source, "input_size": input_size}.items() if v is not None})
 
     summary = summarize_conversion(model, **model_settings, **settings, check=check)
+    saved = None
+    if save_path is not None:
+        from dgc_convert.serialize import save
+
+        saved = save(summary.converted_model, save_path, input_size=summary.input_size)
     if json_output:
-        print_json(summary.to_dict())
+        print_json({**summary.to_dict(), **({"saved": str(saved)} if saved else {})})
     else:
         print_conversion(summary)
+        if saved:
+            output_console().print(f"saved to {saved} (load it with dgc_convert.load)", highlight=False)
 
 
 @app.command("list-models", help="List model names from timm and torchvision matching PATTERN (glob or substring).")
@@ -229,7 +237,7 @@ def train_command(
 @app.command("bench", help="Time MODEL (or a trained checkpoint) dense, as DGC computed densely, and on the DGC inference path.")
 @handles_errors
 def bench_command(
-    model: str = typer.Argument(..., help="Model name, or a checkpoint (a run's last/ or best/ directory, or its model.safetensors)."),
+    model: str = typer.Argument(..., help="Model name, or a saved model: a .safetensors file from --save or dgc_convert.save, or a training run's last/ or best/ directory."),
     heads: Optional[int] = typer.Option(None, "--heads", help="Heads per converted layer (default 4; model names only)."),
     zeta: Optional[float] = typer.Option(None, "--zeta", help="Pruning ratio (default 0.5; model names only)."),
     squeeze_ratio: Optional[float] = typer.Option(None, "--squeeze-ratio", help="Saliency squeeze ratio d (default 16)."),
@@ -255,6 +263,41 @@ def bench_command(
         print_json(result.to_dict())
     else:
         print_bench(result, layer_rows=layers)
+
+
+@app.command("eval", help="Evaluate a saved model on a data set: top-1/top-5 and the MACs per sample it really spent.")
+@handles_errors
+def eval_command(
+    file: Path = typer.Argument(..., help="A saved model (.safetensors) or a training run's last/ or best/ directory."),
+    data: str = typer.Option(..., "--data", help="A recipe file (its data section) or a data set: digits, synthetic, cifar10, cifar100, imagefolder."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Data directory for cifar10/cifar100/imagefolder."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per forward."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
+    from dgc_convert.data import build_data
+    from dgc_convert.evaluate import evaluate
+    from dgc_convert.recipe import DataSection, load_recipe
+    from dgc_convert.render import print_eval
+    from dgc_convert.serialize import load
+
+    model = load(file)
+    info = model.dgc_model_info
+    if Path(data).suffix in (".yaml", ".yml") or Path(data).is_file():
+        section = load_recipe(data).data
+    else:
+        try:
+            section = DataSection(dataset=data, root=str(root) if root else None)
+        except ValueError as error:  # pydantic: unknown data set, or a missing root
+            lines = str(error).splitlines()
+            message = (lines[-2] if len(lines) > 1 else lines[0]).strip().removeprefix("Value error, ")
+            _fail(f"--data {data!r}: {message.split(' [type=')[0]}")
+    bundle = build_data(section.model_copy(update={"augmentation": "none"}), image_size=info.input_size[-1],
+                        num_classes=info.num_classes, seed=0, model=model)
+    report = evaluate(model, bundle.val, batch_size=batch_size, input_size=info.input_size)
+    if json_output:
+        print_json({"model": str(file), "data": section.dataset, **report.to_dict()})
+    else:
+        print_eval(report, str(file), section.dataset)
 
 
 def main() -> None:

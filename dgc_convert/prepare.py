@@ -103,4 +103,5 @@ def prepare_for_inference(model: nn.Module) -> InferenceReport:
         if isinstance(module, DGCConv2d):
             module._weight_cache.get(module.weight, module.heads)
             report.dgc_layers += 1
+    model.dgc_prepared_for_inference = True  # ``save`` refuses: folded BatchNorms cannot be rebuilt by name
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -12,7 +13,8 @@ from rich.table import Table
 from dgc_convert.summary import ConversionSummary
 
 __all__ = [
-    "format_macs", "print_json", "print_conversion", "print_model_list", "print_recipe", "print_bench", "error_console",
+    "format_macs", "print_json", "print_conversion", "print_model_list", "print_recipe", "print_bench", "print_eval",
+    "error_console",
     "TrainProgress",
 ]
 
@@ -29,9 +31,19 @@ def _count(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,.0f}"
 
 
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    """Write ``data`` as JSON to stdout and nothing else."""
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    """Write ``data`` as JSON to stdout and nothing else (NaN and infinities become null: strict JSON)."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -258,4 +270,26 @@ def print_bench(result: Any, console: Console | None = None, layer_rows: int | N
         f"DGC inference path {result.dgc_ms:.2f} ms: [bold]{result.speedup:.2f}x[/bold] dense speed at "
         f"{result.mac_ratio:.2f} of its MACs ({format_macs(result.dgc_macs)} vs {format_macs(result.dense_macs)} "
         f"per sample); {realised} of the theoretical saving realised", highlight=False,
+    )
+
+
+def print_eval(report: Any, name: str, dataset: str, console: Console | None = None) -> None:
+    """Accuracy, static vs realised MACs per sample, and the per-layer table of ``dgc-convert eval``."""
+    console = console or output_console()
+    top5 = f" (top-5 {report.top5:.2f}%)" if report.top5 is not None else ""
+    console.print(f"[bold]{name}[/bold] on {dataset}: {report.samples} samples, top-1 {report.top1:.2f}%{top5}, "
+                  f"loss {report.loss:.4f}", highlight=False)
+    if report.layers:
+        table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+        for column in ("layer", "static MACs", "realised mean", "p5", "p95", "nonzero kept"):
+            table.add_column(column, justify="left" if column == "layer" else "right")
+        for row in report.layers:
+            p = row.realised_percentiles
+            table.add_row(row.name, format_macs(row.static_macs), format_macs(row.realised_mean), format_macs(p["p5"]),
+                          format_macs(p["p95"]), f"{row.nonzero_kept_fraction * 100:.1f}%")
+        console.print(table)
+    p = report.realised_percentiles
+    console.print(
+        f"MACs per sample: static {format_macs(report.static_macs)}, realised mean {format_macs(report.realised_mean)} "
+        f"(p5 {format_macs(p['p5'])}, median {format_macs(p['p50'])}, p95 {format_macs(p['p95'])})", highlight=False,
     )

@@ -1,0 +1,163 @@
+"""Save and load converted models: one safetensors file, never a pickle.
+
+``save(model, path)`` writes the weights (``zeta_t`` buffers included) and,
+in the file's metadata, everything needed to rebuild the model: its name and
+library, class count, input size, the conversion of every DGC layer (heads,
+squeeze ratio, zeta, zeta_t), and the dgc-convert and torch versions.
+``load(path)`` rebuilds the model from timm or torchvision by name,
+re-applies the conversion, loads the weights and checks that every tensor
+matched. The trainer's ``last``/``best`` checkpoints carry the same metadata,
+so ``load`` opens them too (a checkpoint directory or its ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from dgc_convert import __version__
+from dgc_convert.errors import DGCConvertError, UnknownModelError
+from dgc_convert.surgery import convert, dgc_layers
+from dgc_convert.zoo import create_model
+
+__all__ = ["MODEL_FORMAT", "LoadError", "model_metadata", "save", "load", "read_metadata"]
+
+MODEL_FORMAT = "dgc-convert-model/1"
+_FORMAT_NAME, _FORMAT_VERSION = MODEL_FORMAT.rsplit("/", 1)
+
+
+class LoadError(DGCConvertError):
+    """A model file that cannot be loaded; the message names the file and the reason."""
+
+
+def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = None) -> dict[str, str]:
+    """The safetensors metadata (str -> str) that lets ``load`` rebuild ``model``.
+
+    ``model`` must come from ``dgc_convert.create_model`` (which records the
+    name and library to rebuild it from).
+    """
+    info = getattr(model, "dgc_model_info", None)
+    if info is None:
+        raise DGCConvertError(
+            "save needs a model built by dgc_convert.create_model: it records the name and library to rebuild it from"
+        )
+    layers = [
+        {"name": name, "heads": layer.heads, "squeeze_ratio": layer.squeeze_ratio, "zeta": layer.zeta,
+         "zeta_t": layer.zeta_t.item()}
+        for name, layer in dgc_layers(model)
+    ]
+    size = input_size if input_size is not None else info.input_size
+    size = [int(v) for v in ((3, size, size) if isinstance(size, int) else size)]
+    return {
+        "format": MODEL_FORMAT,
+        "model": info.name,
+        "library": info.library,
+        "num_classes": json.dumps(info.num_classes),
+        "input_size": json.dumps(size),
+        "conversion": json.dumps(layers),
+        "dgc_convert_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def save(model: nn.Module, path: str | Path, *, input_size: int | tuple[int, ...] | None = None) -> Path:
+    """Write ``model`` to one ``.safetensors`` file (weights + rebuild metadata); returns the path."""
+    path = Path(path)
+    if getattr(model, "dgc_prepared_for_inference", False):
+        raise DGCConvertError("save the model before prepare_for_inference: folded BatchNorms cannot be rebuilt by name")
+    metadata = model_metadata(model, input_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_model(model, str(temporary), metadata=metadata)
+    temporary.replace(path)
+    return path
+
+
+def _weights_file(path: Path) -> Path:
+    if path.is_dir():
+        candidate = path / "model.safetensors"
+        if not candidate.is_file():
+            raise LoadError(f"{path}: a directory without model.safetensors")
+        return candidate
+    if not path.exists():
+        raise LoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise LoadError(f"{path}: not a file")
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a model file (or checkpoint directory), checked to be ours and not newer than this version."""
+    file = _weights_file(Path(path))
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise LoadError(f"{file}: not a readable safetensors file ({detail})") from None
+    fmt = metadata.get("format", "")
+    if not fmt.startswith(_FORMAT_NAME + "/") or "conversion" not in metadata:
+        raise LoadError(f"{file}: no dgc-convert model metadata (format {fmt or 'missing'!r}); it cannot be rebuilt by name")
+    version = fmt.rsplit("/", 1)[1]
+    if not version.isdigit() or int(version) > int(_FORMAT_VERSION):
+        raise LoadError(
+            f"{file}: written in format {fmt}, newer than this dgc-convert ({__version__}) reads ({MODEL_FORMAT}); upgrade dgc-convert"
+        )
+    return metadata
+
+
+def _field(metadata: dict[str, str], key: str, file: Path) -> Any:
+    try:
+        return json.loads(metadata[key])
+    except (KeyError, json.JSONDecodeError):
+        raise LoadError(f"{file}: metadata field {key!r} is missing or not valid JSON") from None
+
+
+def load(path: str | Path) -> nn.Module:
+    """Rebuild and load a model saved by ``save`` or by the trainer, in eval mode.
+
+    Raises:
+        LoadError: not a file, not safetensors, truncated, missing or newer
+            metadata, a model this environment cannot build, or tensors that
+            do not match. Nothing is ever unpickled.
+    """
+    file = _weights_file(Path(path))
+    metadata = read_metadata(file)
+    layers = _field(metadata, "conversion", file)
+    num_classes = _field(metadata, "num_classes", file)
+    name, library = metadata.get("model", ""), metadata.get("library", "auto")
+    try:
+        model = create_model(name, source=library, num_classes=num_classes)
+    except UnknownModelError as error:
+        raise LoadError(f"{file}: cannot rebuild {library} model {name!r} here ({error})") from None
+    if layers:
+        overrides = {glob.escape(layer["name"]): {k: layer[k] for k in ("heads", "squeeze_ratio", "zeta")} for layer in layers}
+        try:
+            convert(model, include=list(overrides), overrides=overrides, min_channels=1)
+        except DGCConvertError as error:
+            raise LoadError(f"{file}: the saved conversion does not apply to {name}: {error}") from None
+        rebuilt = {n for n, _ in dgc_layers(model)}
+        missing = [layer["name"] for layer in layers if layer["name"] not in rebuilt]
+        if missing:
+            raise LoadError(f"{file}: layer {missing[0]} could not be converted again in {name}")
+    try:
+        missing_keys, unexpected = load_model(model, str(file), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error) else type(error).__name__
+        raise LoadError(f"{file}: tensors do not match the rebuilt {name}: {detail[:300]}") from None
+    if missing_keys or unexpected:
+        what = f"missing {missing_keys[0]}" if missing_keys else f"unexpected {unexpected[0]}"
+        count = len(missing_keys) + len(unexpected)
+        raise LoadError(f"{file}: tensors do not match the rebuilt {name}: {what} ({count} keys differ)")
+    size = _field(metadata, "input_size", file)
+    model.dgc_model_info = type(model.dgc_model_info)(
+        model.dgc_model_info.name, model.dgc_model_info.library, tuple(size), num_classes, False
+    )
+    return model.eval()

@@ -1,0 +1,157 @@
+"""save / load: one safetensors file, rebuilt by name, every failure one clear line, no pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from dgc_convert import convert, create_model, set_zeta
+from dgc_convert.cli import app
+from dgc_convert.serialize import LoadError, load, save
+
+
+def _round_trip(tmp_path, name, size, **settings):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7)
+    convert(model, **settings)
+    set_zeta(model, fraction=0.6)  # a zeta_t between 0 and the target must survive
+    model.eval()
+    path = save(model, tmp_path / f"{name.replace(':', '_')}.safetensors", input_size=size)
+    loaded = load(path)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    saved = {n: l.zeta_t.item() for n, l in model.named_modules() if hasattr(l, "zeta_t")}
+    assert saved == {n: l.zeta_t.item() for n, l in loaded.named_modules() if hasattr(l, "zeta_t")}
+    assert loaded.dgc_model_info.input_size == (3, size, size) and loaded.dgc_model_info.num_classes == 7
+    return path
+
+
+@pytest.mark.parametrize("name, size, settings", [
+    ("resnet18", 32, {"zeta": 0.5, "overrides": {"layer4.*": {"zeta": 0.75, "heads": 2}}}),
+    ("densenet121", 32, {"include": ["features.denseblock*.denselayer*.conv1"]}),
+    ("timm:efficientnet_b0", 32, {"heads": 2, "min_channels": 24}),
+])
+def test_round_trip_gives_the_same_outputs(tmp_path, name, size, settings):
+    path = _round_trip(tmp_path, name, size, **settings)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == "dgc-convert-model/1" and metadata["torch_version"] == torch.__version__
+    assert all({"name", "heads", "squeeze_ratio", "zeta", "zeta_t"} <= set(layer) for layer in json.loads(metadata["conversion"]))
+
+
+def test_trainer_checkpoints_load(tmp_path):
+    from dgc_convert.recipe import recipe_from_dict
+    from dgc_convert.train import train
+
+    result = train(recipe_from_dict({
+        "model": {"name": "resnet18"}, "convert": {"zeta": 0.5},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 0.02},
+        "data": {"dataset": "synthetic", "synthetic_size": 32, "image_size": 32, "augmentation": "none"},
+        "output": {"directory": str(tmp_path / "run")},
+    }))
+    x = torch.randn(2, 3, 32, 32)
+    result.model.eval()
+    with torch.no_grad():
+        expected = result.model(x)
+        for target in (tmp_path / "run" / "best", tmp_path / "run" / "last" / "model.safetensors"):
+            model = load(target)
+            assert model.dgc_model_info.input_size == (3, 32, 32)
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10)
+    convert(model)
+    return save(model, tmp_path_factory.mktemp("saved") / "r18.safetensors", input_size=32)
+
+
+def _rewrite(source, target, **changes):
+    from safetensors import safe_open
+
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    metadata.update(changes)
+    metadata = {k: v for k, v in metadata.items() if v is not None}
+    save_file(load_file(str(source)), str(target), metadata=metadata)
+    return target
+
+
+def test_each_load_error_is_one_clear_line(tmp_path, saved):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"this is not a safetensors file at all")
+    (tmp_path / "empty_dir").mkdir()
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    cases = [
+        (tmp_path / "nope.safetensors", "no such file"),
+        (tmp_path / "empty_dir", "a directory without model.safetensors"),
+        (junk, "not a readable safetensors file"),
+        (truncated, "not a readable safetensors file"),
+        (plain, "no dgc-convert model metadata"),
+        (_rewrite(saved, tmp_path / "newer.safetensors", format="dgc-convert-model/9"), "newer than this dgc-convert"),
+        (_rewrite(saved, tmp_path / "unknown.safetensors", model="resnet_from_the_future"), "cannot rebuild torchvision model 'resnet_from_the_future'"),
+        (_rewrite(saved, tmp_path / "classes.safetensors", num_classes="5"), "tensors do not match the rebuilt resnet18"),
+        (_rewrite(saved, tmp_path / "layers.safetensors", conversion=json.dumps([])), "tensors do not match the rebuilt resnet18"),
+        (_rewrite(saved, tmp_path / "nojson.safetensors", conversion="[oops"), "metadata field 'conversion'"),
+    ]
+    for path, message in cases:
+        with pytest.raises(LoadError) as caught:
+            load(path)
+        text = str(caught.value)
+        assert message in text and str(path.name) in text and "\n" not in text, (path.name, text)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    _Payload.marker = marker
+    evil = tmp_path / "model.safetensors"
+    torch.save({"weights": payload}, evil)  # a pickle, as torch.save writes
+    with pytest.raises(LoadError, match="not a readable safetensors file"):
+        load(evil)
+    assert not marker.exists()
+    result = CliRunner().invoke(app, ["bench", str(evil)])
+    assert result.exit_code == 2 and not marker.exists()
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_save_then_bench_the_file(tmp_path):
+    runner = CliRunner()
+    target = tmp_path / "r18.safetensors"
+    converted = runner.invoke(app, ["resnet18", "--input-size", "32", "--zeta", "0.75", "--save", str(target)])
+    assert converted.exit_code == 0 and f"saved to {target}" in converted.stdout
+    model = load(target)
+    assert {layer.zeta for _, layer in __import__("dgc_convert").dgc_layers(model)} == {0.75}
+    benched = runner.invoke(app, ["bench", str(target), "--repeats", "2", "--warmup", "1", "--json"])
+    assert benched.exit_code == 0, benched.output
+    assert json.loads(benched.stdout)["input_size"] == [3, 32, 32]
+
+
+def test_models_not_from_create_model_or_prepared_are_refused(tmp_path):
+    from dgc_convert.errors import DGCConvertError
+    from dgc_convert.prepare import prepare_for_inference
+
+    with pytest.raises(DGCConvertError, match="needs a model built by dgc_convert.create_model"):
+        save(torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3)), tmp_path / "x.safetensors")
+    model = create_model("resnet18", num_classes=3)
+    convert(model)
+    prepare_for_inference(model)
+    with pytest.raises(DGCConvertError, match="before prepare_for_inference"):
+        save(model, tmp_path / "y.safetensors")
