@@ -265,19 +265,10 @@ def bench_command(
         print_bench(result, layer_rows=layers)
 
 
-@app.command("eval", help="Evaluate a saved model on a data set: top-1/top-5 and the MACs per sample it really spent.")
-@handles_errors
-def eval_command(
-    file: Path = typer.Argument(..., help="A saved model (.safetensors) or a training run's last/ or best/ directory."),
-    data: str = typer.Option(..., "--data", help="A recipe file (its data section) or a data set: digits, synthetic, cifar10, cifar100, imagefolder."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Data directory for cifar10/cifar100/imagefolder."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per forward."),
-    json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
-) -> None:
+def _model_and_held_out(file: Path, data: str, root: Optional[Path]):
+    """The saved model at FILE and the held-out split of --data (a recipe file or a data set name)."""
     from dgc_convert.data import build_data
-    from dgc_convert.evaluate import evaluate
     from dgc_convert.recipe import DataSection, load_recipe
-    from dgc_convert.render import print_eval
     from dgc_convert.serialize import load
 
     model = load(file)
@@ -293,11 +284,75 @@ def eval_command(
             _fail(f"--data {data!r}: {message.split(' [type=')[0]}")
     bundle = build_data(section.model_copy(update={"augmentation": "none"}), image_size=info.input_size[-1],
                         num_classes=info.num_classes, seed=0, model=model)
+    return model, section, bundle
+
+
+_DATA_HELP = "A recipe file (its data section) or a data set: digits, synthetic, cifar10, cifar100, imagefolder."
+
+
+@app.command("eval", help="Evaluate a saved model on a data set: top-1/top-5 and the MACs per sample it really spent.")
+@handles_errors
+def eval_command(
+    file: Path = typer.Argument(..., help="A saved model (.safetensors) or a training run's last/ or best/ directory."),
+    data: str = typer.Option(..., "--data", help=_DATA_HELP),
+    root: Optional[Path] = typer.Option(None, "--root", help="Data directory for cifar10/cifar100/imagefolder."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per forward."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
+    from dgc_convert.evaluate import evaluate
+    from dgc_convert.render import print_eval
+
+    model, section, bundle = _model_and_held_out(file, data, root)
+    info = model.dgc_model_info
     report = evaluate(model, bundle.val, batch_size=batch_size, input_size=info.input_size)
     if json_output:
         print_json({"model": str(file), "data": section.dataset, **report.to_dict()})
     else:
         print_eval(report, str(file), section.dataset)
+
+
+@app.command("inspect", help="How often each head keeps each input channel over a data set: PNG heat maps and a JSON summary.")
+@handles_errors
+def inspect_command(
+    file: Path = typer.Argument(..., help="A saved model (.safetensors) or a training run's last/ or best/ directory."),
+    data: str = typer.Option(..., "--data", help=_DATA_HELP),
+    out: Path = typer.Option(..., "--out", help="Directory for the heat maps (one PNG per layer) and summary.json."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Data directory for cifar10/cifar100/imagefolder."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per forward."),
+) -> None:
+    from dgc_convert.gate_usage import channel_usage, write_heatmaps, write_summary
+
+    model, section, bundle = _model_and_held_out(file, data, root)
+    usage = channel_usage(model, bundle.val, batch_size=batch_size)
+    images = write_heatmaps(usage, out)
+    summary = write_summary(usage, out / "summary.json", model=str(file), data=section.dataset)
+    console = output_console()
+    console.print(f"{len(images)} heat maps in {out}/ (heads x input channels, keep frequency over "
+                  f"{usage[0].samples if usage else 0} samples); summary: {summary}", highlight=False)
+    for layer in usage:
+        for head, reason in layer.collapsed:
+            console.print(f"[yellow]collapsed[/yellow]: {layer.name} head {head}: {reason}", highlight=False)
+
+
+@app.command("export", help="Export a saved model to ONNX with its dynamic gating (TopK, ScatterElements) and check it with onnxruntime.")
+@handles_errors
+def export_command(
+    file: Path = typer.Argument(..., help="A saved model (.safetensors) or a training run's last/ or best/ directory."),
+    onnx: Path = typer.Option(..., "--onnx", help="Where to write the .onnx file."),
+    opset: int = typer.Option(18, "--opset", min=13, help="ONNX opset."),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest max |onnxruntime - torch|, relative to the output scale."),
+) -> None:
+    from dgc_convert.export import export_onnx
+    from dgc_convert.serialize import load
+
+    report = export_onnx(load(file), onnx, opset=opset, tolerance=tolerance)
+    ops = ", ".join(f"{count} {op}" for op, count in sorted(report.gating_ops.items()))
+    diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in report.max_abs_diff.items())
+    console = output_console()
+    console.print(f"wrote {report.path} (opset {report.opset}; gating kept: {ops or 'no DGC layers'})", highlight=False)
+    console.print(f"onnxruntime vs PyTorch max |difference|: {diffs} (tolerance {report.tolerance:.1e})", highlight=False)
+    if not report.passed:
+        _fail(f"{report.path}: onnxruntime output differs from PyTorch beyond tolerance ({diffs})", EXIT_RUN_FAILED)
 
 
 def main() -> None:

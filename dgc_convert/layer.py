@@ -23,6 +23,12 @@ from dgc_convert.inference import WeightCache, pick_algorithm, sparse_conv2d
 __all__ = ["DGCConv2d", "SaliencyGenerator", "Gates", "kept_channel_count", "static_padding"]
 
 
+def _exporting() -> bool:
+    """True while torch.export / torch.onnx trace the model."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(getattr(compiler, "is_exporting", lambda: False)() or torch.onnx.is_in_onnx_export())
+
+
 def kept_channel_count(in_channels: int, zeta: float) -> int:
     """Number of input channels each head keeps at pruning ratio ``zeta``.
 
@@ -280,17 +286,25 @@ class DGCConv2d(nn.Module):
             return x.new_ones(x.shape[0], self.heads, self.in_channels)
         return self.saliency_generator(x)
 
-    def selection_mask(self, scores: Tensor) -> Tensor:
-        """Boolean mask (batch, heads, in_channels): the ``k`` top-scoring channels per head.
+    def select(self, scores: Tensor) -> Tensor:
+        """Indices (batch, heads, k) of the ``k`` top-scoring channels per head.
 
-        Selection uses the detached scores and ``torch.topk``, so exactly
-        ``k`` channels are kept even when scores tie.
+        Exactly ``k``, and the same set in training, every inference algorithm
+        and ONNX: equal scores are broken towards the lower channel index (ONNX
+        TopK's rule; ``torch.topk`` leaves ties unspecified). The key is the
+        score in float64 scaled by ``1 - c * 2**-40``, which orders equal
+        scores by channel and never reorders distinct float32/bf16 ones (they
+        differ by at least 2**-24 relatively). Uses the detached scores.
         """
-        k = self.kept_channels
-        if k >= self.in_channels:
+        channel = torch.arange(scores.shape[2], device=scores.device, dtype=torch.float64)
+        key = scores.detach().double() * (1.0 - channel * 2.0**-40)
+        return key.topk(self.kept_channels, dim=2, sorted=False).indices
+
+    def selection_mask(self, scores: Tensor) -> Tensor:
+        """Boolean mask (batch, heads, in_channels): the ``k`` channels ``select`` keeps per head."""
+        if self.kept_channels >= self.in_channels:
             return torch.ones_like(scores, dtype=torch.bool)
-        index = scores.detach().topk(k, dim=2, sorted=False).indices
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(2, index, True)
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(2, self.select(scores), True)
 
     def gates(self, x: Tensor) -> Gates:
         """Scores and kept-channel mask for input ``x``."""
@@ -304,12 +318,35 @@ class DGCConv2d(nn.Module):
         return self._last_sparsity
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.training and (self.inference_algorithm == "export" or _exporting()):
+            return self._export_forward(x)
         if not self.training and self.inference_algorithm != "masked":
             return self._sparse_forward(x)
         scores, mask = self.gates(x)
         self._last_sparsity = scores.mean(dim=(0, 2)).sum()
         gate = scores * mask if self.kept_channels < self.in_channels else scores
         out = gated_conv2d(x, gate, self.weight, self.stride, self.padding, self.dilation)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
+        return out
+
+    def _export_forward(self, x: Tensor) -> Tensor:
+        """Graph-friendly eval computation for ONNX and torch.export: TopK on the
+        scores, ScatterElements into per-head gates, one grouped Conv over the
+        heads' gated copies, and the channel shuffle as Reshape/Transpose. No
+        Python loops, no timing, no cached weight arrangements; equal to the
+        other paths."""
+        batch, channels = x.shape[0], x.shape[1]
+        heads, per_head = self.heads, self.out_channels // self.heads
+        scores = self.saliency(x)
+        index = self.select(scores)
+        gate = torch.zeros_like(scores).scatter(2, index, scores.gather(2, index))
+        copies = (x.unsqueeze(1) * gate.unsqueeze(-1).unsqueeze(-1)).reshape(batch, heads * channels, x.shape[2], x.shape[3])
+        grouped = self.weight.reshape(per_head, heads, channels, *self.kernel_size).transpose(0, 1)
+        grouped = grouped.reshape(self.out_channels, channels, *self.kernel_size)
+        out = torch.nn.functional.conv2d(copies, grouped, None, self.stride, self.padding, self.dilation, heads)
+        out = out.reshape(batch, heads, per_head, out.shape[2], out.shape[3]).transpose(1, 2)
+        out = out.reshape(batch, self.out_channels, out.shape[3], out.shape[4])
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out
@@ -321,8 +358,8 @@ class DGCConv2d(nn.Module):
         x = x.contiguous()
         scores = self.saliency(x)
         self._last_sparsity = scores.mean(dim=(0, 2)).sum()
-        kept_scores, index = scores.topk(self.kept_channels, dim=2, sorted=False)
-        args = (x, kept_scores, index, self.weight, self._weight_cache, self.stride, self.padding, self.dilation)
+        index = self.select(scores)
+        args = (x, scores.gather(2, index), index, self.weight, self._weight_cache, self.stride, self.padding, self.dilation)
         algorithm = self.inference_algorithm
         if algorithm == "auto":
             algorithm = pick_algorithm(*args)

@@ -176,3 +176,18 @@ def test_bench_opens_a_trainer_checkpoint(tmp_path):
         assert data["input_size"] == [3, 32, 32] and data["mac_ratio"] < 0.6
     refused = runner.invoke(app, ["bench", str(tmp_path / "run" / "best"), "--zeta", "0.3"])
     assert refused.exit_code == 2 and "applies to model names" in refused.stderr
+
+
+def test_ties_are_broken_towards_the_lower_channel_in_every_path():
+    layer = DGCConv2d(16, 8, 3, padding=1, heads=2, zeta=0.5)
+    with torch.no_grad():
+        layer.saliency_generator.reduce.zero_()  # hidden units all zero: every score equals beta = 1
+    x = torch.randn(3, 16, 6, 6)
+    mask = layer.gates(x).mask
+    assert mask[..., :8].all() and not mask[..., 8:].any()
+    reference = layer(x).detach()
+    layer.eval()
+    with torch.no_grad():
+        for algorithm in ("gather_conv", "gather_bmm", "stacked", "masked", "export"):
+            layer.inference_algorithm = algorithm
+            torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5, msg=algorithm)

@@ -1,0 +1,121 @@
+"""Which input channels each head keeps, over a data set: frequencies, heat maps, collapse flags.
+
+For every DGC layer and head, the fraction of samples in which each input
+channel is among the kept ``k`` (the paper's figure of pruning
+probabilities). A head whose gates have collapsed is flagged: one that keeps
+the same channels for every sample (no dynamic choice left), or whose scores
+are all zero (it contributes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from dgc_convert.surgery import dgc_layers
+
+__all__ = ["LayerChannelUsage", "channel_usage", "write_heatmaps", "write_summary"]
+
+
+@dataclass
+class LayerChannelUsage:
+    """One layer: ``frequency`` (heads, in_channels) in [0, 1], and the heads flagged as collapsed."""
+
+    name: str
+    heads: int
+    in_channels: int
+    kept: int
+    samples: int
+    frequency: Tensor
+    collapsed: list[tuple[int, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the JSON summary (frequencies rounded to 4 places)."""
+        return {
+            "name": self.name, "heads": self.heads, "in_channels": self.in_channels, "kept": self.kept,
+            "samples": self.samples, "frequency": [[round(v, 4) for v in row] for row in self.frequency.tolist()],
+            "collapsed": [{"head": h, "reason": r} for h, r in self.collapsed],
+        }
+
+
+@torch.no_grad()
+def channel_usage(model: nn.Module, dataset: Dataset, *, batch_size: int = 64) -> list[LayerChannelUsage]:
+    """Keep frequencies of every DGC layer's heads over ``dataset`` (eval mode)."""
+    model.eval()
+    layers = dgc_layers(model)
+    counts = {name: torch.zeros(layer.heads, layer.in_channels, dtype=torch.float64) for name, layer in layers}
+    nonzero = {name: torch.zeros(layer.heads, dtype=torch.bool) for name, layer in layers}
+
+    def record(name: str, layer: nn.Module):
+        def hook(module: nn.Module, args: Any, scores: Tensor) -> None:
+            mask = layer.selection_mask(scores)
+            counts[name] += mask.sum(0).double().cpu()
+            nonzero[name] |= scores.gt(0).any(dim=2).any(dim=0).cpu()
+        return hook
+
+    handles = [layer.saliency_generator.register_forward_hook(record(name, layer)) for name, layer in layers]
+    samples = 0
+    try:
+        for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            model(images)
+            samples += images.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    usage = []
+    for name, layer in layers:
+        frequency = (counts[name] / max(samples, 1)).float()
+        collapsed = []
+        for head in range(layer.heads):
+            if not nonzero[name][head]:
+                collapsed.append((head, "scores all zero"))
+            elif layer.kept_channels < layer.in_channels and bool(((frequency[head] == 0) | (frequency[head] == 1)).all()):
+                collapsed.append((head, "keeps the same channels for every sample"))
+        usage.append(LayerChannelUsage(name, layer.heads, layer.in_channels, layer.kept_channels, samples, frequency, collapsed))
+    return usage
+
+
+def write_heatmaps(usage: list[LayerChannelUsage], directory: str | Path) -> list[Path]:
+    """One PNG per layer: heads x input channels, colour = keep frequency. Returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for layer in usage:
+        width = min(16.0, max(6.0, layer.in_channels / 16))
+        figure, axis = plt.subplots(figsize=(width, 1.2 + 0.45 * layer.heads))
+        image = axis.imshow(layer.frequency.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                            interpolation="nearest")
+        axis.set_xlabel("input channel")
+        axis.set_ylabel("head")
+        axis.set_yticks(range(layer.heads))
+        flags = f"; collapsed heads {[h for h, _ in layer.collapsed]}" if layer.collapsed else ""
+        axis.set_title(f"{layer.name}: keep frequency over {layer.samples} samples (k={layer.kept} of {layer.in_channels}){flags}",
+                       fontsize=9)
+        figure.colorbar(image, ax=axis, fraction=0.03, pad=0.01)
+        figure.tight_layout()
+        path = directory / f"{layer.name.replace('.', '_')}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def write_summary(usage: list[LayerChannelUsage], path: str | Path, **context: Any) -> Path:
+    """The JSON summary: context (model, data), then every layer's frequencies and collapse flags."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {**context, "layers": [layer.to_dict() for layer in usage],
+            "collapsed": [{"layer": layer.name, "head": h, "reason": r} for layer in usage for h, r in layer.collapsed]}
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    return path
