@@ -25,7 +25,8 @@ def reference_forward(layer: DGCConv2d, x: torch.Tensor, scores: torch.Tensor | 
     for b in range(x.shape[0]):
         out_b = [None] * layer.out_channels
         for i in range(layer.heads):
-            keep = scores[b, i].detach().topk(k).indices
+            # The k largest; equal scores go to the lower channel (stable sort).
+            keep = scores[b, i].detach().sort(descending=True, stable=True).indices[:k]
             y = x[b].index_select(0, keep) * scores[b, i].index_select(0, keep)[:, None, None]
             w = layer.weight[i :: layer.heads].index_select(1, keep)
             o = F.conv2d(y[None], w, None, layer.stride, layer.padding, layer.dilation)[0]
