@@ -260,6 +260,11 @@ class DGCConv2d(nn.Module):
         self._zeta_t_value = value
 
     @property
+    def zeta_t_value(self) -> float:
+        """The current pruning ratio as a Python float (no device sync, unlike reading ``zeta_t``)."""
+        return self._zeta_t_value
+
+    @property
     def kept_channels(self) -> int:
         """k: input channels each head keeps per sample at the current ``zeta_t``."""
         return kept_channel_count(self.in_channels, self._zeta_t_value)

@@ -50,7 +50,7 @@ def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = 
         )
     layers = [
         {"name": name, "heads": layer.heads, "squeeze_ratio": layer.squeeze_ratio, "zeta": layer.zeta,
-         "zeta_t": layer.zeta_t.item()}
+         "zeta_t": layer.zeta_t_value}
         for name, layer in dgc_layers(model)
     ]
     size = input_size if input_size is not None else info.input_size

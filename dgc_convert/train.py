@@ -58,6 +58,8 @@ __all__ = [
     "TrainControl",
     "TrainingDiverged",
     "build_model",
+    "create_for_recipe",
+    "convert_for_recipe",
     "resolve_image_size",
     "iterations_per_epoch",
     "is_main_process",
@@ -209,15 +211,23 @@ def resolve_image_size(recipe: Recipe, model_default: int | None = None) -> int:
     return 224
 
 
-def build_model(recipe: Recipe, num_classes: int | None = None) -> tuple[nn.Module, ConversionReport | None]:
-    """Build the recipe's model (``pretrained`` as the recipe says) and convert it unless ``convert.enabled`` is false."""
+def create_for_recipe(recipe: Recipe, num_classes: int | None = None) -> nn.Module:
+    """The recipe's model before conversion (``pretrained`` as the recipe says)."""
     classes = num_classes or recipe.model.num_classes
-    model = create_model(recipe.model.name, source=recipe.model.source, num_classes=classes, pretrained=recipe.model.pretrained)
+    return create_model(recipe.model.name, source=recipe.model.source, num_classes=classes, pretrained=recipe.model.pretrained)
+
+
+def convert_for_recipe(recipe: Recipe, model: nn.Module) -> ConversionReport | None:
+    """Convert ``model`` in place with the recipe's settings; None (untouched) when ``convert.enabled`` is false."""
     if not recipe.convert.enabled:
-        return model, None
-    settings = recipe.convert.model_dump(exclude={"enabled"})
-    report = convert(model, **settings)
-    return model, report
+        return None
+    return convert(model, **recipe.convert.model_dump(exclude={"enabled"}))
+
+
+def build_model(recipe: Recipe, num_classes: int | None = None) -> tuple[nn.Module, ConversionReport | None]:
+    """Build the recipe's model and convert it unless ``convert.enabled`` is false."""
+    model = create_for_recipe(recipe, num_classes)
+    return model, convert_for_recipe(recipe, model)
 
 
 class _SkipFirst(Sampler[int]):
@@ -337,13 +347,10 @@ class _Run:
             raise DataError(
                 f"model.num_classes={recipe.model.num_classes} but data.dataset={recipe.data.dataset} has {classes} classes"
             )
-        dense, _ = build_model(recipe.model_copy(update={"convert": recipe.convert.model_copy(update={"enabled": False})}), classes)
-        info = getattr(dense, "dgc_model_info", None)
-        self.image_size = resolve_image_size(recipe, info.input_size[-1] if info else None)
-        self.dense_macs = count_macs(dense, self.image_size).total_macs
-        del dense
-        torch.manual_seed(t.seed)  # the same initial weights as a model built alone
-        self.model, self.report = build_model(recipe, classes)
+        self.model = create_for_recipe(recipe, classes)
+        self.image_size = resolve_image_size(recipe, self.model.dgc_model_info.input_size[-1])
+        self.dense_macs = count_macs(self.model, self.image_size).total_macs  # before conversion: the baseline
+        self.report = convert_for_recipe(recipe, self.model)
         self.data = build_data(recipe.data, image_size=self.image_size, num_classes=classes, seed=t.seed, model=self.model)
 
         self.model.to(self.p.device)
@@ -434,7 +441,7 @@ class _Run:
             "total_iterations": self.schedule.total_iterations,
             "progress": self.schedule.progress(self.iteration),
             "zeta_fraction": self._zeta_fraction,
-            "zeta_t": {name: layer.zeta_t.item() for name, layer in dgc_layers(self.model)},
+            "zeta_t": {name: layer.zeta_t_value for name, layer in dgc_layers(self.model)},
             "image_size": self.image_size,
             "num_classes": self.data.num_classes,
             "world_size": self.p.world_size,
@@ -532,7 +539,8 @@ class _Run:
 
     def _mean_zeta_t(self) -> float:
         layers = dgc_layers(self.model)
-        return sum(layer.zeta_t.item() for _, layer in layers) / len(layers) if layers else 0.0
+        # The cached floats: reading the buffers would sync a GPU once per layer.
+        return sum(layer.zeta_t_value for _, layer in layers) / len(layers) if layers else 0.0
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         amp = self.recipe.train.amp
