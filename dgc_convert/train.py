@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from dgc_convert.checkpoint import Checkpoint, CheckpointError, find_checkpoint, read_checkpoint, save_checkpoint
 from dgc_convert.distributed import Processes
-from dgc_convert.data import DataError, build_data, dataset_classes, native_image_size
+from dgc_convert.data import build_data, dataset_classes, native_image_size
 from dgc_convert.errors import DGCConvertError
 from dgc_convert.macs import count_macs
 from dgc_convert.recipe import Recipe, recipe_from_dict
@@ -342,11 +342,8 @@ class _Run:
                 f"train.batch_size={t.batch_size} does not split evenly over {self.p.world_size} processes"
             )
 
-        classes = dataset_classes(recipe.data, recipe.model.num_classes)
-        if recipe.model.num_classes is not None and recipe.model.num_classes != classes:
-            raise DataError(
-                f"model.num_classes={recipe.model.num_classes} but data.dataset={recipe.data.dataset} has {classes} classes"
-            )
+        # The model gets the data set's class count; build_data refuses a recipe whose model.num_classes disagrees.
+        classes = recipe.model.num_classes or dataset_classes(recipe.data)
         self.model = create_for_recipe(recipe, classes)
         self.image_size = resolve_image_size(recipe, self.model.dgc_model_info.input_size[-1])
         self.dense_macs = count_macs(self.model, self.image_size).total_macs  # before conversion: the baseline
@@ -377,8 +374,8 @@ class _Run:
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
         else:
-            # Fresh run: the model was seeded above; now give each rank its own stream
-            # (dropout, ...), reproducibly.
+            # Fresh run: the model was initialised from the run's seed (train() seeds
+            # first); now give each rank its own stream (dropout, ...), reproducibly.
             torch.manual_seed(t.seed + self.p.rank)
         self.train_model: nn.Module = self.model
         self.control.model = self.model
