@@ -19,12 +19,32 @@ from dgc_convert.surgery import (
     sparsity_loss,
 )
 from dgc_convert.zoo import ModelInfo, create_model, list_models
-from dgc_convert.recipe import Recipe, load_recipe
-from dgc_convert.schedule import Schedule
-from dgc_convert.train import EpochMetrics, TrainingDiverged, TrainResult, train
-from dgc_convert.prepare import InferenceReport, prepare_for_inference
-from dgc_convert.bench import BenchResult, benchmark
-from dgc_convert.serialize import LoadError, load, save
+
+# Training, serving and file formats load on first use: `dgc-convert MODEL`
+# needs none of them, and the CLI's start-up time is what a user feels first.
+_LAZY = {
+    "Recipe": "recipe", "load_recipe": "recipe",
+    "Schedule": "schedule",
+    "train": "train", "TrainResult": "train", "EpochMetrics": "train", "TrainingDiverged": "train",
+    "prepare_for_inference": "prepare", "InferenceReport": "prepare",
+    "benchmark": "bench", "BenchResult": "bench",
+    "save": "serialize", "load": "serialize", "LoadError": "serialize",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dgc_convert' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"dgc_convert.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "DGCConv2d",

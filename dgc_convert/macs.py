@@ -97,11 +97,20 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> MacReport:
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     example = torch.zeros(1, *size, device=device, dtype=dtype)
-    # thop prints a line per module type it does not know; keep our output clean.
-    with contextlib.redirect_stdout(io.StringIO()):
-        total, _params, tree = thop.profile(
-            model, inputs=(example,), custom_ops={DGCConv2d: _count_dgc}, verbose=False, ret_layer_info=True
-        )
+    # Counting needs shapes, not speed: DGC layers run their plain graph form
+    # instead of timing their sparse algorithms on this one-off input.
+    layers_and_algorithms = [(m, m.inference_algorithm) for m in model.modules() if isinstance(m, DGCConv2d)]
+    for layer, _ in layers_and_algorithms:
+        layer.inference_algorithm = "export"
+    try:
+        # thop prints a line per module type it does not know; keep our output clean.
+        with contextlib.redirect_stdout(io.StringIO()):
+            total, _params, tree = thop.profile(
+                model, inputs=(example,), custom_ops={DGCConv2d: _count_dgc}, verbose=False, ret_layer_info=True
+            )
+    finally:
+        for layer, algorithm in layers_and_algorithms:
+            layer.inference_algorithm = algorithm
     layers: list[LayerMacs] = []
     _flatten(tree, "", dict(model.named_modules()), layers)
     return MacReport(size, int(round(total)), sum(p.numel() for p in model.parameters()), layers)
