@@ -209,7 +209,7 @@ def _imagefolder(data: DataSection, size: int, model: nn.Module | None) -> tuple
     root = Path(data.root or ".").expanduser()
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise DataError(f"data.root={str(root)!r}: expected class folders under {root / split}/ (and {split} beside it)")
+            raise DataError(f"data.root={str(root)!r}: no {split}/ there; expected class folders in {root / 'train'}/ and {root / 'val'}/")
     config = resolve_data_config({"input_size": (3, size, size)}, model=model)
     eval_transform = create_transform(**config, is_training=False)
     if data.augmentation == "none":
