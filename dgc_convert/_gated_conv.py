@@ -90,6 +90,55 @@ class _GatedConv2d(torch.autograd.Function):
         return grad_x, grad_gate, grad_weight, None, None, None
 
 
+class _StackedGatedConv2d(torch.autograd.Function):
+    """All heads in one grouped convolution over a gated copy of the input per
+    head, (B, H*C, h, w). The copy is rebuilt in backward rather than saved
+    (only x, gate and the head-major weight are kept), so it lives only while
+    a convolution runs. One call per direction instead of one per head: on
+    small feature maps (4x4 and below) per-call overhead is what costs."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gate: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:  # type: ignore[override]
+        heads = gate.shape[1]
+        grouped = _head_weights(weight, heads).flatten(0, 1)  # (C', C, kh, kw), head-major
+        out = F.conv2d(_stacked(x, gate), grouped, None, stride, padding, dilation, groups=heads)
+        ctx.save_for_backward(x, gate, grouped)
+        ctx.conv_args = (stride, padding, dilation)
+        # (B, H, C'/H, ...) -> (B, C'/H, H, ...): head h's j-th channel at j*H + h.
+        return out.view(out.shape[0], heads, -1, *out.shape[2:]).transpose(1, 2).flatten(1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, gate, grouped = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv_args
+        need_x, need_gate, need_weight = ctx.needs_input_grad[:3]
+        batch, channels = x.shape[:2]
+        heads = gate.shape[1]
+        out_channels = grouped.shape[0]
+        grad_head_major = grad_out.view(batch, out_channels // heads, heads, *grad_out.shape[2:]).transpose(1, 2)
+        grad_stacked, grad_grouped, _ = torch.ops.aten.convolution_backward(
+            grad_head_major.flatten(1, 2), _stacked(x, gate), grouped, None, stride, padding, dilation, False, [0, 0],
+            heads, [need_x or need_gate, need_weight, False],
+        )
+        grad_x = grad_gate = grad_weight = None
+        if need_x or need_gate:
+            grad_stacked = grad_stacked.view(batch, heads, channels, *x.shape[2:])
+            if need_x:
+                grad_x = (grad_stacked * gate[..., None, None]).sum(1)
+            if need_gate:
+                grad_gate = torch.linalg.vecdot(grad_stacked.flatten(3), x.unsqueeze(1).flatten(3))
+        if need_weight:
+            # head-major rows (h, j) back to the dense layout (j*H + h)
+            grad_weight = grad_grouped.view(heads, out_channels // heads, *grouped.shape[1:]).transpose(0, 1).reshape(grouped.shape)
+        return grad_x, grad_gate, grad_weight, None, None, None
+
+
+def _stacked(x: Tensor, gate: Tensor) -> Tensor:
+    """(B, C, h, w) x (B, H, C) -> (B, H*C, h, w): each head's gated copy of the input."""
+    return (x.unsqueeze(1) * gate[..., None, None]).flatten(1, 2)
+
+
 def _per_sample_gated_conv2d(x: Tensor, gate: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
     """The same product with the gate folded into per-sample filters, all
     samples in one convolution with ``groups=batch``. Plain autograd: it saves
@@ -123,7 +172,10 @@ def _prefers_per_sample(x: Tensor, weight: Tensor) -> bool:
     return weight.shape[0] * weight.shape[2] * weight.shape[3] <= 2 * x.shape[2] * x.shape[3]
 
 
-ALGORITHMS = ("auto", "per_head", "per_sample")
+ALGORITHMS = ("auto", "per_head", "per_sample", "stacked")
+# Feature maps up to this many pixels run all heads as one grouped convolution
+# (benchmarks/train_throughput.py; layer timings at 4x4 and below favour it).
+_STACKED_MAX_PIXELS = 16
 
 
 def gated_conv2d(
@@ -159,7 +211,12 @@ def gated_conv2d(
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(map(repr, ALGORITHMS))}, got {algorithm!r}")
     if algorithm == "auto":
-        algorithm = "per_sample" if _prefers_per_sample(x, weight) else "per_head"
+        if _prefers_per_sample(x, weight):
+            algorithm = "per_sample"
+        else:
+            algorithm = "stacked" if x.shape[2] * x.shape[3] <= _STACKED_MAX_PIXELS else "per_head"
     if algorithm == "per_sample":
         return _per_sample_gated_conv2d(x, gate, weight, stride, padding, dilation)
+    if algorithm == "stacked":
+        return _StackedGatedConv2d.apply(x, gate, weight, stride, padding, dilation)
     return _GatedConv2d.apply(x, gate, weight, stride, padding, dilation)

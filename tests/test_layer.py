@@ -95,8 +95,8 @@ def test_forward_matches_reference_loop(heads, zeta, size):
     torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("algorithm", ["per_head", "per_sample"])
-def test_both_algorithms_agree_with_each_other(algorithm):
+@pytest.mark.parametrize("algorithm", ["per_head", "per_sample", "stacked"])
+def test_every_algorithm_agrees_with_plain_autograd(algorithm):
     torch.manual_seed(1)
     x = torch.randn(4, 6, 7, 9, dtype=torch.float64, requires_grad=True)
     gate = torch.rand(4, 3, 6, dtype=torch.float64, requires_grad=True)
