@@ -9,10 +9,12 @@ of the method, channel shuffle included, since head ``h`` writes the output
 channels ``h::H``).
 
 Plain autograd would save one gated copy of the input per head for backward
-(the authors' layer: H times the activation memory). This function saves only
-``x``, ``gate`` and a head-major copy of ``weight`` and recomputes each head's gated input in
-backward, one head at a time, so at most one extra input-sized buffer lives at
-once, in forward and in backward.
+(the authors' layer: H times the activation memory). The functions here save only
+``x``, ``gate`` and a head-major copy of ``weight`` and recompute the gated
+input in backward: one head at a time (``per_head``: at most one extra
+input-sized buffer at once), or, on tiny feature maps where per-call overhead
+dominates, all heads' copies for the one grouped convolution that uses them
+(``stacked``); ``per_sample`` folds the gates into per-sample filters.
 """
 
 from __future__ import annotations
