@@ -103,7 +103,7 @@ class _StackedGatedConv2d(torch.autograd.Function):
     def forward(ctx, x: Tensor, gate: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:  # type: ignore[override]
         heads = gate.shape[1]
         grouped = _head_weights(weight, heads).flatten(0, 1)  # (C', C, kh, kw), head-major
-        out = F.conv2d(_stacked(x, gate), grouped, None, stride, padding, dilation, groups=heads)
+        out = F.conv2d(gated_copies(x, gate), grouped, None, stride, padding, dilation, groups=heads)
         ctx.save_for_backward(x, gate, grouped)
         ctx.conv_args = (stride, padding, dilation)
         # (B, H, C'/H, ...) -> (B, C'/H, H, ...): head h's j-th channel at j*H + h.
@@ -120,7 +120,7 @@ class _StackedGatedConv2d(torch.autograd.Function):
         out_channels = grouped.shape[0]
         grad_head_major = grad_out.view(batch, out_channels // heads, heads, *grad_out.shape[2:]).transpose(1, 2)
         grad_stacked, grad_grouped, _ = torch.ops.aten.convolution_backward(
-            grad_head_major.flatten(1, 2), _stacked(x, gate), grouped, None, stride, padding, dilation, False, [0, 0],
+            grad_head_major.flatten(1, 2), gated_copies(x, gate), grouped, None, stride, padding, dilation, False, [0, 0],
             heads, [need_x or need_gate, need_weight, False],
         )
         grad_x = grad_gate = grad_weight = None
@@ -136,7 +136,7 @@ class _StackedGatedConv2d(torch.autograd.Function):
         return grad_x, grad_gate, grad_weight, None, None, None
 
 
-def _stacked(x: Tensor, gate: Tensor) -> Tensor:
+def gated_copies(x: Tensor, gate: Tensor) -> Tensor:
     """(B, C, h, w) x (B, H, C) -> (B, H*C, h, w): each head's gated copy of the input."""
     return (x.unsqueeze(1) * gate[..., None, None]).flatten(1, 2)
 

@@ -1,6 +1,6 @@
 """Sparse inference for DGC layers: compute only the kept channels.
 
-In eval mode without gradients a DGC layer need not touch dropped channels.
+In eval mode a DGC layer need not touch dropped channels.
 For every sample and head it gathers the ``k`` kept input channels and the
 matching weight slices, folds the saliency scores into whichever side is
 smaller, and convolves:
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dgc_convert._gated_conv import gated_conv2d
+from dgc_convert._gated_conv import gated_conv2d, gated_copies
 
 __all__ = ["ALGORITHMS", "WeightCache", "sparse_conv2d", "pick_algorithm", "clear_algorithm_cache", "algorithm_cache"]
 
@@ -204,8 +204,7 @@ def stacked(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: Wei
     batch, channels = x.shape[:2]
     heads = index.shape[1]
     gate = torch.zeros(batch, heads, channels, dtype=scores.dtype, device=x.device).scatter_(2, index, scores)
-    copies = (x.unsqueeze(1) * gate[..., None, None]).reshape(batch, heads * channels, *x.shape[2:])
-    out = F.conv2d(copies, cache.get(weight, heads).grouped, None, stride, padding, dilation, groups=heads)
+    out = F.conv2d(gated_copies(x, gate), cache.get(weight, heads).grouped, None, stride, padding, dilation, groups=heads)
     return _head_major_to_dense(out, heads)
 
 
