@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dgc_convert.layer import DGCConv2d
-from dgc_convert.macs import count_macs, normalize_input_size
+from dgc_convert.macs import MacReport, count_macs, normalize_input_size
 from dgc_convert.prepare import prepare_for_inference
 
 __all__ = ["BenchResult", "LayerTiming", "benchmark", "realized_fraction"]
@@ -131,40 +131,51 @@ def benchmark(
         torch.set_num_threads(threads)
     size = normalize_input_size(input_size)
     x = torch.randn(batch_size, *size)
-    dense_macs = count_macs(dense, size).total_macs
-    dgc_macs = count_macs(dgc, size).total_macs
     with torch.no_grad():  # ordinary tensors: the weight caches track their versions
         dense_nchw = copy.deepcopy(dense)
         prepare_for_inference(dense_nchw)
-        dense_cl = copy.deepcopy(dense_nchw).to(memory_format=torch.channels_last)
         masked = copy.deepcopy(dgc)
         prepare_for_inference(masked)
         _set_algorithm(masked, "masked")
         sparse = copy.deepcopy(masked)
         _set_algorithm(sparse, "auto")
-    x_cl = x.contiguous(memory_format=torch.channels_last)
+        runs = _Runs(
+            x=x, x_cl=x.contiguous(memory_format=torch.channels_last), dense_nchw=dense_nchw,
+            dense_cl=copy.deepcopy(dense_nchw).to(memory_format=torch.channels_last), masked=masked, sparse=sparse,
+            dense_macs=count_macs(dense, size), dgc_macs=count_macs(dgc, size),
+        )
     # Untrained weights can produce denormal floats, which slow CPUs down and
     # would favour whichever variant meets fewer of them. Process-wide
     # setting: switched back off (torch's default) afterwards.
     torch.set_flush_denormal(True)
     try:
         with torch.inference_mode():
-            return _measure(name, x, x_cl, size, dense, dgc, dense_nchw, dense_cl, masked, sparse, dense_macs, dgc_macs,
-                            repeats, warmup, layers)
+            return _measure(runs, name, repeats, warmup, layers)
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(previous_threads)
 
 
-def _measure(name, x, x_cl, size, dense, dgc, dense_nchw, dense_cl, masked, sparse, dense_macs, dgc_macs,
-             repeats, warmup, layers) -> BenchResult:
-    batch_size = x.shape[0]
+@dataclass
+class _Runs:
+    """The prepared variants, their inputs and the MAC counts of the original models."""
 
+    x: torch.Tensor
+    x_cl: torch.Tensor
+    dense_nchw: nn.Module
+    dense_cl: nn.Module
+    masked: nn.Module
+    sparse: nn.Module
+    dense_macs: MacReport
+    dgc_macs: MacReport
+
+
+def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool) -> BenchResult:
     variants = {
-        "dense_nchw": lambda: dense_nchw(x),
-        "dense_cl": lambda: dense_cl(x_cl),
-        "masked": lambda: masked(x),
-        "sparse": lambda: sparse(x),
+        "dense_nchw": lambda: runs.dense_nchw(runs.x),
+        "dense_cl": lambda: runs.dense_cl(runs.x_cl),
+        "masked": lambda: runs.masked(runs.x),
+        "sparse": lambda: runs.sparse(runs.x),
     }
     for run in variants.values():
         for _ in range(warmup):
@@ -174,30 +185,29 @@ def _measure(name, x, x_cl, size, dense, dgc, dense_nchw, dense_cl, masked, spar
         for key, run in variants.items():
             times[key].append(_time(run))
     medians = {key: statistics.median(values) for key, values in times.items()}
-    dense_layout = "channels_last" if medians["dense_cl"] < medians["dense_nchw"] else "nchw"
+    channels_last = medians["dense_cl"] < medians["dense_nchw"]
     dense_ms = min(medians["dense_cl"], medians["dense_nchw"])
+    dense_macs, dgc_macs = runs.dense_macs.total_macs, runs.dgc_macs.total_macs
     mac_ratio = dgc_macs / dense_macs if dense_macs else 1.0
     result = BenchResult(
-        model=name, batch_size=batch_size, input_size=size, threads=torch.get_num_threads(), repeats=repeats,
-        dense_layout=dense_layout, dense_ms=dense_ms, dgc_masked_ms=medians["masked"], dgc_ms=medians["sparse"],
-        speedup=dense_ms / medians["sparse"], mac_ratio=mac_ratio,
-        realized_fraction=realized_fraction(dense_ms, medians["sparse"], mac_ratio),
+        model=name, batch_size=runs.x.shape[0], input_size=runs.dense_macs.input_size, threads=torch.get_num_threads(),
+        repeats=repeats, dense_layout="channels_last" if channels_last else "nchw", dense_ms=dense_ms,
+        dgc_masked_ms=medians["masked"], dgc_ms=medians["sparse"], speedup=dense_ms / medians["sparse"],
+        mac_ratio=mac_ratio, realized_fraction=realized_fraction(dense_ms, medians["sparse"], mac_ratio),
         dense_macs=dense_macs, dgc_macs=dgc_macs,
     )
     if layers:
-        result.layers = _per_layer(dense_cl if dense_layout == "channels_last" else dense_nchw,
-                                   x_cl if dense_layout == "channels_last" else x, masked, sparse, x, dense, dgc, size, repeats)
+        dense_run = (runs.dense_cl, runs.x_cl) if channels_last else (runs.dense_nchw, runs.x)
+        result.layers = _per_layer(runs, *dense_run, max(3, repeats // 2))
     return result
 
 
-def _per_layer(dense_model, dense_x, masked, sparse, x, dense, dgc, size, repeats) -> list[LayerTiming]:
-    passes = max(3, repeats // 2)
+def _per_layer(runs: _Runs, dense_model: nn.Module, dense_x: torch.Tensor, passes: int) -> list[LayerTiming]:
     dense_t = _layer_times(dense_model, dense_x, passes)
-    masked_t = _layer_times(masked, x, passes)
-    sparse_t = _layer_times(sparse, x, passes)
-    dense_macs = count_macs(dense, size).by_name()
-    dgc_macs = count_macs(dgc, size).by_name()
-    sparse_modules = dict(sparse.named_modules())
+    masked_t = _layer_times(runs.masked, runs.x, passes)
+    sparse_t = _layer_times(runs.sparse, runs.x, passes)
+    dense_macs, dgc_macs = runs.dense_macs.by_name(), runs.dgc_macs.by_name()
+    sparse_modules = dict(runs.sparse.named_modules())
     rows = []
     for name, d in dense_t.items():
         if name not in sparse_t:
