@@ -106,11 +106,16 @@ def test_each_load_error_is_one_clear_line(tmp_path, saved):
         (_rewrite(saved, tmp_path / "layers.safetensors", conversion=json.dumps([])), "tensors do not match the rebuilt resnet18"),
         (_rewrite(saved, tmp_path / "nojson.safetensors", conversion="[oops"), "metadata field 'conversion'"),
     ]
+    runner = CliRunner()
     for path, message in cases:
         with pytest.raises(LoadError) as caught:
             load(path)
         text = str(caught.value)
         assert message in text and str(path.name) in text and "\n" not in text, (path.name, text)
+        # The same from the command line: one line on stderr, exit 2, nothing on stdout.
+        result = runner.invoke(app, ["eval", str(path), "--data", "synthetic"])
+        assert result.exit_code == 2 and result.stdout == "", (path.name, result.output)
+        assert result.stderr.strip().splitlines() == [f"error: {text}"]
 
 
 class _Payload:
