@@ -19,7 +19,7 @@ __all__ = ["StopSignals"]
 class StopSignals:
     """Context manager: the first SIGINT/SIGTERM asks ``control`` for a clean stop; a second SIGINT aborts.
 
-    ``control`` needs ``stop_requested`` and ``request_stop(reason)``;
+    ``control`` needs ``stop_requested`` and ``request_stop()``;
     ``notify`` (optional) receives one line for the user when a stop is asked.
     Handlers are installed only in the main thread and restored on exit.
     """
@@ -38,7 +38,7 @@ class StopSignals:
     def _handle(self, number: int, frame: Any) -> None:
         if self.control.stop_requested and number == signal.SIGINT:
             raise KeyboardInterrupt
-        self.control.request_stop(signal.Signals(number).name)
+        self.control.request_stop()
         if self.notify is not None:
             self.notify("stopping after this iteration to write a checkpoint (Ctrl-C again aborts without one)")
 

@@ -246,8 +246,17 @@ def dgc_layers(model: nn.Module) -> list[tuple[str, DGCConv2d]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, DGCConv2d)]
 
 
-def set_zeta(model: nn.Module, zeta_t: float | None = None, *, fraction: float | None = None) -> None:
-    """Set the current pruning ratio of every DGC layer.
+def _layers_of(model_or_layers: nn.Module | Iterable[DGCConv2d]) -> Iterable[DGCConv2d]:
+    # A training loop passes the layer list it found once, not the model to search every step.
+    if isinstance(model_or_layers, nn.Module):
+        return [layer for _, layer in dgc_layers(model_or_layers)]
+    return model_or_layers
+
+
+def set_zeta(
+    model: nn.Module | Iterable[DGCConv2d], zeta_t: float | None = None, *, fraction: float | None = None
+) -> None:
+    """Set the current pruning ratio of every DGC layer of ``model`` (or of a list of layers).
 
     Pass ``zeta_t`` to set one ratio everywhere, or ``fraction`` in [0, 1] to
     set each layer to that fraction of its own target ``zeta`` (how the
@@ -255,13 +264,14 @@ def set_zeta(model: nn.Module, zeta_t: float | None = None, *, fraction: float |
     """
     if (zeta_t is None) == (fraction is None):
         raise ValueError("pass exactly one of zeta_t or fraction")
-    for _, layer in dgc_layers(model):
+    for layer in _layers_of(model):
         layer.set_zeta_t(zeta_t if zeta_t is not None else layer.zeta * fraction)
 
 
-def sparsity_loss(model: nn.Module) -> Tensor:
-    """Sum of the sparsity terms of every DGC layer's last forward (0 when none ran)."""
-    terms = [layer.sparsity_loss for _, layer in dgc_layers(model) if layer.sparsity_loss is not None]
+def sparsity_loss(model: nn.Module | Iterable[DGCConv2d]) -> Tensor:
+    """Sum of the sparsity terms of every DGC layer's last forward (0 when none ran);
+    ``model`` may also be a list of layers."""
+    terms = [layer.sparsity_loss for layer in _layers_of(model) if layer.sparsity_loss is not None]
     if not terms:
         return torch.zeros(())
     return torch.stack([t.float() for t in terms]).sum()

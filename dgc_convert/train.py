@@ -180,12 +180,10 @@ class TrainControl:
     def __init__(self) -> None:
         self.model: nn.Module | None = None
         self.stop_requested = False
-        self.signal_name: str | None = None
 
-    def request_stop(self, reason: str = "request") -> None:
+    def request_stop(self) -> None:
         """Stop after the current iteration (within a few iterations) and write ``last``."""
         self.stop_requested = True
-        self.signal_name = self.signal_name or reason
 
 
 def is_main_process() -> bool:
@@ -355,7 +353,7 @@ class _Run:
             self.model.to(memory_format=torch.channels_last)
         if t.sync_batchnorm and self.p.distributed:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.has_dgc = bool(dgc_layers(self.model))
+        self.dgc = [layer for _, layer in dgc_layers(self.model)]  # found once; the loop touches them every step
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler(self.p.device.type, enabled=t.amp == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
@@ -527,7 +525,7 @@ class _Run:
     def _apply_schedule(self) -> float:
         fraction = self._zeta_fraction
         if fraction != getattr(self, "_applied_fraction", None):
-            set_zeta(self.model, fraction=fraction)
+            set_zeta(self.dgc, fraction=fraction)
             self._applied_fraction = fraction
         lr = self.schedule.lr(self.iteration)
         for group in self.optimizer.param_groups:
@@ -535,9 +533,8 @@ class _Run:
         return lr
 
     def _mean_zeta_t(self) -> float:
-        layers = dgc_layers(self.model)
         # The cached floats: reading the buffers would sync a GPU once per layer.
-        return sum(layer.zeta_t_value for _, layer in layers) / len(layers) if layers else 0.0
+        return sum(layer.zeta_t_value for layer in self.dgc) / len(self.dgc) if self.dgc else 0.0
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         amp = self.recipe.train.amp
@@ -586,7 +583,7 @@ class _Run:
                 (self.output / "recipe.yaml").write_text(
                     yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
                 )
-            set_zeta(self.model, fraction=1.0)
+            set_zeta(self.dgc, fraction=1.0)
             target_macs = count_macs(self.model, self.image_size).total_macs
             _call(self.reporter, "on_start", RunInfo(
                 model=self.recipe.model.name, dataset=self.recipe.data.dataset, output_dir=self.output,
@@ -603,7 +600,7 @@ class _Run:
                 if not self._train_epoch():
                     status = "interrupted"
                     break
-            set_zeta(self.model, fraction=self._zeta_fraction)
+            set_zeta(self.dgc, fraction=self._zeta_fraction)
             result = TrainResult(
                 status=status, output_dir=self.output, epochs_completed=self.epochs_done, iteration=self.iteration,
                 total_iterations=schedule.total_iterations, metrics=self.metrics, best_top1=self.best_top1,
@@ -636,8 +633,8 @@ class _Run:
             with self._autocast():
                 logits = self.train_model(images)
                 loss = self.criterion(logits, labels)
-                if self.has_dgc and t.sparsity_lambda > 0:
-                    sparsity = sparsity_loss(self.model)
+                if self.dgc and t.sparsity_lambda > 0:
+                    sparsity = sparsity_loss(self.dgc)
                     loss = loss + t.sparsity_lambda * sparsity
                     sparsity_sum += sparsity.detach().double()
             self.optimizer.zero_grad(set_to_none=True)
