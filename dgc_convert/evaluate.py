@@ -10,8 +10,9 @@ to it when every head keeps ``k`` nonzero-score channels.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -21,19 +22,26 @@ from dgc_convert.layer import DGCConv2d
 from dgc_convert.macs import count_macs
 from dgc_convert.surgery import dgc_layers
 
-__all__ = ["EvalReport", "LayerUsage", "evaluate", "realised_layer_macs"]
+__all__ = ["EvalReport", "LayerUsage", "Scores", "evaluate", "score", "kept_nonzero", "realised_layer_macs"]
 
 _PERCENTILES = (5, 50, 95)
 
 
-def realised_layer_macs(layer: DGCConv2d, scores: Tensor, output_height: int, output_width: int) -> Tensor:
+def kept_nonzero(layer: DGCConv2d, scores: Tensor) -> Tensor:
+    """(batch, heads): kept channels with a nonzero score, ``min(k, #scores > 0)``."""
+    return scores.gt(0).sum(dim=2).clamp(max=layer.kept_channels)
+
+
+def realised_layer_macs(layer: DGCConv2d, scores: Tensor, output_height: int, output_width: int,
+                        kept: Tensor | None = None) -> Tensor:
     """MACs per sample a DGC layer really spends: (batch,) from its scores (batch, heads, C).
 
     Saliency costs as in the static count; the convolution costs, per head,
-    ``kept nonzero channels * C'/heads * kh * kw * H' * W'``.
+    ``kept nonzero channels * C'/heads * kh * kw * H' * W'``. ``kept``, when
+    given, is ``kept_nonzero(layer, scores)`` already computed.
     """
     kh, kw = layer.kernel_size
-    kept = scores.gt(0).sum(dim=2).clamp(max=layer.kept_channels)  # (B, H)
+    kept = kept_nonzero(layer, scores) if kept is None else kept  # (B, H)
     per_channel = (layer.out_channels // layer.heads) * kh * kw * output_height * output_width
     saliency = 2 * layer.heads * layer.in_channels * layer.saliency_generator.hidden
     return kept.sum(dim=1).double() * per_channel + saliency
@@ -73,6 +81,44 @@ def _percentiles(values: Tensor) -> dict[str, float]:
     return {f"p{p}": float(v) for p, v in zip(_PERCENTILES, torch.quantile(values, q))}
 
 
+@dataclass
+class Scores:
+    """Classification counts over some batches: summed loss, top-1 and top-5 hits, samples, classes."""
+
+    loss_sum: float = 0.0
+    top1: int = 0
+    top5: int = 0
+    count: int = 0
+    classes: int = 0
+
+    def percentages(self) -> tuple[float, float, float | None]:
+        """(mean loss, top-1 %, top-5 % or None with 5 classes or fewer)."""
+        count = max(self.count, 1)
+        top5 = 100.0 * self.top5 / count if self.classes > 5 else None
+        return self.loss_sum / count, 100.0 * self.top1 / count, top5
+
+
+@torch.no_grad()
+def score(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, device: str | torch.device = "cpu",
+          channels_last: bool = False, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Scores:
+    """Run ``model`` (as it is: set eval mode first) over (images, labels) batches and count hits."""
+    scores = Scores()
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(images)
+        scores.loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        scores.top1 += (ranked[:, 0] == labels).sum().item()
+        scores.top5 += (ranked == labels[:, None]).any(1).sum().item()
+        scores.count += labels.shape[0]
+        scores.classes = logits.shape[1]
+    return scores
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, input_size: tuple[int, int, int] | None = None,
              device: str | torch.device = "cpu") -> EvalReport:
@@ -91,34 +137,23 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, input_
 
     def count(name: str):
         def hook(module: DGCConv2d, args: Any, out: Tensor) -> None:  # returns None: the output stays as it is
-            scores = captured[name]
-            realised[name].append(realised_layer_macs(module, scores, out.shape[2], out.shape[3]).cpu())
-            kept = scores.gt(0).sum(2).clamp(max=module.kept_channels)
+            kept = kept_nonzero(module, captured[name])
+            realised[name].append(realised_layer_macs(module, captured[name], out.shape[2], out.shape[3], kept).cpu())
             fullness[name].append((kept.float() / module.kept_channels).mean(1).cpu())
         return hook
 
     for name, layer in layers:
         handles.append(layer.saliency_generator.register_forward_hook(keep_scores(name)))
         handles.append(layer.register_forward_hook(count(name)))
-    correct1 = correct5 = seen = 0
-    loss_sum = 0.0
-    shape = None
     try:
-        for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            images, labels = images.to(device), labels.to(device)
-            shape = shape or tuple(images.shape[1:])
-            logits = model(images)
-            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-            ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            correct1 += (ranked[:, 0] == labels).sum().item()
-            correct5 += (ranked == labels[:, None]).any(1).sum().item()
-            seen += labels.shape[0]
+        counts = score(model, DataLoader(dataset, batch_size=batch_size, shuffle=False), device=device)
     finally:
         for handle in handles:
             handle.remove()
+    seen = counts.count
     if seen == 0:
         raise ValueError("the data set is empty")
-    static = count_macs(model, input_size or shape)
+    static = count_macs(model, input_size or tuple(dataset[0][0].shape))
     static_by_name = static.by_name()
     rows, dgc_static = [], 0
     total_realised = torch.zeros(seen, dtype=torch.float64)
@@ -130,9 +165,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, input_
         rows.append(LayerUsage(name, layer_static, float(values.mean()), _percentiles(values),
                                float(torch.cat(fullness[name]).mean())))
     total = total_realised + (static.total_macs - dgc_static)
+    loss, top1, top5 = counts.percentages()
     return EvalReport(
-        samples=seen, top1=100.0 * correct1 / seen,
-        top5=100.0 * correct5 / seen if getattr(logits, "shape", (0, 0))[1] > 5 else None,
-        loss=loss_sum / seen, static_macs=static.total_macs, realised_mean=float(total.mean()),
+        samples=seen, top1=top1, top5=top5, loss=loss, static_macs=static.total_macs, realised_mean=float(total.mean()),
         realised_percentiles=_percentiles(total), layers=rows,
     )

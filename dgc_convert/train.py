@@ -41,6 +41,7 @@ from dgc_convert.checkpoint import Checkpoint, CheckpointError, find_checkpoint,
 from dgc_convert.distributed import Processes
 from dgc_convert.data import build_data, dataset_classes, native_image_size
 from dgc_convert.errors import DGCConvertError
+from dgc_convert.evaluate import Scores, score
 from dgc_convert.macs import count_macs
 from dgc_convert.recipe import Recipe, recipe_from_dict
 from dgc_convert.schedule import Schedule
@@ -723,25 +724,11 @@ class _Run:
         loader = DataLoader(Subset(self.data.val, indices), batch_size=max(self.local_batch, 64), shuffle=False,
                             num_workers=self.recipe.train.num_workers, pin_memory=self.p.device.type == "cuda",
                             worker_init_fn=_ignore_interrupts)
-        loss_sum, top1, top5, count = 0.0, 0, 0, 0
-        criterion = nn.CrossEntropyLoss(reduction="sum")
-        for images, labels in loader:
-            images = images.to(self.p.device, non_blocking=True)
-            labels = labels.to(self.p.device, non_blocking=True)
-            if self.recipe.train.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                logits = model(images)
-            loss_sum += criterion(logits.float(), labels).item()
-            ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            top1 += (ranked[:, 0] == labels).sum().item()
-            top5 += (ranked == labels[:, None]).any(1).sum().item()
-            count += labels.shape[0]
+        scores = score(model, loader, device=self.p.device, channels_last=self.recipe.train.channels_last,
+                       autocast=self._autocast)
         model.train(was_training)
-        loss_sum, top1, top5, count = self.p.all_reduce([loss_sum, top1, top5, count])
-        count = max(count, 1)
-        top5_value = 100.0 * top5 / count if self.data.num_classes > 5 else None
-        return loss_sum / count, 100.0 * top1 / count, top5_value
+        totals = self.p.all_reduce([scores.loss_sum, scores.top1, scores.top5, scores.count])
+        return Scores(*totals, classes=self.data.num_classes).percentages()
 
 
 def train(
