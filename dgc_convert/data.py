@@ -206,10 +206,8 @@ def _imagefolder(data: DataSection, size: int, model: nn.Module | None) -> tuple
     import torchvision
     from timm.data import create_transform, resolve_data_config
 
-    root = Path(data.root or ".").expanduser()
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise DataError(f"data.root={str(root)!r}: no {split}/ there; expected class folders in {root / 'train'}/ and {root / 'val'}/")
+    root = _image_folder_split(data, "train").parent
+    _image_folder_split(data, "val")
     config = resolve_data_config({"input_size": (3, size, size)}, model=model)
     eval_transform = create_transform(**config, is_training=False)
     if data.augmentation == "none":
@@ -231,6 +229,26 @@ def _imagefolder(data: DataSection, size: int, model: nn.Module | None) -> tuple
     return train, val, train_transform, len(train.classes)
 
 
+def _image_folder_split(data: DataSection, split: str) -> Path:
+    """``root/split`` of an image-folder data set, or a DataError naming both folders it needs."""
+    root = Path(data.root or ".").expanduser()
+    if not (root / split).is_dir():
+        raise DataError(f"data.root={str(root)!r}: no {split}/ there; expected class folders in {root / 'train'}/ and {root / 'val'}/")
+    return root / split
+
+
+def _image_folder_classes(data: DataSection) -> tuple[Path, dict[str, int]]:
+    """(``root/train``, class name -> index) without reading any image."""
+    import torchvision
+
+    train = _image_folder_split(data, "train")
+    try:
+        _, class_to_index = torchvision.datasets.folder.find_classes(str(train))
+    except FileNotFoundError as error:  # no class folders inside
+        raise DataError(f"data.root={str(train.parent)!r}: {error}") from None
+    return train, class_to_index
+
+
 def train_set_size(data: DataSection) -> int:
     """Training samples of the data set, found without loading images (counts files for image folders)."""
     if data.dataset == "synthetic":
@@ -241,10 +259,7 @@ def train_set_size(data: DataSection) -> int:
         return _CIFAR_TRAIN_SIZE
     import torchvision
 
-    root = Path(data.root or ".").expanduser() / "train"
-    if not root.is_dir():
-        raise DataError(f"data.root={str(root.parent)!r}: expected class folders under {root}/")
-    _, class_to_index = torchvision.datasets.folder.find_classes(str(root))
+    root, class_to_index = _image_folder_classes(data)
     return len(torchvision.datasets.folder.make_dataset(str(root), class_to_index, torchvision.datasets.folder.IMG_EXTENSIONS))
 
 
@@ -256,16 +271,7 @@ def dataset_classes(data: DataSection, num_classes: int | None = None) -> int:
         return num_classes or 10
     if data.dataset in _CIFAR:
         return _CIFAR[data.dataset][1]
-    import torchvision
-
-    root = Path(data.root or ".").expanduser() / "train"
-    if not root.is_dir():
-        raise DataError(f"data.root={str(root.parent)!r}: expected class folders under {root}/")
-    try:
-        classes, _ = torchvision.datasets.folder.find_classes(str(root))
-    except FileNotFoundError as error:
-        raise DataError(f"data.root={str(root.parent)!r}: {error}") from None
-    return len(classes)
+    return len(_image_folder_classes(data)[1])
 
 
 def build_data(data: DataSection, *, image_size: int, num_classes: int | None, seed: int, model: nn.Module | None = None) -> DataBundle:
