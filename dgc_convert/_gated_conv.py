@@ -25,8 +25,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
-def _head_weights(weight: Tensor, heads: int) -> Tensor:
-    """(C', C, kh, kw) -> (H, C'/H, C, kh, kw) with entry [h, j] = weight[j*H + h]."""
+def head_weights(weight: Tensor, heads: int) -> Tensor:
+    """(C', C, kh, kw) -> (H, C'/H, C, kh, kw) with entry [h, j] = weight[j*H + h] (a contiguous copy)."""
     out_channels = weight.shape[0]
     return weight.view(out_channels // heads, heads, *weight.shape[1:]).transpose(0, 1).contiguous()
 
@@ -35,14 +35,14 @@ class _GatedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, gate: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:  # type: ignore[override]
         heads = gate.shape[1]
-        head_weights = _head_weights(weight, heads)
+        head_major = head_weights(weight, heads)
         outputs = [
-            F.conv2d(x * gate[:, h, :, None, None], head_weights[h], None, stride, padding, dilation)
+            F.conv2d(x * gate[:, h, :, None, None], head_major[h], None, stride, padding, dilation)
             for h in range(heads)
         ]
         # Keep the head-major copy of the weight (one weight's worth of memory)
         # rather than rebuilding it in backward.
-        ctx.save_for_backward(x, gate, head_weights)
+        ctx.save_for_backward(x, gate, head_major)
         ctx.conv_args = (stride, padding, dilation)
         # (B, C'/H, H, ...) flattened puts head h's j-th channel at j*H + h.
         return torch.stack(outputs, dim=2).flatten(1, 2)
@@ -50,7 +50,7 @@ class _GatedConv2d(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, gate, head_weights = ctx.saved_tensors
+        x, gate, head_major = ctx.saved_tensors
         stride, padding, dilation = ctx.conv_args
         heads = gate.shape[1]
         need_x, need_gate, need_weight = ctx.needs_input_grad[:3]
@@ -60,14 +60,14 @@ class _GatedConv2d(torch.autograd.Function):
 
         grad_x = None
         grad_gate = torch.empty_like(gate) if need_gate else None
-        grad_head_weights = torch.empty_like(head_weights) if need_weight else None
+        grad_head_weights = torch.empty_like(head_major) if need_weight else None
         need_conv_input = need_x or need_gate
         for h in range(heads):
             gate_h = gate[:, h, :, None, None]
             grad_input_h, grad_weight_h, _ = torch.ops.aten.convolution_backward(
                 grad_heads[:, h],
                 x * gate_h,
-                head_weights[h],
+                head_major[h],
                 None,
                 stride,
                 padding,
@@ -88,7 +88,7 @@ class _GatedConv2d(torch.autograd.Function):
         if need_weight:
             # One contiguous transpose back to the dense layout (row j*H + h); far
             # cheaper than writing each head into its strided rows.
-            grad_weight = grad_head_weights.transpose(0, 1).reshape(out_channels, *head_weights.shape[2:])
+            grad_weight = grad_head_weights.transpose(0, 1).reshape(out_channels, *head_major.shape[2:])
         return grad_x, grad_gate, grad_weight, None, None, None
 
 
@@ -102,12 +102,11 @@ class _StackedGatedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, gate: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:  # type: ignore[override]
         heads = gate.shape[1]
-        grouped = _head_weights(weight, heads).flatten(0, 1)  # (C', C, kh, kw), head-major
+        grouped = head_weights(weight, heads).flatten(0, 1)  # (C', C, kh, kw), head-major
         out = F.conv2d(gated_copies(x, gate), grouped, None, stride, padding, dilation, groups=heads)
         ctx.save_for_backward(x, gate, grouped)
         ctx.conv_args = (stride, padding, dilation)
-        # (B, H, C'/H, ...) -> (B, C'/H, H, ...): head h's j-th channel at j*H + h.
-        return out.view(out.shape[0], heads, -1, *out.shape[2:]).transpose(1, 2).flatten(1, 2)
+        return head_major_to_dense(out, heads)
 
     @staticmethod
     @once_differentiable
@@ -134,6 +133,18 @@ class _StackedGatedConv2d(torch.autograd.Function):
             # head-major rows (h, j) back to the dense layout (j*H + h)
             grad_weight = grad_grouped.view(heads, out_channels // heads, *grouped.shape[1:]).transpose(0, 1).reshape(grouped.shape)
         return grad_x, grad_gate, grad_weight, None, None, None
+
+
+def head_major_to_dense(out: Tensor, heads: int) -> Tensor:
+    """Channel shuffle of a head-major output (channel h*C'/H + j) into dense order
+    (channel j*H + h), as one copy into NCHW whatever the input's layout."""
+    batch, out_channels, height, width = out.shape
+    per_head = out_channels // heads
+    if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
+        grouped = out.permute(0, 2, 3, 1).view(batch, height, width, heads, per_head).permute(0, 4, 3, 1, 2)
+    else:
+        grouped = out.view(batch, heads, per_head, height, width).transpose(1, 2)
+    return grouped.reshape(batch, out_channels, height, width)
 
 
 def gated_copies(x: Tensor, gate: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dgc_convert._gated_conv import gated_conv2d, gated_copies
+from dgc_convert._gated_conv import gated_conv2d, gated_copies, head_major_to_dense, head_weights
 
 __all__ = ["ALGORITHMS", "WeightCache", "sparse_conv2d", "pick_algorithm", "clear_algorithm_cache", "algorithm_cache"]
 
@@ -68,7 +68,7 @@ class WeightCache:
         if key != self.key:
             out_channels, channels, kh, kw = weight.shape
             # head_major[h, j] = weight[j*H + h]
-            head_major = weight.detach().view(out_channels // heads, heads, channels, kh, kw).transpose(0, 1)
+            head_major = head_weights(weight.detach(), heads)  # (H, C'/H, C, kh, kw)
             self.conv = head_major.permute(0, 2, 1, 3, 4).contiguous()  # (H, C, C'/H, kh, kw)
             # (H, C, kh*kw, C'/H) flattened to rows of (kh*kw * C'/H), ordered (kernel offset, filter)
             self.rows = head_major.permute(0, 2, 3, 4, 1).reshape(heads * channels, kh * kw * (out_channels // heads))
@@ -119,18 +119,7 @@ def gather_conv(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache:
         filters = selected_w.permute(0, 2, 3, 4, 1).reshape(out_channels, kh, kw, k).permute(0, 3, 1, 2)
         outputs.append(F.conv2d(selected_x.unsqueeze(0), filters, None, stride, padding, dilation, groups=heads))
     out = torch.cat(outputs) if batch > 1 else outputs[0]
-    return _head_major_to_dense(out, heads)
-
-
-def _head_major_to_dense(out: Tensor, heads: int) -> Tensor:
-    """Channel shuffle, head-major (h*C'/H + j) -> dense order (j*H + h), as one copy into NCHW."""
-    batch, out_channels, height, width = out.shape
-    per_head = out_channels // heads
-    if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
-        grouped = out.permute(0, 2, 3, 1).view(batch, height, width, heads, per_head).permute(0, 4, 3, 1, 2)
-    else:
-        grouped = out.view(batch, heads, per_head, height, width).transpose(1, 2)
-    return grouped.reshape(batch, out_channels, height, width)
+    return head_major_to_dense(out, heads)
 
 
 def gather_bmm(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> Tensor:
@@ -205,7 +194,7 @@ def stacked(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: Wei
     heads = index.shape[1]
     gate = torch.zeros(batch, heads, channels, dtype=scores.dtype, device=x.device).scatter_(2, index, scores)
     out = F.conv2d(gated_copies(x, gate), cache.get(weight, heads).grouped, None, stride, padding, dilation, groups=heads)
-    return _head_major_to_dense(out, heads)
+    return head_major_to_dense(out, heads)
 
 
 _FUNCTIONS: dict[str, Callable[..., Tensor]] = {

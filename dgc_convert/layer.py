@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from dgc_convert._gated_conv import gated_conv2d
+from dgc_convert._gated_conv import gated_conv2d, gated_copies, head_major_to_dense, head_weights
 from dgc_convert.inference import WeightCache, pick_algorithm, sparse_conv2d
 
 __all__ = ["DGCConv2d", "SaliencyGenerator", "Gates", "kept_channel_count", "static_padding"]
@@ -341,17 +341,13 @@ class DGCConv2d(nn.Module):
         heads' gated copies, and the channel shuffle as Reshape/Transpose. No
         Python loops, no timing, no cached weight arrangements; equal to the
         other paths."""
-        batch, channels = x.shape[0], x.shape[1]
-        heads, per_head = self.heads, self.out_channels // self.heads
         scores = self.saliency(x)
         index = self.select(scores)
         gate = torch.zeros_like(scores).scatter(2, index, scores.gather(2, index))
-        copies = (x.unsqueeze(1) * gate.unsqueeze(-1).unsqueeze(-1)).reshape(batch, heads * channels, x.shape[2], x.shape[3])
-        grouped = self.weight.reshape(per_head, heads, channels, *self.kernel_size).transpose(0, 1)
-        grouped = grouped.reshape(self.out_channels, channels, *self.kernel_size)
-        out = torch.nn.functional.conv2d(copies, grouped, None, self.stride, self.padding, self.dilation, heads)
-        out = out.reshape(batch, heads, per_head, out.shape[2], out.shape[3]).transpose(1, 2)
-        out = out.reshape(batch, self.out_channels, out.shape[3], out.shape[4])
+        grouped = head_weights(self.weight, self.heads).flatten(0, 1)
+        out = torch.nn.functional.conv2d(gated_copies(x, gate), grouped, None, self.stride, self.padding, self.dilation,
+                                         self.heads)
+        out = head_major_to_dense(out, self.heads)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out
