@@ -4,8 +4,8 @@ A checkpoint is a directory (``last/`` or ``best/`` in a run's output
 directory) holding:
 
 - ``model.safetensors``: the model's state dict (DGC ``zeta_t`` buffers
-  included), with the recipe in its metadata so the file alone can rebuild
-  the architecture;
+  included), with ``dgc_convert.save``'s metadata (so ``dgc_convert.load``
+  opens it) and the recipe;
 - ``training.safetensors``: every tensor of the optimizer, gradient scaler and
   random generators (only in ``last/``);
 - ``state.json``: recipe, epochs and iterations done, zeta_t, metrics, and the
@@ -140,9 +140,6 @@ def save_checkpoint(
         metadata.update(model_metadata(model, state.get("image_size")))
     if "recipe" in state:
         metadata["recipe"] = json.dumps(state["recipe"])
-    for key in ("num_classes", "image_size"):
-        if state.get(key) is not None:
-            metadata[key] = str(state[key])
     save_model(model, str(temporary / MODEL_FILE), metadata=metadata)
     full_state = {"format": CHECKPOINT_FORMAT, "checkpoint_id": checkpoint_id, "dgc_convert_version": __version__, **state}
     if training_state is not None:

@@ -300,7 +300,7 @@ def eval_command(
     json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     from dgc_convert.evaluate import evaluate
-    from dgc_convert.render import print_eval
+    from dgc_convert.render import print_evaluation
 
     model, section, bundle = _model_and_held_out(file, data, root)
     info = model.dgc_model_info
@@ -308,7 +308,7 @@ def eval_command(
     if json_output:
         print_json({"model": str(file), "data": section.dataset, **report.to_dict()})
     else:
-        print_eval(report, str(file), section.dataset)
+        print_evaluation(report, str(file), section.dataset)
 
 
 @app.command("inspect", help="How often each head keeps each input channel over a data set: PNG heat maps and a JSON summary.")

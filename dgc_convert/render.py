@@ -13,7 +13,7 @@ from rich.table import Table
 from dgc_convert.summary import ConversionSummary
 
 __all__ = [
-    "format_macs", "print_json", "print_conversion", "print_model_list", "print_recipe", "print_bench", "print_eval",
+    "format_macs", "print_json", "print_conversion", "print_model_list", "print_recipe", "print_bench", "print_evaluation",
     "error_console",
     "TrainProgress",
 ]
@@ -273,7 +273,7 @@ def print_bench(result: Any, console: Console | None = None, layer_rows: int | N
     )
 
 
-def print_eval(report: Any, name: str, dataset: str, console: Console | None = None) -> None:
+def print_evaluation(report: Any, name: str, dataset: str, console: Console | None = None) -> None:
     """Accuracy, static vs realised MACs per sample, and the per-layer table of ``dgc-convert eval``."""
     console = console or output_console()
     top5 = f" (top-5 {report.top5:.2f}%)" if report.top5 is not None else ""
