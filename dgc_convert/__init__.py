@@ -6,7 +6,7 @@ The public API is re-exported here; see README.md for a tour.
 __version__ = "0.1.0"  # before the imports below: checkpoint.py records it
 
 from dgc_convert.errors import ConversionError, DGCConvertError, IdentityCheckError, RecipeError, UnknownModelError
-from dgc_convert.layer import DGCConv2d, Gates, SaliencyGenerator, kept_channel_count
+from dgc_convert.nn.layer import DGCConv2d, Gates, SaliencyGenerator, kept_channel_count
 from dgc_convert.macs import LayerMacs, MacReport, count_macs
 from dgc_convert.surgery import (
     ConversionReport,
@@ -25,7 +25,7 @@ from dgc_convert.zoo import ModelInfo, create_model, list_models
 _LAZY = {
     "Recipe": "recipe", "load_recipe": "recipe",
     "Schedule": "schedule",
-    "train": "train", "TrainResult": "train", "EpochMetrics": "train", "TrainingDiverged": "train",
+    "train": "trainer", "TrainResult": "trainer", "EpochMetrics": "trainer", "TrainingDiverged": "trainer",
     "prepare_for_inference": "prepare", "InferenceReport": "prepare",
     "benchmark": "bench", "BenchResult": "bench",
     "save": "serialize", "load": "serialize", "LoadError": "serialize",

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dgc_convert.layer import DGCConv2d
+from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.macs import MacReport, count_macs, normalize_input_size
 from dgc_convert.prepare import prepare_for_inference
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dgc_convert.layer import DGCConv2d
+from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.macs import count_macs
 from dgc_convert.surgery import dgc_layers
 

@@ -14,7 +14,7 @@ import thop
 import torch
 from torch import nn
 
-from dgc_convert.layer import DGCConv2d
+from dgc_convert.nn.layer import DGCConv2d
 
 __all__ = ["LayerMacs", "MacReport", "count_macs", "dgc_layer_macs", "normalize_input_size"]
 

@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from dgc_convert.layer import DGCConv2d
+from dgc_convert.nn.layer import DGCConv2d
 
 __all__ = ["InferenceReport", "prepare_for_inference", "fold_batchnorm"]
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dgc_convert.errors import ConversionError, IdentityCheckError
-from dgc_convert.layer import DGCConv2d, kept_channel_count, static_padding
+from dgc_convert.nn.layer import DGCConv2d, kept_channel_count, static_padding
 
 __all__ = [
     "LayerDecision",

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from dgc_convert import DGCConv2d, convert, create_model
 from dgc_convert.bench import benchmark, realized_fraction
 from dgc_convert.cli import app
-from dgc_convert.inference import ALGORITHMS, algorithm_cache, clear_algorithm_cache
+from dgc_convert.nn.sparse import ALGORITHMS, algorithm_cache, clear_algorithm_cache
 from dgc_convert.prepare import prepare_for_inference
 
 CASES = [
@@ -159,7 +159,7 @@ def test_bench_command_table_and_bad_input(tmp_path):
 
 def test_bench_opens_a_trainer_checkpoint(tmp_path):
     from dgc_convert.recipe import recipe_from_dict
-    from dgc_convert.train import train
+    from dgc_convert.trainer import train
 
     recipe = recipe_from_dict({
         "model": {"name": "resnet18"}, "convert": {"zeta": 0.5},

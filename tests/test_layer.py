@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dgc_convert import DGCConv2d, kept_channel_count
-from dgc_convert._gated_conv import gated_conv2d
+from dgc_convert.nn.functional import gated_conv2d
 
 
 def reference_forward(layer: DGCConv2d, x: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from dgc_convert.recipe import load_recipe
-from dgc_convert.train import build_model
+from dgc_convert.trainer import build_model
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 

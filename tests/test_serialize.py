@@ -49,7 +49,7 @@ def test_round_trip_gives_the_same_outputs(tmp_path, name, size, settings):
 
 def test_trainer_checkpoints_load(tmp_path):
     from dgc_convert.recipe import recipe_from_dict
-    from dgc_convert.train import train
+    from dgc_convert.trainer import train
 
     result = train(recipe_from_dict({
         "model": {"name": "resnet18"}, "convert": {"zeta": 0.5},

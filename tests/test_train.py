@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from dgc_convert.checkpoint import CheckpointError, read_checkpoint
-from dgc_convert.layer import kept_channel_count
+from dgc_convert.nn.layer import kept_channel_count
 from dgc_convert.recipe import recipe_from_dict
 from dgc_convert.surgery import dgc_layers
-from dgc_convert.train import TrainingDiverged, train
+from dgc_convert.trainer import TrainingDiverged, train
 
 
 def make_recipe(directory, *, train_settings=None, **sections):

@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 
 from dgc_convert import __version__
 from dgc_convert.errors import DGCConvertError
-from dgc_convert.render import error_console, output_console, print_conversion, print_json, print_model_list
+from dgc_convert.cli.render import error_console, output_console, print_conversion, print_json, print_model_list
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -54,7 +54,7 @@ def handles_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from dgc_convert.train import TrainingDiverged
+        from dgc_convert.trainer import TrainingDiverged
 
         try:
             return command(*args, **kwargs)
@@ -99,7 +99,7 @@ def convert_command(
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
 ) -> None:
     from dgc_convert.recipe import ConvertSection, ModelSection, load_recipe
-    from dgc_convert.summary import summarize_conversion
+    from dgc_convert.cli.summary import summarize_conversion
 
     # Defaults come from the recipe schema, the one place that holds them.
     convert_section, model_section = ConvertSection(), ModelSection(name=model or "")
@@ -179,9 +179,9 @@ def recipe_show_command(
 
     from dgc_convert.data import DataError, train_set_size
     from dgc_convert.recipe import load_recipe
-    from dgc_convert.render import print_recipe
+    from dgc_convert.cli.render import print_recipe
     from dgc_convert.schedule import Schedule
-    from dgc_convert.train import iterations_per_epoch
+    from dgc_convert.trainer import iterations_per_epoch
 
     recipe = load_recipe(file, set_values)
     t = recipe.train
@@ -214,8 +214,8 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from output.directory/last exactly where it stopped."),
 ) -> None:
     from dgc_convert.recipe import load_recipe
-    from dgc_convert.render import TrainProgress
-    from dgc_convert.train import is_main_process, train
+    from dgc_convert.cli.render import TrainProgress
+    from dgc_convert.trainer import is_main_process, train
 
     loaded = load_recipe(recipe, set_values)
     reporter = TrainProgress() if is_main_process() else None
@@ -252,8 +252,8 @@ def bench_command(
     json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout: dense_ms, dgc_masked_ms, dgc_ms, speedup, mac_ratio, realized_fraction, layers."),
 ) -> None:
     from dgc_convert.bench import benchmark
-    from dgc_convert.render import print_bench
-    from dgc_convert.sources import models_for_bench
+    from dgc_convert.cli.render import print_bench
+    from dgc_convert.cli.sources import models_for_bench
 
     settings = {"heads": heads, "zeta": zeta, "squeeze_ratio": squeeze_ratio, "min_channels": min_channels, "source": source}
     dense, dgc, name, default_size = models_for_bench(model, {k: v for k, v in settings.items() if v is not None})
@@ -300,7 +300,7 @@ def eval_command(
     json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     from dgc_convert.evaluate import evaluate
-    from dgc_convert.render import print_evaluation
+    from dgc_convert.cli.render import print_evaluation
 
     model, section, bundle = _model_and_held_out(file, data, root)
     info = model.dgc_model_info

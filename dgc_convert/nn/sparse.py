@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dgc_convert._gated_conv import gated_conv2d, gated_copies, head_major_to_dense, head_weights
+from dgc_convert.nn.functional import gated_conv2d, gated_copies, head_major_to_dense, head_weights
 
 __all__ = ["ALGORITHMS", "WeightCache", "sparse_conv2d", "pick_algorithm", "clear_algorithm_cache", "algorithm_cache"]
 

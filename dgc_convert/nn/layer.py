@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from dgc_convert._gated_conv import gated_conv2d, gated_copies, head_major_to_dense, head_weights
-from dgc_convert.inference import WeightCache, pick_algorithm, sparse_conv2d
+from dgc_convert.nn.functional import gated_conv2d, gated_copies, head_major_to_dense, head_weights
+from dgc_convert.nn.sparse import WeightCache, pick_algorithm, sparse_conv2d
 
 __all__ = ["DGCConv2d", "SaliencyGenerator", "Gates", "kept_channel_count", "static_padding"]
 
@@ -137,7 +137,7 @@ class DGCConv2d(nn.Module):
             with ``zeta_t = 0`` the layer then equals its dense convolution.
         inference_algorithm: how eval mode computes (not persistent):
             "auto" (default: the fastest exact sparse algorithm for the case,
-            timed once and cached; see ``dgc_convert.inference``),
+            timed once and cached; see ``dgc_convert.nn.sparse``),
             "gather_conv", "gather_bmm", or "masked" (the training
             computation, dense in cost). Training mode always uses the
             training computation.

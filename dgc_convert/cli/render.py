@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dgc_convert.summary import ConversionSummary
+from dgc_convert.cli.summary import ConversionSummary
 
 __all__ = [
     "format_macs", "print_json", "print_conversion", "print_model_list", "print_recipe", "print_bench", "print_evaluation",
