@@ -3,18 +3,36 @@
 The public API is re-exported here; see README.md for a tour.
 """
 
-__version__ = "0.1.0"  # before the imports below: checkpoint.py records it
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version
+from typing import TYPE_CHECKING, Any
 
-from dgc_convert.errors import ConversionError, DGCConvertError, IdentityCheckError, RecipeError, UnknownModelError
+try:  # the version is written once, in pyproject.toml, and read from the installed metadata
+    __version__ = _installed_version("dgc-convert")
+except PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
+
+from dgc_convert.errors import (
+    ConversionError,
+    DGCConvertError,
+    IdentityCheckError,
+    RecipeError,
+    SettingsError,
+    UnknownModelError,
+)
 from dgc_convert.nn.layer import DGCConv2d, Gates, SaliencyGenerator, kept_channel_count
+from dgc_convert.nn.modes import dgc_mode
 from dgc_convert.macs import LayerMacs, MacReport, count_macs
 from dgc_convert.surgery import (
     ConversionReport,
     LayerDecision,
     LayerOverride,
+    LayerSettings,
+    apply_conversion,
     check_identity,
     convert,
     dgc_layers,
+    plan_conversion,
     set_zeta,
     sparsity_loss,
 )
@@ -23,7 +41,8 @@ from dgc_convert.zoo import ModelInfo, create_model, list_models
 # Training, serving and file formats load on first use: `dgc-convert MODEL`
 # needs none of them, and the CLI's start-up time is what a user feels first.
 _LAZY = {
-    "Recipe": "recipe", "load_recipe": "recipe",
+    "Recipe": "recipe", "load_recipe": "recipe", "ConvertSection": "recipe", "ModelSection": "recipe",
+    "build_model": "build", "BuiltModel": "build",
     "Schedule": "schedule",
     "train": "trainer", "TrainResult": "trainer", "EpochMetrics": "trainer", "TrainingDiverged": "trainer",
     "prepare_for_inference": "prepare", "InferenceReport": "prepare",
@@ -32,7 +51,17 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from dgc_convert.bench import BenchResult, benchmark
+    from dgc_convert.build import BuiltModel, build_model
+    from dgc_convert.prepare import InferenceReport, prepare_for_inference
+    from dgc_convert.recipe import ConvertSection, ModelSection, Recipe, load_recipe
+    from dgc_convert.schedule import Schedule
+    from dgc_convert.serialize import LoadError, load, save
+    from dgc_convert.trainer import EpochMetrics, TrainingDiverged, TrainResult, train
+
+
+def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dgc_convert' has no attribute {name!r}")
@@ -48,10 +77,14 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "DGCConv2d",
+    "dgc_mode",
     "Gates",
     "SaliencyGenerator",
     "kept_channel_count",
     "convert",
+    "plan_conversion",
+    "apply_conversion",
+    "LayerSettings",
     "ConversionReport",
     "LayerDecision",
     "LayerOverride",
@@ -66,11 +99,16 @@ __all__ = [
     "list_models",
     "ModelInfo",
     "DGCConvertError",
+    "SettingsError",
     "ConversionError",
     "IdentityCheckError",
     "RecipeError",
     "UnknownModelError",
     "Recipe",
+    "ConvertSection",
+    "ModelSection",
+    "build_model",
+    "BuiltModel",
     "load_recipe",
     "Schedule",
     "train",

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dgc_convert.nn.layer import DGCConv2d
+from dgc_convert.nn.modes import find_dgc_layers
 from dgc_convert.macs import MacReport, count_macs, normalize_input_size
 from dgc_convert.prepare import prepare_for_inference
 
@@ -104,9 +105,9 @@ def _layer_times(model: nn.Module, x: torch.Tensor, passes: int) -> dict[str, fl
 
 
 def _set_algorithm(model: nn.Module, algorithm: str) -> None:
-    for module in model.modules():
-        if isinstance(module, DGCConv2d):
-            module.inference_algorithm = algorithm
+    """For good: the model is the benchmark's own prepared copy."""
+    for layer in find_dgc_layers(model):
+        layer.inference_algorithm = algorithm
 
 
 def benchmark(

@@ -18,5 +18,9 @@ class IdentityCheckError(DGCConvertError):
     """A converted model that does not reproduce its original at zeta 0 and unit scores."""
 
 
+class SettingsError(DGCConvertError):
+    """A model or conversion setting outside what the recipe schema allows."""
+
+
 class RecipeError(DGCConvertError):
     """A recipe file that does not load or validate."""

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dgc_convert.nn.layer import DGCConv2d
+from dgc_convert.nn.modes import watch_scores
 from dgc_convert.macs import count_macs
 from dgc_convert.surgery import dgc_layers
 
@@ -127,29 +128,14 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, input_
     layers = dgc_layers(model)
     realised: dict[str, list[Tensor]] = {name: [] for name, _ in layers}
     fullness: dict[str, list[Tensor]] = {name: [] for name, _ in layers}
-    captured: dict[str, Tensor] = {}
-    handles = []
 
-    def keep_scores(name: str):
-        def hook(module: nn.Module, args: Any, out: Tensor) -> None:
-            captured[name] = out.detach()
-        return hook
+    def count(name: str, layer: DGCConv2d, scores: Tensor, out: Tensor) -> None:
+        kept = kept_nonzero(layer, scores)
+        realised[name].append(realised_layer_macs(layer, scores, out.shape[2], out.shape[3], kept).cpu())
+        fullness[name].append((kept.float() / layer.kept_channels).mean(1).cpu())
 
-    def count(name: str):
-        def hook(module: DGCConv2d, args: Any, out: Tensor) -> None:  # returns None: the output stays as it is
-            kept = kept_nonzero(module, captured[name])
-            realised[name].append(realised_layer_macs(module, captured[name], out.shape[2], out.shape[3], kept).cpu())
-            fullness[name].append((kept.float() / module.kept_channels).mean(1).cpu())
-        return hook
-
-    for name, layer in layers:
-        handles.append(layer.saliency_generator.register_forward_hook(keep_scores(name)))
-        handles.append(layer.register_forward_hook(count(name)))
-    try:
+    with watch_scores(layers, count):
         counts = score(model, DataLoader(dataset, batch_size=batch_size, shuffle=False), device=device)
-    finally:
-        for handle in handles:
-            handle.remove()
     seen = counts.count
     if seen == 0:
         raise ValueError("the data set is empty")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dgc_convert.errors import DGCConvertError
-from dgc_convert.surgery import dgc_layers
+from dgc_convert.nn.modes import dgc_mode
 
 __all__ = ["ExportReport", "export_onnx", "ExportError"]
 
@@ -75,21 +75,15 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: tuple[int, in
     size = tuple(input_size or (info.input_size if info else (3, 224, 224)))
     model = model.eval()
     example = torch.randn(2, *size)
-    saved = [(layer, layer.inference_algorithm) for _, layer in dgc_layers(model)]
-    for layer, _ in saved:
-        layer.inference_algorithm = "export"
     try:
         batch = torch.export.Dim("batch", min=1, max=1024)
         # The exporter prints its progress on stdout; our output is the report.
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with dgc_mode(model, algorithm="export"), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset, input_names=["input"],
                               output_names=["output"], dynamic_shapes=({0: batch},), external_data=False, verbose=False)
     except Exception as error:  # the exporter fails in many ways; one line for the user
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}") from None
-    finally:
-        for layer, algorithm in saved:
-            layer.inference_algorithm = algorithm
     graph = onnx.load(str(path)).graph
     counts: dict[str, int] = {}
     for node in graph.node:

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from dgc_convert.nn.layer import DGCConv2d
+from dgc_convert.nn.modes import watch_scores
 from dgc_convert.surgery import dgc_layers
 
 __all__ = ["LayerChannelUsage", "channel_usage", "write_heatmaps", "write_summary"]
@@ -52,22 +54,15 @@ def channel_usage(model: nn.Module, dataset: Dataset, *, batch_size: int = 64) -
     counts = {name: torch.zeros(layer.heads, layer.in_channels, dtype=torch.float64) for name, layer in layers}
     nonzero = {name: torch.zeros(layer.heads, dtype=torch.bool) for name, layer in layers}
 
-    def record(name: str, layer: nn.Module):
-        def hook(module: nn.Module, args: Any, scores: Tensor) -> None:
-            mask = layer.selection_mask(scores)
-            counts[name] += mask.sum(0).double().cpu()
-            nonzero[name] |= scores.gt(0).any(dim=2).any(dim=0).cpu()
-        return hook
+    def record(name: str, layer: DGCConv2d, scores: Tensor, output: Tensor) -> None:
+        counts[name] += layer.selection_mask(scores).sum(0).double().cpu()
+        nonzero[name] |= scores.gt(0).any(dim=2).any(dim=0).cpu()
 
-    handles = [layer.saliency_generator.register_forward_hook(record(name, layer)) for name, layer in layers]
     samples = 0
-    try:
+    with watch_scores(layers, record):
         for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             model(images)
             samples += images.shape[0]
-    finally:
-        for handle in handles:
-            handle.remove()
     usage = []
     for name, layer in layers:
         frequency = (counts[name] / max(samples, 1)).float()

@@ -1,20 +1,33 @@
-"""MAC and parameter counting through thop, with a DGC counting rule.
+"""MAC and parameter counting with ``torch.utils.flop_counter``, with a DGC counting rule.
 
 All MAC figures are multiply-accumulates per sample (batch of one).
+
+Products (convolutions, linear layers, matrix products and attention, whether
+called through a module or functionally) are counted by torch's
+``FlopCounterMode`` at the operator level, as MACs = FLOPs / 2 (bias not
+counted). Normalization and average pooling modules have rules of their own,
+following the convention of thop: a normalization layer costs 2 per input
+element, doubled when it has an affine part (so an affine ``BatchNorm2d``
+costs 4 per element); average pooling costs one add per pooled input and one
+divide per output. Everything else (activations, max pooling, the residual
+``+``) counts zero. A DGC layer follows ``dgc_layer_macs`` instead of the
+operators it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-import thop
 import torch
 from torch import nn
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
 
 from dgc_convert.nn.layer import DGCConv2d
+from dgc_convert.nn.modes import dgc_mode
 
 __all__ = ["LayerMacs", "MacReport", "count_macs", "dgc_layer_macs", "normalize_input_size"]
 
@@ -24,16 +37,11 @@ def dgc_layer_macs(layer: DGCConv2d, output_height: int, output_width: int) -> i
     cost formula): per head the two saliency FCs (``2 * C * hidden``) plus the
     convolution over the ``k`` kept channels (``kh * kw * k * C'/H * H' * W'``),
     summed over heads. Pooling, scaling and ReLU (O(C*H*W)) are not counted,
-    as thop does not count them for dense layers either."""
+    as they are not counted for dense layers either."""
     kh, kw = layer.kernel_size
     saliency = 2 * layer.in_channels * layer.saliency_generator.hidden
     conv = kh * kw * layer.kept_channels * (layer.out_channels // layer.heads) * output_height * output_width
     return layer.heads * (saliency + conv)
-
-
-def _count_dgc(layer: DGCConv2d, inputs: tuple, output: torch.Tensor) -> None:
-    per_sample = dgc_layer_macs(layer, output.shape[2], output.shape[3])
-    layer.total_ops += per_sample * output.shape[0]
 
 
 @dataclass
@@ -50,9 +58,10 @@ class LayerMacs:
 class MacReport:
     """MACs per sample and parameters of a model at one input size.
 
-    ``layers`` lists the modules thop has a counting rule for (leaves and DGC
-    layers), in module order. ``total_macs`` also counts the functional
-    products thop sees outside modules.
+    ``layers`` lists the leaf modules and the DGC layers, in module order,
+    each with the MACs run inside it. ``total_macs`` also counts the
+    functional products run outside them and the rules of non-leaf modules
+    (e.g. a norm layer with an activation inside).
     """
 
     input_size: tuple[int, int, int]
@@ -85,43 +94,169 @@ def normalize_input_size(input_size: int | Sequence[int], channels: int = 3) -> 
     return size  # type: ignore[return-value]
 
 
+# --- FLOP formulas torch's registry lacks -------------------------------------------------------
+# Both receive shapes (FlopCounterMode's shape wrapper) and return FLOPs (2 per MAC).
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """The fused CPU kernel of ``scaled_dot_product_attention``: two batched products."""
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _native_mha_flops(query_shape, key_shape, value_shape, embed_dim, num_head, *args, out_shape=None, **kwargs) -> int:
+    """``nn.MultiheadAttention``'s inference fast path: the q, k and v projections,
+    the two attention products over all heads and the output projection."""
+    *batch, target, _ = query_shape
+    source = key_shape[-2]
+    b = math.prod(batch)
+    macs = b * embed_dim * embed_dim * (2 * target + 2 * source)  # projections: q and out over target, k and v over source
+    macs += 2 * b * target * source * embed_dim  # q k^T and attn v
+    return 2 * macs
+
+
+def _extra_formulas() -> dict:
+    aten = torch.ops.aten
+    formulas = {}
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _cpu_attention_flops),
+        ("_native_multi_head_attention", _native_mha_flops),
+    ):
+        if hasattr(aten, name):  # both exist from torch 2.2; kept optional for older builds
+            formulas[getattr(aten, name)] = formula
+    return formulas
+
+
+# --- module rules for what is not a product -----------------------------------------------------
+
+_NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_POOLED_DIMS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+                nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+
+
+def _has_rule(module: nn.Module) -> bool:
+    return isinstance(module, _NORMS + _AVG_POOLS + _ADAPTIVE_AVG_POOLS)
+
+
+def _pooled_inputs(sizes: Sequence[int], outputs: Sequence[int], kernel, stride, padding, include_pad: bool) -> int:
+    """Input elements summed by an average pool over its pooled dimensions (window sizes clipped to the input,
+    or to the padded input when padding counts)."""
+    count = 1
+    for size, output, k, s, p in zip(sizes, outputs, kernel, stride, padding):
+        low, high = (-p, size + p) if include_pad else (0, size)
+        count *= sum(max(0, min(i * s - p + k, high) - max(i * s - p, low)) for i in range(output))
+    return count
+
+
+def _rule_macs(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    if isinstance(module, _NORMS):
+        affine = getattr(module, "affine", False) or getattr(module, "elementwise_affine", False)
+        return (4 if affine else 2) * x.numel()
+    if isinstance(module, _AVG_POOLS + _ADAPTIVE_AVG_POOLS):
+        dims = next(d for kind, d in _POOLED_DIMS.items() if isinstance(module, kind))
+        sizes, outputs = x.shape[-dims:], y.shape[-dims:]
+        if isinstance(module, _AVG_POOLS):
+            def per_dim(value):
+                return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+            pooled = _pooled_inputs(sizes, outputs, per_dim(module.kernel_size), per_dim(module.stride or module.kernel_size),
+                                    per_dim(module.padding), module.count_include_pad)
+        else:
+            # output j of an adaptive pool averages inputs [floor(j * I / O), ceil((j + 1) * I / O))
+            pooled = math.prod(sum(-(-(j + 1) * i // o) - j * i // o for j in range(o)) for i, o in zip(sizes, outputs))
+        return math.prod(x.shape[:-dims]) * pooled + y.numel()  # one add per pooled input, one divide per output
+    return 0
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+class _Tally:
+    """Forward hooks that attribute the operator count to modules and apply the module rules."""
+
+    def __init__(self, counter: FlopCounterMode) -> None:
+        self.counter = counter
+        self.macs: dict[nn.Module, int] = {}  # leaves and DGC layers: MACs run inside, all calls
+        self.rule_macs = 0  # norm and pool rules, everywhere but inside DGC layers
+        self.dgc_macs = 0  # DGC layers by the method's formula
+        self.dgc_flops = 0  # operator FLOPs run inside DGC layers, replaced by dgc_macs
+        self._starts: list[int] = []
+        self._inside_dgc = 0
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._starts.append(self.counter.get_total_flops())
+        if isinstance(module, DGCConv2d):
+            self._inside_dgc += 1
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        flops = self.counter.get_total_flops() - self._starts.pop()
+        if isinstance(module, DGCConv2d):
+            self._inside_dgc -= 1
+            if self._inside_dgc:
+                return
+            self.dgc_flops += flops
+            macs = dgc_layer_macs(module, output.shape[2], output.shape[3]) * output.shape[0]
+            self.dgc_macs += macs
+            self.macs[module] = self.macs.get(module, 0) + macs
+            return
+        if self._inside_dgc:
+            return
+        macs = flops // 2
+        if _has_rule(module):
+            x = _first_tensor(args, kwargs)
+            if x is not None and isinstance(output, torch.Tensor):
+                rule = _rule_macs(module, x, output)
+                self.rule_macs += rule
+                macs += rule
+        if module in self.macs:
+            self.macs[module] += macs
+
+    def total(self) -> int:
+        return (self.counter.get_total_flops() - self.dgc_flops) // 2 + self.rule_macs + self.dgc_macs
+
+
 def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> MacReport:
     """Count MACs per sample and parameters of ``model`` on one input of ``input_size``.
 
-    thop counts every module it has a rule for; DGC layers follow
-    ``dgc_layer_macs`` at their current ``zeta_t``. The model runs once in
-    eval mode without gradients and is returned to its previous mode.
+    Products are counted by torch's ``FlopCounterMode``; normalization and
+    average pooling modules by their rules (see the module docstring); DGC
+    layers follow ``dgc_layer_macs`` at their current ``zeta_t``. The model
+    runs once in eval mode without gradients and every module is returned
+    to its previous mode.
     """
     size = normalize_input_size(input_size)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     example = torch.zeros(1, *size, device=device, dtype=dtype)
-    # Counting needs shapes, not speed: DGC layers run their plain graph form
-    # instead of timing their sparse algorithms on this one-off input.
-    layers_and_algorithms = [(m, m.inference_algorithm) for m in model.modules() if isinstance(m, DGCConv2d)]
-    for layer, _ in layers_and_algorithms:
-        layer.inference_algorithm = "export"
+    named = dict(model.named_modules())
+    # Reported rows: the leaves and the DGC layers, but nothing inside a DGC layer; not the model itself.
+    inside_dgc = {id(sub) for m in named.values() if isinstance(m, DGCConv2d) for sub in m.modules() if sub is not m}
+    rows = [(name, m) for name, m in named.items()
+            if name and id(m) not in inside_dgc and (isinstance(m, DGCConv2d) or next(m.children(), None) is None)]
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
+    tally = _Tally(counter)
+    tally.macs = {m: 0 for _, m in rows}
+    training = {m: m.training for m in model.modules()}
+    handles = []
     try:
-        # thop prints a line per module type it does not know; keep our output clean.
-        with contextlib.redirect_stdout(io.StringIO()):
-            total, _params, tree = thop.profile(
-                model, inputs=(example,), custom_ops={DGCConv2d: _count_dgc}, verbose=False, ret_layer_info=True
-            )
+        for m in named.values():
+            handles.append(m.register_forward_pre_hook(tally.before, with_kwargs=True))
+            handles.append(m.register_forward_hook(tally.after, with_kwargs=True))
+        model.eval()
+        # Counting needs shapes, not speed: DGC layers run their plain graph form
+        # instead of timing their sparse algorithms on this one-off input.
+        with dgc_mode(model, algorithm="export"), torch.no_grad(), counter:
+            model(example)
     finally:
-        for layer, algorithm in layers_and_algorithms:
-            layer.inference_algorithm = algorithm
-    layers: list[LayerMacs] = []
-    _flatten(tree, "", dict(model.named_modules()), layers)
-    return MacReport(size, int(round(total)), sum(p.numel() for p in model.parameters()), layers)
-
-
-def _flatten(tree: dict, prefix: str, modules: dict[str, nn.Module], out: list[LayerMacs]) -> None:
-    for child_name, (macs, params, children) in tree.items():
-        name = f"{prefix}{child_name}"
-        module = modules.get(name)
-        if isinstance(module, DGCConv2d) or not children:
-            if module is not None:
-                out.append(LayerMacs(name, type(module).__name__, int(round(macs)), int(params)))
-            continue
-        _flatten(children, f"{name}.", modules, out)
+        for handle in handles:
+            handle.remove()
+        for m, mode in training.items():
+            m.training = mode
+    layers = [LayerMacs(name, type(m).__name__, tally.macs[m], sum(p.numel() for p in m.parameters())) for name, m in rows]
+    return MacReport(size, tally.total(), sum(p.numel() for p in model.parameters()), layers)

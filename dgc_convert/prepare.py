@@ -17,6 +17,7 @@ import torch.fx
 from torch import nn
 
 from dgc_convert.nn.layer import DGCConv2d
+from dgc_convert.tracing import trace, trace_error
 
 __all__ = ["InferenceReport", "prepare_for_inference", "fold_batchnorm"]
 
@@ -29,11 +30,6 @@ class InferenceReport:
     not_folded: list[tuple[str, str]] = field(default_factory=list)  # (batchnorm name, reason)
     dgc_layers: int = 0
     trace_error: str | None = None
-
-
-class _LeafTracer(torch.fx.Tracer):
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, DGCConv2d) or super().is_leaf_module(module, qualified_name)
 
 
 @torch.no_grad()
@@ -57,9 +53,9 @@ def _parent_and_name(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
 
 def _foldable_pairs(model: nn.Module, report: InferenceReport) -> list[tuple[str, str]]:
     try:
-        graph = _LeafTracer().trace(model)
+        graph = trace(model)
     except Exception as error:  # tracing arbitrary models fails in many ways; folding is optional
-        report.trace_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        report.trace_error = trace_error(error)
         return []
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}

@@ -9,12 +9,14 @@ in one line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dgc_convert.errors import RecipeError
+from dgc_convert.errors import ConversionError, DGCConvertError, RecipeError, SettingsError
+from dgc_convert.nn.layer import DEFAULT_HEADS, DEFAULT_SQUEEZE_RATIO, DEFAULT_ZETA
 
 __all__ = [
     "Recipe",
@@ -27,7 +29,13 @@ __all__ = [
     "load_recipe",
     "recipe_from_dict",
     "apply_overrides",
+    "LayerOverride",
+    "build_section",
+    "convert_settings",
+    "model_settings",
 ]
+
+SectionT = TypeVar("SectionT", bound="_Section")
 
 
 class _Section(BaseModel):
@@ -41,28 +49,40 @@ class ModelSection(_Section):
     source: Literal["auto", "timm", "torchvision"] = "auto"
     num_classes: int | None = Field(default=None, ge=1)
     input_size: int | None = Field(default=None, ge=8, description="square input side in pixels; model default when unset")
-    pretrained: bool = False
+    pretrained: bool = Field(default=False, description="download the library's default weights (needs the network)")
 
 
 class OverrideSection(_Section):
-    """Per-layer settings for the convolutions a glob pattern matches."""
+    """Per-layer settings for the convolutions a glob pattern matches.
+
+    Every key is tri-state: None leaves the value an earlier pattern (or the
+    section) set, so ``{"layer4.*": {skip: true}, "layer4.0.conv1": {zeta:
+    0.7}}`` keeps ``layer4.0.conv1`` skipped; ``skip: false`` un-skips.
+    """
 
     heads: int | None = Field(default=None, ge=1)
     zeta: float | None = Field(default=None, ge=0.0, lt=1.0)
     squeeze_ratio: float | None = Field(default=None, ge=1.0)
-    skip: bool = False
+    skip: bool | None = None
 
 
 class ConvertSection(_Section):
-    """How to convert; ``enabled: false`` trains the dense model the same way."""
+    """How to convert: the one settings object of a conversion (CLI, recipes and the API build it).
+
+    ``enabled: false`` trains the dense model the same way (``surgery.convert``
+    itself ignores the flag). The layer defaults (heads, squeeze ratio, zeta)
+    are ``DGCConv2d``'s own, so a layer built by hand and one converted here agree.
+    """
 
     enabled: bool = True
-    heads: int = Field(default=4, ge=1)
-    squeeze_ratio: float = Field(default=16, ge=1.0)
-    zeta: float = Field(default=0.5, ge=0.0, lt=1.0)
-    include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
-    min_channels: int = Field(default=16, ge=1)
+    heads: int = Field(default=DEFAULT_HEADS, ge=1, description="heads per converted layer")
+    squeeze_ratio: float = Field(default=DEFAULT_SQUEEZE_RATIO, ge=1.0, description="saliency generator squeeze ratio d")
+    zeta: float = Field(
+        default=DEFAULT_ZETA, ge=0.0, lt=1.0, description="pruning ratio: fraction of input channels each head drops"
+    )
+    include: list[str] = Field(default_factory=list, description="glob over module names; only matching convs convert")
+    exclude: list[str] = Field(default_factory=list, description="glob over module names to leave dense")
+    min_channels: int = Field(default=16, ge=1, description="fewest input channels worth gating")
     overrides: dict[str, OverrideSection] = Field(default_factory=dict)
 
 
@@ -176,6 +196,94 @@ def _allowed_keys(loc: tuple) -> list[str]:
             return []
         model = annotation
     return list(model.model_fields)
+
+
+LayerOverride = OverrideSection  # the API's name for one override
+
+
+def _allowed(field_info: Any) -> str:
+    """What a field accepts, read off its annotation and bounds: 'in [0, 1)', 'a positive integer', ..."""
+    annotation = field_info.annotation
+    choices = getattr(annotation, "__args__", ())
+    literal = [c for c in choices if isinstance(c, str)]
+    if getattr(annotation, "__origin__", None) is Literal or (literal and len(literal) == len(choices)):
+        return "one of " + ", ".join(literal)
+    lower = upper = None
+    lower_open = upper_open = False
+    for bound in field_info.metadata:
+        for attr, is_lower, is_open in (("ge", True, False), ("gt", True, True), ("le", False, False), ("lt", False, True)):
+            value = getattr(bound, attr, None)
+            if value is not None:
+                if is_lower:
+                    lower, lower_open = value, is_open
+                else:
+                    upper, upper_open = value, is_open
+    integer = int in (annotation, *choices)
+    if integer and lower == 1 and not lower_open and upper is None:
+        return "a positive integer"
+    if lower is not None and upper is not None:
+        return f"in {'(' if lower_open else '['}{lower:g}, {upper:g}{')' if upper_open else ']'}"
+    kind = "an integer " if integer else ""
+    if lower is not None:
+        return f"{kind}{'>' if lower_open else '>='} {lower:g}"
+    if upper is not None:
+        return f"{kind}{'<' if upper_open else '<='} {upper:g}"
+    return f"of type {getattr(annotation, '__name__', annotation)}"
+
+
+def _settings_message(error: ValidationError, section: type[BaseModel]) -> str:
+    """One line for the first error of a section built from keyword arguments or options:
+    ``zeta must be in [0, 1), got 1.5``; inside overrides ``layer PATTERN: ...``."""
+    detail = error.errors()[0]
+    loc = [str(part) for part in detail["loc"]]
+    model: type[BaseModel] = section
+    prefix = ""
+    if loc[:1] == ["overrides"] and len(loc) >= 2:
+        prefix, model, loc = f"layer {loc[1]}: ", OverrideSection, loc[2:]
+        if detail["type"] == "extra_forbidden":
+            return f"override {detail['loc'][1]!r}: unknown key {loc[0]!r}; allowed: {', '.join(model.model_fields)}"
+    if not loc:
+        return prefix + detail["msg"].removeprefix("Value error, ")
+    if detail["type"] == "extra_forbidden":
+        return f"unknown setting {loc[0]!r}; allowed: {', '.join(model.model_fields)}"
+    field_info = model.model_fields.get(loc[0])
+    if field_info is None or len(loc) > 1:
+        return f"{prefix}{'.'.join(loc)}={detail.get('input')!r}: {detail['msg'].removeprefix('Value error, ')}"
+    return f"{prefix}{loc[0]} must be {_allowed(field_info)}, got {detail.get('input')!r}"
+
+
+def build_section(
+    section: type[SectionT],
+    values: Mapping[str, Any],
+    *,
+    base: SectionT | None = None,
+    error: type[DGCConvertError] = SettingsError,
+) -> SectionT:
+    """``base`` (or the schema's defaults) updated with the non-None ``values``, validated.
+
+    How the CLI and the keyword-argument API get the recipe's bounds and
+    defaults: a bad value raises ``error`` with one line such as ``zeta must
+    be in [0, 1), got 1.5``.
+    """
+    data = base.model_dump(exclude_unset=True) if base is not None else {}
+    data.update({key: value for key, value in values.items() if value is not None})
+    try:
+        return section.model_validate(data)
+    except ValidationError as caught:
+        raise error(_settings_message(caught, section)) from None
+
+
+def convert_settings(base: ConvertSection | None = None, **values: Any) -> ConvertSection:
+    """A validated ``ConvertSection``: ``base`` (or the defaults) with the non-None ``values`` applied.
+
+    Raises ``ConversionError`` naming the bad setting and what it allows.
+    """
+    return build_section(ConvertSection, values, base=base, error=ConversionError)
+
+
+def model_settings(base: ModelSection | None = None, **values: Any) -> ModelSection:
+    """A validated ``ModelSection``: ``base`` with the non-None ``values`` applied; ``SettingsError`` when bad."""
+    return build_section(ModelSection, values, base=base, error=SettingsError)
 
 
 def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:

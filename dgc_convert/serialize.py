@@ -5,14 +5,13 @@ in the file's metadata, everything needed to rebuild the model: its name and
 library, class count, input size, the conversion of every DGC layer (heads,
 squeeze ratio, zeta, zeta_t), and the dgc-convert and torch versions.
 ``load(path)`` rebuilds the model from timm or torchvision by name,
-re-applies the conversion, loads the weights and checks that every tensor
+applies the saved per-layer conversion to the named modules, loads the weights and checks that every tensor
 matched. The trainer's ``last``/``best`` checkpoints carry the same metadata,
 so ``load`` opens them too (a checkpoint directory or its ``model.safetensors``).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from torch import nn
 
 from dgc_convert import __version__
 from dgc_convert.errors import DGCConvertError, UnknownModelError
-from dgc_convert.surgery import convert, dgc_layers
+from dgc_convert.surgery import LayerSettings, apply_conversion, dgc_layers
 from dgc_convert.zoo import create_model
 
 __all__ = ["MODEL_FORMAT", "LoadError", "model_metadata", "save", "load", "read_metadata"]
@@ -138,15 +137,15 @@ def load(path: str | Path) -> nn.Module:
     except UnknownModelError as error:
         raise LoadError(f"{file}: cannot rebuild {library} model {name!r} here ({error})") from None
     if layers:
-        overrides = {glob.escape(layer["name"]): {k: layer[k] for k in ("heads", "squeeze_ratio", "zeta")} for layer in layers}
         try:
-            convert(model, include=list(overrides), overrides=overrides, min_channels=1)
-        except DGCConvertError as error:
+            # The saved per-layer settings, applied by name: today's eligibility
+            # rules are not consulted, so a later rule never makes this file unloadable.
+            apply_conversion(model, {
+                layer["name"]: LayerSettings(int(layer["heads"]), float(layer["squeeze_ratio"]), float(layer["zeta"]))
+                for layer in layers
+            })
+        except (DGCConvertError, KeyError, TypeError, ValueError) as error:
             raise LoadError(f"{file}: the saved conversion does not apply to {name}: {error}") from None
-        rebuilt = {n for n, _ in dgc_layers(model)}
-        missing = [layer["name"] for layer in layers if layer["name"] not in rebuilt]
-        if missing:
-            raise LoadError(f"{file}: layer {missing[0]} could not be converted again in {name}")
     try:
         missing_keys, unexpected = load_model(model, str(file), strict=False)
     except (SafetensorError, OSError, RuntimeError) as error:

@@ -1,14 +1,16 @@
 """Which convolutions become DGC layers, and why the others do not.
 
-``convert`` decides for every ``nn.Conv2d`` (subclasses included) first, then
-replaces the eligible ones in place, so a model is either fully converted as
-reported or left untouched when the settings are bad.
+Two steps: ``plan_conversion`` decides for every ``nn.Conv2d`` (subclasses
+included) and returns per-layer settings; ``apply_conversion`` replaces the
+named convolutions. ``convert`` does both, so a model is either fully
+converted as reported or left untouched when the settings are bad; ``load``
+applies a saved model's per-layer settings directly, so a later change of the
+eligibility rules never makes an older file unloadable.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,29 +20,32 @@ from torch import Tensor, nn
 
 from dgc_convert.errors import ConversionError, IdentityCheckError
 from dgc_convert.nn.layer import DGCConv2d, kept_channel_count, static_padding
+from dgc_convert.nn.modes import dgc_mode, find_dgc_layers
+from dgc_convert.recipe import ConvertSection, LayerOverride, convert_settings
+from dgc_convert.tracing import image_convolutions
 
 __all__ = [
     "LayerDecision",
+    "LayerSettings",
     "ConversionReport",
     "LayerOverride",
     "convert",
+    "plan_conversion",
+    "apply_conversion",
+    "stem_convolutions",
     "dgc_layers",
     "set_zeta",
     "sparsity_loss",
     "check_identity",
 ]
 
-OVERRIDE_KEYS = ("heads", "zeta", "squeeze_ratio", "skip")
+@dataclass(frozen=True)
+class LayerSettings:
+    """The DGC settings of one converted layer: what ``apply_conversion`` needs, and what a saved model records."""
 
-
-@dataclass
-class LayerOverride:
-    """Per-layer settings for the convs a glob pattern matches; None keeps the default."""
-
-    heads: int | None = None
-    zeta: float | None = None
-    squeeze_ratio: float | None = None
-    skip: bool = False
+    heads: int
+    squeeze_ratio: float
+    zeta: float
 
 
 @dataclass
@@ -70,6 +75,13 @@ class LayerDecision:
     def converted(self) -> bool:
         return self.status == "converted"
 
+    @property
+    def settings(self) -> LayerSettings | None:
+        """The layer's DGC settings when converted, else None."""
+        if not self.converted or self.heads is None or self.zeta is None or self.squeeze_ratio is None:
+            return None
+        return LayerSettings(self.heads, self.squeeze_ratio, self.zeta)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -88,6 +100,10 @@ class ConversionReport:
     def skipped(self) -> list[LayerDecision]:
         return [d for d in self.layers if not d.converted]
 
+    def layer_settings(self) -> dict[str, LayerSettings]:
+        """Module name -> settings of every layer to convert: the input of ``apply_conversion``."""
+        return {d.name: d.settings for d in self.layers if d.settings is not None}
+
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [d.to_dict() for d in self.layers]}
 
@@ -95,31 +111,8 @@ class ConversionReport:
         return f"ConversionReport({len(self.converted)} of {len(self.layers)} convolutions converted)"
 
 
-def _check_settings(where: str, heads: Any, zeta: Any, squeeze_ratio: Any) -> None:
-    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
-        raise ConversionError(f"{where}heads must be a positive integer, got {heads!r}")
-    if not isinstance(zeta, (int, float)) or isinstance(zeta, bool) or math.isnan(zeta) or not 0 <= zeta < 1:
-        raise ConversionError(f"{where}zeta must be in [0, 1), got {zeta!r}")
-    if not isinstance(squeeze_ratio, (int, float)) or isinstance(squeeze_ratio, bool) or not squeeze_ratio >= 1:
-        raise ConversionError(f"{where}squeeze_ratio must be >= 1, got {squeeze_ratio!r}")
-
-
-def _as_override(pattern: str, value: Any) -> LayerOverride:
-    if isinstance(value, LayerOverride):
-        return value
-    if hasattr(value, "model_dump"):  # a pydantic model from a recipe
-        value = value.model_dump()
-    if not isinstance(value, Mapping):
-        raise ConversionError(f"override {pattern!r}: expected a mapping of {', '.join(OVERRIDE_KEYS)}, got {value!r}")
-    unknown = sorted(set(value) - set(OVERRIDE_KEYS))
-    if unknown:
-        raise ConversionError(f"override {pattern!r}: unknown key {unknown[0]!r}; allowed: {', '.join(OVERRIDE_KEYS)}")
-    return LayerOverride(**value)
-
-
-def _reason_to_skip(
-    name: str, conv: nn.Conv2d, heads: int, min_channels: int, is_stem: bool
-) -> str:
+def _reason_to_skip(conv: nn.Conv2d, heads: int, min_channels: int, is_stem: bool) -> str:
+    """Why ``conv`` stays dense under these settings; empty when it can convert."""
     kind = type(conv).__name__
     if type(conv).forward is not nn.Conv2d.forward:
         return f"{kind} overrides nn.Conv2d.forward (its weight or padding is computed on the fly)"
@@ -142,33 +135,137 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _convolutions(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def stem_convolutions(model: nn.Module) -> set[str]:
+    """Names of the convolutions that see the image, read from a ``torch.fx``
+    trace; when the model cannot be traced, the first ``nn.Conv2d`` in
+    registration order."""
+    found = image_convolutions(model)
+    if found is not None:
+        return found
+    convs = _convolutions(model)
+    return {convs[0][0]} if convs else set()
+
+
+def plan_conversion(model: nn.Module, settings: ConvertSection) -> ConversionReport:
+    """Decide, for every ``nn.Conv2d`` of ``model`` (subclasses included), whether
+    it converts and with which settings, without changing the model.
+
+    Later override patterns win key by key; a key an override leaves unset
+    (None) keeps the value set before it, ``skip`` included.
+
+    Raises:
+        ConversionError: an include, exclude or override pattern that matches
+            no convolution.
+    """
+    convs = _convolutions(model)
+    names = [n for n, _ in convs]
+    for kind, patterns in (("include", settings.include), ("exclude", settings.exclude), ("overrides", settings.overrides)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ConversionError(f"{kind} pattern {pattern!r} matches no convolution of the model")
+    stems = stem_convolutions(model)
+    report = ConversionReport()
+    for name, conv in convs:
+        heads, zeta, ratio = settings.heads, settings.zeta, settings.squeeze_ratio
+        skip = ""
+        for pattern, override in settings.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                heads = override.heads if override.heads is not None else heads
+                zeta = override.zeta if override.zeta is not None else zeta
+                ratio = override.squeeze_ratio if override.squeeze_ratio is not None else ratio
+                if override.skip is not None:
+                    skip = f"override {pattern!r} says skip" if override.skip else ""
+        if settings.include and not _matches(name, settings.include):
+            skip = "not matched by include"
+        elif _matches(name, settings.exclude):
+            skip = "matched by exclude"
+        if not skip:
+            skip = _reason_to_skip(conv, heads, settings.min_channels, is_stem=name in stems)
+        decision = LayerDecision(
+            name=name,
+            kind=type(conv).__name__,
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            kernel_size=(conv.kernel_size[0], conv.kernel_size[1]),
+            stride=(conv.stride[0], conv.stride[1]),
+            groups=conv.groups,
+            status="skipped" if skip else "converted",
+            reason=skip,
+        )
+        if not skip:
+            decision.heads, decision.zeta, decision.squeeze_ratio = heads, float(zeta), ratio
+            decision.kept = kept_channel_count(conv.in_channels, zeta)
+        report.layers.append(decision)
+    return report
+
+
+def apply_conversion(model: nn.Module, layers: Mapping[str, LayerSettings]) -> None:
+    """Replace the named convolutions of ``model`` with ``DGCConv2d`` layers, in place.
+
+    No eligibility rule is consulted: this is how a saved model is rebuilt
+    whatever today's rules say. Every layer is built before any is swapped in,
+    so a failure leaves the model untouched. A convolution shared by several
+    parents is replaced under every name.
+
+    Raises:
+        ConversionError: a name that is not a plain-enough ``nn.Conv2d`` of
+            ``model`` (missing, grouped, asymmetric padding, ...).
+    """
+    replacements: dict[int, DGCConv2d] = {}
+    for name, layer in layers.items():
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError:
+            raise ConversionError(f"layer {name}: no such module in the model") from None
+        if not isinstance(conv, nn.Conv2d):
+            raise ConversionError(f"layer {name}: a {type(conv).__name__}, not an nn.Conv2d")
+        try:
+            replacements[id(conv)] = DGCConv2d.from_conv(
+                conv, heads=layer.heads, squeeze_ratio=layer.squeeze_ratio, zeta=layer.zeta
+            )
+        except ValueError as error:
+            raise ConversionError(f"layer {name}: {error}") from None
+    for parent in model.modules():
+        # _modules, not named_children(): the latter hides a second reference
+        # to the same child within one parent.
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                setattr(parent, child_name, replacements[id(child)])
+
+
 def convert(
     model: nn.Module,
+    settings: ConvertSection | None = None,
     *,
-    heads: int = 4,
-    zeta: float = 0.5,
-    squeeze_ratio: float = 16,
+    heads: int | None = None,
+    zeta: float | None = None,
+    squeeze_ratio: float | None = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
-    min_channels: int = 16,
+    min_channels: int | None = None,
     overrides: Mapping[str, LayerOverride | Mapping[str, Any]] | None = None,
 ) -> ConversionReport:
     """Replace the eligible convolutions of ``model`` with ``DGCConv2d``, in place.
 
     A convolution is eligible when its forward is ``nn.Conv2d``'s own, it is
-    not the stem (the first convolution, which sees the image), ``groups ==
-    1``, its padding is zeros (and symmetric), ``in_channels >= min_channels``
-    and ``heads`` divides ``out_channels``. Module names and the rest of the
-    model are untouched; weights and biases are copied into the new layers.
+    not a stem (a convolution that sees the image, found by tracing the
+    model), ``groups == 1``, its padding is zeros (and symmetric),
+    ``in_channels >= min_channels`` and ``heads`` divides ``out_channels``.
+    Module names and the rest of the model are untouched; weights and biases
+    are copied into the new layers.
 
     Args:
-        heads, zeta, squeeze_ratio: DGC settings for every converted layer.
-        include: glob patterns over module names; only matching convs convert.
-        exclude: glob patterns; matching convs are left alone.
-        min_channels: the fewest input channels worth gating.
-        overrides: glob pattern -> ``LayerOverride`` (or a mapping with
-            heads/zeta/squeeze_ratio/skip) for the matching convs; later
-            patterns win.
+        settings: a ``ConvertSection`` (the recipe's ``convert`` section);
+            the schema's defaults when None. ``enabled`` is not consulted.
+        heads, zeta, squeeze_ratio, include, exclude, min_channels, overrides:
+            convenience keywords applied on top of ``settings``; validated by
+            the same schema. ``overrides`` maps a glob pattern over module
+            names to a ``LayerOverride`` (or a mapping of heads / zeta /
+            squeeze_ratio / skip); later patterns win, key by key.
 
     Returns:
         A ``ConversionReport`` with one row per convolution, converted or the
@@ -178,79 +275,32 @@ def convert(
         ConversionError: bad settings, a pattern that matches no convolution,
             or no convolution that can be converted (the model is untouched).
     """
-    _check_settings("", heads, zeta, squeeze_ratio)
-    if not isinstance(min_channels, int) or min_channels < 1:
-        raise ConversionError(f"min_channels must be a positive integer, got {min_channels!r}")
-    include = list(include or [])
-    exclude = list(exclude or [])
-    parsed_overrides = {p: _as_override(p, v) for p, v in (overrides or {}).items()}
-
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    names = [n for n, _ in convs]
-    for kind, patterns in (("include", include), ("exclude", exclude), ("overrides", parsed_overrides)):
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                raise ConversionError(f"{kind} pattern {pattern!r} matches no convolution of the model")
-
-    report = ConversionReport()
-    replacements: dict[int, DGCConv2d] = {}
-    for index, (name, conv) in enumerate(convs):
-        layer_heads, layer_zeta, layer_ratio, skip = heads, zeta, squeeze_ratio, ""
-        for pattern, override in parsed_overrides.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                layer_heads = override.heads if override.heads is not None else layer_heads
-                layer_zeta = override.zeta if override.zeta is not None else layer_zeta
-                layer_ratio = override.squeeze_ratio if override.squeeze_ratio is not None else layer_ratio
-                skip = f"override {pattern!r} says skip" if override.skip else ""
-        _check_settings(f"layer {name}: ", layer_heads, layer_zeta, layer_ratio)
-        if include and not _matches(name, include):
-            skip = "not matched by include"
-        elif _matches(name, exclude):
-            skip = "matched by exclude"
-        if not skip:
-            skip = _reason_to_skip(name, conv, layer_heads, min_channels, is_stem=index == 0)
-        decision = LayerDecision(
-            name=name,
-            kind=type(conv).__name__,
-            in_channels=conv.in_channels,
-            out_channels=conv.out_channels,
-            kernel_size=tuple(conv.kernel_size),
-            stride=tuple(conv.stride),
-            groups=conv.groups,
-            status="skipped" if skip else "converted",
-            reason=skip,
-        )
-        if not skip:
-            decision.heads, decision.zeta, decision.squeeze_ratio = layer_heads, float(layer_zeta), layer_ratio
-            decision.kept = kept_channel_count(conv.in_channels, layer_zeta)
-            replacements[id(conv)] = DGCConv2d.from_conv(conv, heads=layer_heads, squeeze_ratio=layer_ratio, zeta=layer_zeta)
-        report.layers.append(decision)
-
-    if not replacements:
+    already = sum(isinstance(m, DGCConv2d) for m in model.modules())
+    if already:
+        model_name = getattr(getattr(model, "dgc_model_info", None), "name", type(model).__name__)
+        raise ConversionError(f"{model_name} is already converted ({already} DGC layers); convert the dense model once")
+    settings = convert_settings(
+        settings,
+        heads=heads,
+        zeta=zeta,
+        squeeze_ratio=squeeze_ratio,
+        include=None if include is None else list(include),
+        exclude=None if exclude is None else list(exclude),
+        min_channels=min_channels,
+        overrides=None if overrides is None else dict(overrides),
+    )
+    report = plan_conversion(model, settings)
+    if not report.converted:
         why = "; ".join(sorted({d.reason.split(" (")[0] for d in report.skipped})) or "it has no nn.Conv2d"
         model_name = getattr(getattr(model, "dgc_model_info", None), "name", type(model).__name__)
         raise ConversionError(f"no convolution of {model_name} can be converted ({why})")
-
-    # A conv shared by several parents is replaced under every name.
-    for parent in model.modules():
-        # _modules, not named_children(): the latter hides a second reference
-        # to the same child within one parent.
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in replacements:
-                setattr(parent, child_name, replacements[id(child)])
+    apply_conversion(model, report.layer_settings())
     return report
 
 
 def dgc_layers(model: nn.Module) -> list[tuple[str, DGCConv2d]]:
     """(name, layer) for every DGC layer of ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, DGCConv2d)]
-
-
-def _layers_of(model_or_layers: nn.Module | Iterable[DGCConv2d]) -> Iterable[DGCConv2d]:
-    # A training loop passes the layer list it found once, not the model to search every step.
-    if isinstance(model_or_layers, nn.Module):
-        return [layer for _, layer in dgc_layers(model_or_layers)]
-    return model_or_layers
 
 
 def set_zeta(
@@ -264,14 +314,14 @@ def set_zeta(
     """
     if (zeta_t is None) == (fraction is None):
         raise ValueError("pass exactly one of zeta_t or fraction")
-    for layer in _layers_of(model):
+    for layer in find_dgc_layers(model):
         layer.set_zeta_t(zeta_t if zeta_t is not None else layer.zeta * fraction)
 
 
 def sparsity_loss(model: nn.Module | Iterable[DGCConv2d]) -> Tensor:
     """Sum of the sparsity terms of every DGC layer's last forward (0 when none ran);
     ``model`` may also be a list of layers."""
-    terms = [layer.sparsity_loss for layer in _layers_of(model) if layer.sparsity_loss is not None]
+    terms = [layer.sparsity_loss for layer in find_dgc_layers(model) if layer.sparsity_loss is not None]
     if not terms:
         return torch.zeros(())
     return torch.stack([t.float() for t in terms]).sum()
@@ -298,26 +348,16 @@ def check_identity(
             1e-10 for float64, else 1e-4 times the output's largest magnitude,
             at least 1e-4).
     """
-    layers = [layer for _, layer in dgc_layers(converted)]
-    saved = [(layer.unit_scores, float(layer.zeta_t), layer.inference_algorithm) for layer in layers]
     modes = [(m, m.training) for m in (original, converted)]
+    # The training computation ("masked"): the check is about the conversion,
+    # and timing the sparse algorithms of every layer would cost seconds.
     try:
-        for layer in layers:
-            layer.unit_scores = True
-            layer.set_zeta_t(0.0)
-            # The training computation: the check is about the conversion, and
-            # timing the sparse algorithms of every layer would cost seconds.
-            layer.inference_algorithm = "masked"
-        original.eval()
-        converted.eval()
-        with torch.no_grad():
+        with dgc_mode(converted, algorithm="masked", unit_scores=True, zeta_t=0.0), torch.no_grad():
+            original.eval()
+            converted.eval()
             expected = _first_tensor(original(example_input))
             got = _first_tensor(converted(example_input))
     finally:
-        for layer, (unit, zeta_t, algorithm) in zip(layers, saved):
-            layer.unit_scores = unit
-            layer.set_zeta_t(zeta_t)
-            layer.inference_algorithm = algorithm
         for module, training in modes:
             module.train(training)
     difference = (got.double() - expected.double()).abs().max().item()

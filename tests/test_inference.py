@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from dgc_convert import DGCConv2d, convert, create_model
 from dgc_convert.bench import benchmark, realized_fraction
 from dgc_convert.cli import app
-from dgc_convert.nn.sparse import ALGORITHMS, algorithm_cache, clear_algorithm_cache
+from dgc_convert.nn.sparse import ALGORITHMS, WeightCache, algorithm_cache, clear_algorithm_cache, sparse_conv2d
 from dgc_convert.prepare import prepare_for_inference
 
 CASES = [
@@ -74,10 +74,11 @@ def test_weight_cache_follows_weight_changes():
 
 def test_bad_algorithm_names():
     layer = DGCConv2d(16, 8, 3, padding=1, heads=2).eval()
-    layer.inference_algorithm = "fastest"
     with pytest.raises(ValueError, match="algorithm must be 'auto' or one of"):
-        with torch.no_grad():
-            layer(torch.randn(1, 16, 4, 4))
+        layer.inference_algorithm = "fastest"  # refused when set, not at the next forward
+    with pytest.raises(ValueError, match="algorithm must be 'auto' or one of"):
+        sparse_conv2d(torch.randn(1, 16, 4, 4), torch.ones(1, 2, 8), torch.zeros(1, 2, 8, dtype=torch.long),
+                      layer.weight, WeightCache(), (1, 1), (1, 1), (1, 1), "fastest")
     layer.inference_algorithm = "gather_pointwise"
     with pytest.raises(ValueError, match="1x1 convolutions"):
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""DGCConv2d against the method (shared/DGC_METHOD.md) and an independent loop."""
+"""DGCConv2d against the method (docs/method.md) and an independent loop."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from dgc_convert.recipe import load_recipe
-from dgc_convert.trainer import build_model
+from dgc_convert.build import build_model
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -19,7 +19,8 @@ def test_the_promised_recipes_are_there():
 def test_recipe_loads_and_its_model_converts(path):
     recipe = load_recipe(path)
     assert recipe.convert.enabled and not recipe.model.pretrained and not recipe.data.download
-    model, report = build_model(recipe, recipe.model.num_classes or 10)
+    built = build_model(recipe.model, recipe.convert, num_classes=recipe.model.num_classes or 10)
+    report = built.report
     assert report.converted, path.name
     names = [d.name for d in report.converted]
     if path.stem == "densenet121_imagenet":

@@ -9,20 +9,51 @@ Bad input is one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import tempfile
+import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import click
 import typer
 from typer.core import TyperGroup
 
 from dgc_convert import __version__
-from dgc_convert.errors import DGCConvertError
 from dgc_convert.cli.render import error_console, output_console, print_conversion, print_json, print_model_list
+from dgc_convert.errors import DGCConvertError
+from dgc_convert.recipe import ConvertSection, ModelSection
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def _default(section: type[ConvertSection] | type[ModelSection], key: str) -> str:
+    """A setting's default as the schema holds it, for help texts."""
+    value = section.model_fields[key].default
+    return "the model's" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# Options shared by several commands, declared once (help texts name the schema's defaults).
+HeadsOption = Annotated[Optional[int], typer.Option("--heads", help=f"Heads per converted layer (default {_default(ConvertSection, 'heads')}).")]
+ZetaOption = Annotated[Optional[float], typer.Option(
+    "--zeta", help=f"Pruning ratio: fraction of input channels each head drops, in [0, 1) (default {_default(ConvertSection, 'zeta')}).")]
+SqueezeRatioOption = Annotated[Optional[float], typer.Option(
+    "--squeeze-ratio", help=f"Saliency generator squeeze ratio d (default {_default(ConvertSection, 'squeeze_ratio')}).")]
+MinChannelsOption = Annotated[Optional[int], typer.Option(
+    "--min-channels", help=f"Fewest input channels worth gating (default {_default(ConvertSection, 'min_channels')}).")]
+SourceOption = Annotated[Optional[str], typer.Option("--source", help="auto, timm or torchvision (default auto).")]
+InputSizeOption = Annotated[Optional[int], typer.Option("--input-size", help="Square input side in pixels (default: the model's).")]
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a recipe value: KEY.PATH=VALUE (YAML value), e.g. train.epochs=3. Repeatable.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout and nothing else.")]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward.")]
+SavedModelArgument = Annotated[Path, typer.Argument(help="A saved model (.safetensors) or a training run's last/ or best/ directory.")]
+DataOption = Annotated[str, typer.Option(
+    "--data", help="A recipe file (its data section) or a data set: digits, synthetic, cifar10, cifar100, imagefolder.")]
+RootOption = Annotated[Optional[Path], typer.Option("--root", help="Data directory for cifar10/cifar100/imagefolder.")]
 
 
 class _DefaultToConvert(TyperGroup):
@@ -49,23 +80,36 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     raise typer.Exit(code)
 
 
-def handles_errors(command: Callable) -> Callable:
-    """Turn our input errors into one line on stderr and exit code 2."""
+def _internal_error(error: BaseException) -> None:
+    """A bug, not bad input: one line, the full traceback in a file, exit 1."""
+    with tempfile.NamedTemporaryFile("w", prefix="dgc-convert-error-", suffix=".txt", delete=False) as handle:
+        handle.write("".join(traceback.format_exception(error)))
+    first = str(error).splitlines()[0] if str(error) else ""
+    _fail(f"internal error ({type(error).__name__}: {first[:200]}); traceback written to {handle.name}", EXIT_RUN_FAILED)
+
+
+def handles_errors(command: Command) -> Command:
+    """The project's own errors become one line on stderr and exit 2 (a diverged
+    run exits 1); anything else is an internal error (exit 1, traceback in a file)."""
 
     @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         from dgc_convert.trainer import TrainingDiverged
 
         try:
             return command(*args, **kwargs)
+        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
         except TrainingDiverged as error:
             _fail(str(error), EXIT_RUN_FAILED)
         except DGCConvertError as error:
             _fail(str(error))
-        except ValueError as error:  # bad arguments reaching the layer or libraries
-            _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        except KeyboardInterrupt:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except Exception as error:  # noqa: BLE001 - the last line of defence: never a raw traceback
+            _internal_error(error)
 
-    return wrapper
+    return wrapper  # type: ignore[return-value]
 
 
 def _version(value: bool) -> None:
@@ -84,41 +128,37 @@ def _root(
 @app.command("convert", help="Convert MODEL and report, for every convolution, what happened and the MACs saved.")
 @handles_errors
 def convert_command(
-    model: Optional[str] = typer.Argument(None, help="Model name (timm or torchvision; timm:NAME / torchvision:NAME to choose)."),
-    heads: Optional[int] = typer.Option(None, "--heads", help="Heads per converted layer (default 4)."),
-    zeta: Optional[float] = typer.Option(None, "--zeta", help="Pruning ratio: fraction of input channels each head drops, in [0, 1) (default 0.5)."),
-    squeeze_ratio: Optional[float] = typer.Option(None, "--squeeze-ratio", help="Saliency generator squeeze ratio d (default 16)."),
-    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob over module names; only matching convs convert. Repeatable."),
-    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Glob over module names to leave dense. Repeatable."),
-    min_channels: Optional[int] = typer.Option(None, "--min-channels", help="Fewest input channels worth gating (default 16)."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input side in pixels (default: the model's)."),
-    source: Optional[str] = typer.Option(None, "--source", help="auto, timm or torchvision (default auto)."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Take model and convert settings from a recipe; options given here win."),
-    check: bool = typer.Option(False, "--check", help="Verify the converted model equals the original at zeta 0 with unit scores."),
-    save_path: Optional[Path] = typer.Option(None, "--save", help="Write the converted (untrained) model to FILE.safetensors; dgc_convert.load opens it."),
-    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
+    model: Annotated[Optional[str], typer.Argument(help="Model name (timm or torchvision; timm:NAME / torchvision:NAME to choose).")] = None,
+    heads: HeadsOption = None,
+    zeta: ZetaOption = None,
+    squeeze_ratio: SqueezeRatioOption = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="Glob over module names; only matching convs convert. Repeatable.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob over module names to leave dense. Repeatable.")] = None,
+    min_channels: MinChannelsOption = None,
+    input_size: InputSizeOption = None,
+    source: SourceOption = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Take model and convert settings from a recipe; options given here win.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Verify the converted model equals the original at zeta 0 with unit scores.")] = False,
+    save_path: Annotated[Optional[Path], typer.Option("--save", help="Write the converted (untrained) model to FILE.safetensors; dgc_convert.load opens it.")] = None,
+    json_output: JsonOption = False,
 ) -> None:
-    from dgc_convert.recipe import ConvertSection, ModelSection, load_recipe
     from dgc_convert.cli.summary import summarize_conversion
+    from dgc_convert.recipe import convert_settings, load_recipe, model_settings
 
-    # Defaults come from the recipe schema, the one place that holds them.
-    convert_section, model_section = ConvertSection(), ModelSection(name=model or "")
+    base_convert: ConvertSection | None = None
+    base_model: ModelSection | None = None
     if recipe is not None:
         loaded = load_recipe(recipe)
         if not loaded.convert.enabled:
             _fail(f"{recipe}: convert.enabled is false; nothing to convert")
-        convert_section, model_section = loaded.convert, loaded.model
-        model = model or loaded.model.name
-    settings = convert_section.model_dump(exclude={"enabled"})
-    model_settings = model_section.model_dump(include={"source", "num_classes", "input_size"})
-    if model is None:
+        base_convert, base_model = loaded.convert, loaded.model
+    elif model is None:
         _fail("give a MODEL name or --recipe FILE (see `dgc-convert --help`)")
-    given = {"heads": heads, "zeta": zeta, "squeeze_ratio": squeeze_ratio, "include": include or None,
-             "exclude": exclude or None, "min_channels": min_channels}
-    settings.update({k: v for k, v in given.items() if v is not None})
-    model_settings.update({k: v for k, v in {"source": source, "input_size": input_size}.items() if v is not None})
-
-    summary = summarize_conversion(model, **model_settings, **settings, check=check)
+    # The recipe's values, then the options given here: one validation, the schema's.
+    model_spec = model_settings(base_model, name=model, source=source, input_size=input_size)
+    settings = convert_settings(base_convert, heads=heads, zeta=zeta, squeeze_ratio=squeeze_ratio,
+                                include=include or None, exclude=exclude or None, min_channels=min_channels)
+    summary = summarize_conversion(model_spec, settings, check=check)
     saved = None
     if save_path is not None:
         from dgc_convert.serialize import save
@@ -136,7 +176,7 @@ def convert_command(
 @handles_errors
 def list_models_command(
     pattern: str = typer.Argument("*", help="Glob such as 'resnet*', or a substring."),
-    json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    json_output: JsonOption = False,
 ) -> None:
     from dgc_convert.zoo import list_models
 
@@ -152,14 +192,11 @@ def list_models_command(
 recipe_app = typer.Typer(no_args_is_help=True, help="Check recipe files and show them resolved.")
 app.add_typer(recipe_app, name="recipe")
 
-_SET_HELP = "Override a recipe value: KEY.PATH=VALUE (YAML value), e.g. train.epochs=3. Repeatable."
-
-
 @recipe_app.command("validate", help="Check FILE against the recipe schema; one line saying what is wrong, or OK.")
 @handles_errors
 def recipe_validate_command(
-    file: Path = typer.Argument(..., help="Recipe YAML file."),
-    set_values: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+    file: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_values: SetOption = None,
 ) -> None:
     from dgc_convert.recipe import load_recipe
 
@@ -171,9 +208,9 @@ def recipe_validate_command(
 @recipe_app.command("show", help="Print FILE resolved (every default filled in) and its three stages as epoch and iteration ranges.")
 @handles_errors
 def recipe_show_command(
-    file: Path = typer.Argument(..., help="Recipe YAML file."),
-    set_values: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
-    json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    file: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_values: SetOption = None,
+    json_output: JsonOption = False,
 ) -> None:
     from dataclasses import asdict
 
@@ -209,9 +246,9 @@ def recipe_show_command(
 @app.command("train", help="Train RECIPE from scratch with the three-stage schedule (also under torchrun).")
 @handles_errors
 def train_command(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)."),
-    set_values: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue from output.directory/last exactly where it stopped."),
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).")],
+    set_values: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from output.directory/last exactly where it stopped.")] = False,
 ) -> None:
     from dgc_convert.recipe import load_recipe
     from dgc_convert.cli.render import TrainProgress
@@ -238,13 +275,13 @@ def train_command(
 @handles_errors
 def bench_command(
     model: str = typer.Argument(..., help="Model name, or a saved model: a .safetensors file from --save or dgc_convert.save, or a training run's last/ or best/ directory."),
-    heads: Optional[int] = typer.Option(None, "--heads", help="Heads per converted layer (default 4; model names only)."),
-    zeta: Optional[float] = typer.Option(None, "--zeta", help="Pruning ratio (default 0.5; model names only)."),
-    squeeze_ratio: Optional[float] = typer.Option(None, "--squeeze-ratio", help="Saliency squeeze ratio d (default 16)."),
-    min_channels: Optional[int] = typer.Option(None, "--min-channels", help="Fewest input channels worth gating (default 16)."),
-    source: Optional[str] = typer.Option(None, "--source", help="auto, timm or torchvision (default auto)."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Samples per forward."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input side in pixels (default: the model's)."),
+    heads: HeadsOption = None,
+    zeta: ZetaOption = None,
+    squeeze_ratio: SqueezeRatioOption = None,
+    min_channels: MinChannelsOption = None,
+    source: SourceOption = None,
+    batch_size: BatchSizeOption = 1,
+    input_size: InputSizeOption = None,
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs per variant (median reported)."),
     warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed runs per variant first."),
@@ -255,8 +292,11 @@ def bench_command(
     from dgc_convert.cli.render import print_bench
     from dgc_convert.cli.sources import models_for_bench
 
-    settings = {"heads": heads, "zeta": zeta, "squeeze_ratio": squeeze_ratio, "min_channels": min_channels, "source": source}
-    dense, dgc, name, default_size = models_for_bench(model, {k: v for k, v in settings.items() if v is not None})
+    from dgc_convert.recipe import model_settings
+
+    model_settings(name=model, input_size=input_size)  # the schema's bound on --input-size, before any work
+    conversion = {"heads": heads, "zeta": zeta, "squeeze_ratio": squeeze_ratio, "min_channels": min_channels}
+    dense, dgc, name, default_size = models_for_bench(model, conversion, source=source)
     result = benchmark(dense, dgc, name=name, batch_size=batch_size, input_size=input_size or default_size,
                        repeats=repeats, warmup=warmup, threads=threads, layers=json_output or layers > 0)
     if json_output:
@@ -265,9 +305,11 @@ def bench_command(
         print_bench(result, layer_rows=layers)
 
 
-def _model_and_held_out(file: Path, data: str, root: Optional[Path]):
+def _model_and_held_out(file: Path, data: str, root: Optional[Path]) -> tuple[Any, Any, Any]:
     """The saved model at FILE and the held-out split of --data (a recipe file or a data set name)."""
     from dgc_convert.data import build_data
+    from pydantic import ValidationError
+
     from dgc_convert.recipe import DataSection, load_recipe
     from dgc_convert.serialize import load
 
@@ -278,26 +320,21 @@ def _model_and_held_out(file: Path, data: str, root: Optional[Path]):
     else:
         try:
             section = DataSection(dataset=data, root=str(root) if root else None)
-        except ValueError as error:  # pydantic: unknown data set, or a missing root
-            lines = str(error).splitlines()
-            message = (lines[-2] if len(lines) > 1 else lines[0]).strip().removeprefix("Value error, ")
-            _fail(f"--data {data!r}: {message.split(' [type=')[0]}")
+        except ValidationError as error:  # an unknown data set, or a missing root
+            _fail(f"--data {data!r}: {error.errors()[0]['msg'].removeprefix('Value error, ')}")
     bundle = build_data(section.model_copy(update={"augmentation": "none"}), image_size=info.input_size[-1],
                         num_classes=info.num_classes, seed=0, model=model)
     return model, section, bundle
 
 
-_DATA_HELP = "A recipe file (its data section) or a data set: digits, synthetic, cifar10, cifar100, imagefolder."
-
-
 @app.command("eval", help="Evaluate a saved model on a data set: top-1/top-5 and the MACs per sample it really spent.")
 @handles_errors
 def eval_command(
-    file: Path = typer.Argument(..., help="A saved model (.safetensors) or a training run's last/ or best/ directory."),
-    data: str = typer.Option(..., "--data", help=_DATA_HELP),
-    root: Optional[Path] = typer.Option(None, "--root", help="Data directory for cifar10/cifar100/imagefolder."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per forward."),
-    json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    file: SavedModelArgument,
+    data: DataOption,
+    root: RootOption = None,
+    batch_size: BatchSizeOption = 64,
+    json_output: JsonOption = False,
 ) -> None:
     from dgc_convert.evaluate import evaluate
     from dgc_convert.cli.render import print_evaluation
@@ -314,11 +351,11 @@ def eval_command(
 @app.command("inspect", help="How often each head keeps each input channel over a data set: PNG heat maps and a JSON summary.")
 @handles_errors
 def inspect_command(
-    file: Path = typer.Argument(..., help="A saved model (.safetensors) or a training run's last/ or best/ directory."),
-    data: str = typer.Option(..., "--data", help=_DATA_HELP),
-    out: Path = typer.Option(..., "--out", help="Directory for the heat maps (one PNG per layer) and summary.json."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Data directory for cifar10/cifar100/imagefolder."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per forward."),
+    file: SavedModelArgument,
+    data: DataOption,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the heat maps (one PNG per layer) and summary.json.")],
+    root: RootOption = None,
+    batch_size: BatchSizeOption = 64,
 ) -> None:
     from dgc_convert.gate_usage import channel_usage, write_heatmaps, write_summary
 
@@ -337,7 +374,7 @@ def inspect_command(
 @app.command("export", help="Export a saved model to ONNX with its dynamic gating (TopK, ScatterElements) and check it with onnxruntime.")
 @handles_errors
 def export_command(
-    file: Path = typer.Argument(..., help="A saved model (.safetensors) or a training run's last/ or best/ directory."),
+    file: SavedModelArgument,
     onnx: Path = typer.Option(..., "--onnx", help="Where to write the .onnx file."),
     opset: int = typer.Option(18, "--opset", min=13, help="ONNX opset."),
     tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest max |onnxruntime - torch|, relative to the output scale."),

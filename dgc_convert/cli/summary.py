@@ -7,16 +7,17 @@ or JSON.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from dgc_convert.build import build_model
 from dgc_convert.macs import count_macs, normalize_input_size
-from dgc_convert.surgery import ConversionReport, LayerOverride, check_identity, convert
-from dgc_convert.zoo import ModelInfo, create_model
+from dgc_convert.recipe import ConvertSection, ModelSection
+from dgc_convert.surgery import ConversionReport, LayerDecision, check_identity
+from dgc_convert.zoo import ModelInfo
 
 __all__ = ["ConversionSummary", "LayerRow", "summarize_conversion"]
 
@@ -67,7 +68,7 @@ class ConversionSummary:
         return data
 
 
-def _geometry(decision) -> str:
+def _geometry(decision: LayerDecision) -> str:
     kh, kw = decision.kernel_size
     text = f"{decision.in_channels}->{decision.out_channels} {kh}x{kw}"
     if decision.stride != (1, 1):
@@ -77,43 +78,21 @@ def _geometry(decision) -> str:
     return text
 
 
-def summarize_conversion(
-    name: str,
-    *,
-    source: str = "auto",
-    num_classes: int | None = None,
-    input_size: int | None = None,
-    heads: int = 4,
-    zeta: float = 0.5,
-    squeeze_ratio: float = 16,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    min_channels: int = 16,
-    overrides: dict[str, LayerOverride | dict] | None = None,
-    check: bool = False,
-) -> ConversionSummary:
-    """Build ``name``, convert it, count MACs per sample before and after.
+def summarize_conversion(model_spec: ModelSection, settings: ConvertSection, *, check: bool = False) -> ConversionSummary:
+    """Build the model ``model_spec`` names, convert it with ``settings``, count MACs per sample before and after.
 
-    ``input_size`` is the square side in pixels (the model's default when
-    None). With ``check`` the converted model is compared with the original at
-    zeta 0 and unit scores (``check_identity``) on a batch of two random images.
+    ``model_spec.input_size`` is the square side in pixels (the model's
+    default when None). With ``check`` the converted model is compared with
+    the original at zeta 0 and unit scores (``check_identity``) on a batch of
+    two random images.
     """
-    model = create_model(name, source=source, num_classes=num_classes)
+    built = build_model(model_spec, settings.model_copy(update={"enabled": True}), keep_dense=True)
+    model, dense_model, report = built.model, built.dense, built.report
+    assert dense_model is not None and report is not None  # keep_dense, and conversion enabled
     info: ModelInfo = model.dgc_model_info
-    size = info.input_size if input_size is None else normalize_input_size(input_size, info.input_size[0])
+    size = info.input_size if model_spec.input_size is None else normalize_input_size(model_spec.input_size, info.input_size[0])
     model.eval()
-    dense = count_macs(model, size)
-    original = copy.deepcopy(model) if check else None
-    settings = {
-        "heads": heads,
-        "zeta": zeta,
-        "squeeze_ratio": squeeze_ratio,
-        "include": list(include or []),
-        "exclude": list(exclude or []),
-        "min_channels": min_channels,
-        "overrides": dict(overrides or {}),
-    }
-    report = convert(model, **settings)
+    dense = count_macs(dense_model, size)
     converted = count_macs(model, size)
     dense_by_name, dgc_by_name = dense.by_name(), converted.by_name()
     rows = [
@@ -135,7 +114,7 @@ def summarize_conversion(
     if check:
         generator = torch.Generator().manual_seed(0)
         example = torch.randn(2, *size, generator=generator)
-        identity = check_identity(original, model, example)
+        identity = check_identity(dense_model, model, example)
     totals = {
         "dense_macs": dense.total_macs,
         "dgc_macs": converted.total_macs,
@@ -145,16 +124,12 @@ def summarize_conversion(
         "converted_layers": len(report.converted),
         "convolutions": len(report.layers),
     }
-    # The overrides as plain data, for the JSON report.
-    settings["overrides"] = {
-        pattern: asdict(v) if isinstance(v, LayerOverride) else dict(v) for pattern, v in settings["overrides"].items()
-    }
     return ConversionSummary(
         model=info.name,
         library=info.library,
         auto_picked=info.auto_picked,
         input_size=size,
-        settings=settings,
+        settings=settings.model_dump(mode="json", exclude={"enabled"}),
         layers=rows,
         totals=totals,
         identity_max_diff=identity,

@@ -185,7 +185,7 @@ def _prefers_per_sample(x: Tensor, weight: Tensor) -> bool:
     return weight.shape[0] * weight.shape[2] * weight.shape[3] <= 2 * x.shape[2] * x.shape[3]
 
 
-ALGORITHMS = ("auto", "per_head", "per_sample", "stacked")
+GATED_CONV_ALGORITHMS = ("auto", "per_head", "per_sample", "stacked")  # how training computes the gated conv
 # Feature maps up to this many pixels run all heads as one grouped convolution
 # (benchmarks/train_throughput.py; layer timings at 4x4 and below favour it).
 _STACKED_MAX_PIXELS = 16
@@ -221,8 +221,8 @@ def gated_conv2d(
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             return gated_conv2d(x.to(dtype), gate.to(dtype), weight.to(dtype), stride, padding, dilation, algorithm)
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {', '.join(map(repr, ALGORITHMS))}, got {algorithm!r}")
+    if algorithm not in GATED_CONV_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(map(repr, GATED_CONV_ALGORITHMS))}, got {algorithm!r}")
     if algorithm == "auto":
         if _prefers_per_sample(x, weight):
             algorithm = "per_sample"

@@ -4,7 +4,7 @@
 split into ``heads`` groups; each head owns a small saliency generator that
 scores every input channel per sample, keeps the ``k`` highest-scoring
 channels, scales them by their scores and convolves them with the head's
-filters. The method is stated in ``shared/DGC_METHOD.md``; this module holds
+filters. The method is stated in ``docs/method.md``; this module holds
 the method and nothing else (no surgery, no training).
 """
 
@@ -18,9 +18,31 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from dgc_convert.nn.functional import gated_conv2d, gated_copies, head_major_to_dense, head_weights
+from dgc_convert.nn.sparse import ALGORITHMS as SPARSE_ALGORITHMS
 from dgc_convert.nn.sparse import WeightCache, pick_algorithm, sparse_conv2d
 
-__all__ = ["DGCConv2d", "SaliencyGenerator", "Gates", "kept_channel_count", "static_padding"]
+__all__ = [
+    "DGCConv2d",
+    "SaliencyGenerator",
+    "Gates",
+    "kept_channel_count",
+    "static_padding",
+    "DEFAULT_HEADS",
+    "DEFAULT_SQUEEZE_RATIO",
+    "DEFAULT_ZETA",
+    "INFERENCE_ALGORITHMS",
+]
+
+# How eval mode may compute: "auto" (the fastest exact sparse algorithm for
+# the case, timed once), one sparse algorithm by name ("masked" is the
+# training computation), or "export" (the graph form ONNX and MAC counting use).
+INFERENCE_ALGORITHMS: tuple[str, ...] = ("auto", "export", *SPARSE_ALGORITHMS)
+
+# The layer's defaults, which the recipe schema (``ConvertSection``) uses too:
+# a layer built by hand and one converted with default settings agree.
+DEFAULT_HEADS = 4
+DEFAULT_SQUEEZE_RATIO = 16
+DEFAULT_ZETA = 0.5
 
 
 def _exporting() -> bool:
@@ -153,9 +175,9 @@ class DGCConv2d(nn.Module):
         dilation: int | tuple[int, int] = 1,
         bias: bool = False,
         *,
-        heads: int = 4,
-        squeeze_ratio: float = 16,
-        zeta: float = 0.5,
+        heads: int = DEFAULT_HEADS,
+        squeeze_ratio: float = DEFAULT_SQUEEZE_RATIO,
+        zeta: float = DEFAULT_ZETA,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
@@ -179,7 +201,7 @@ class DGCConv2d(nn.Module):
         self.squeeze_ratio = squeeze_ratio
         self.zeta = _check_zeta("zeta", zeta)
         self.unit_scores = False
-        self.inference_algorithm = "auto"
+        self._inference_algorithm = "auto"
         self.last_algorithm: str | None = None  # what the last eval-mode forward ran
         self._weight_cache = WeightCache()
 
@@ -199,9 +221,9 @@ class DGCConv2d(nn.Module):
         cls,
         conv: nn.Conv2d,
         *,
-        heads: int = 4,
-        squeeze_ratio: float = 16,
-        zeta: float = 0.5,
+        heads: int = DEFAULT_HEADS,
+        squeeze_ratio: float = DEFAULT_SQUEEZE_RATIO,
+        zeta: float = DEFAULT_ZETA,
     ) -> "DGCConv2d":
         """Build a DGC layer with ``conv``'s geometry, weight and bias.
 
@@ -250,6 +272,19 @@ class DGCConv2d(nn.Module):
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
         self.saliency_generator.reset_parameters()
+
+    # -- modes --------------------------------------------------------------
+
+    @property
+    def inference_algorithm(self) -> str:
+        """How eval mode computes: one of ``INFERENCE_ALGORITHMS`` (checked when set)."""
+        return self._inference_algorithm
+
+    @inference_algorithm.setter
+    def inference_algorithm(self, value: str) -> None:
+        if value not in INFERENCE_ALGORITHMS:
+            raise ValueError(f"algorithm must be 'auto' or one of {', '.join(INFERENCE_ALGORITHMS[1:])}; got {value!r}")
+        self._inference_algorithm = value
 
     # -- pruning ratio ----------------------------------------------------
 
