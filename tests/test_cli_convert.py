@@ -115,3 +115,52 @@ def test_console_script_and_top_level_cli_forward_to_the_app():
     for command in (["dgc-convert", "--version"], [sys.executable, str(ROOT / "cli.py"), "--version"]):
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.startswith("dgc-convert ")
+
+
+# -- regressions from the architecture issue ----------------------------------------
+
+
+def test_options_get_the_recipe_schema_bounds_and_messages():
+    # The recipe schema refuses input_size < 8; the command line used to accept it.
+    result = invoke("resnet18", "--input-size", "4")
+    assert result.exit_code == 2 and result.stderr.strip() == "error: input_size must be an integer >= 8, got 4"
+    api = pytest.raises(Exception, match=r"zeta must be in \[0, 1\), got 1.5")
+    from dgc_convert import convert, create_model
+
+    with api:
+        convert(create_model("resnet18"), zeta=1.5)
+    assert "zeta must be in [0, 1), got 1.5" in invoke("resnet18", "--zeta", "1.5").stderr
+
+
+def test_recipe_pretrained_is_honoured_by_convert_and_save(tmp_path, monkeypatch):
+    import dgc_convert.build as build
+    from dgc_convert.zoo import create_model
+
+    asked = []
+
+    def recording_create_model(name, **kwargs):
+        asked.append(kwargs.get("pretrained"))
+        return create_model(name, **{**kwargs, "pretrained": False})  # no download in tests
+
+    monkeypatch.setattr(build, "create_model", recording_create_model)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: resnet18, pretrained: true, num_classes: 10, input_size: 32}\n")
+    result = invoke("--recipe", str(recipe), "--save", str(tmp_path / "m.safetensors"), "--json")
+    assert result.exit_code == 0, result.output
+    assert asked == [True]
+
+
+def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(monkeypatch):
+    import dgc_convert.cli.summary as summary
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug\nsecond line")
+
+    monkeypatch.setattr(summary, "summarize_conversion", broken)
+    result = invoke("resnet18")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: internal error (ValueError: an internal bug); traceback written to ")
+    written = Path(lines[0].rsplit(" ", 1)[1])
+    assert "Traceback" in written.read_text() and "an internal bug" in written.read_text()
+    written.unlink()

@@ -74,3 +74,20 @@ def test_eval_command_with_a_recipe_or_a_data_set_name(tmp_path, model):
     ]:
         failed = runner.invoke(app, ["eval", str(path), *args])
         assert failed.exit_code == 2 and message in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_and_inspect_work_with_unit_scores(model):
+    """Scores are read on the layer, not through the saliency generator (which unit scores bypass)."""
+    from dgc_convert import dgc_mode
+    from dgc_convert.gate_usage import channel_usage
+
+    bundle = _data("synthetic")
+    with dgc_mode(model, unit_scores=True):
+        report = evaluate(model, bundle.val, batch_size=32, input_size=(3, 32, 32))
+        usage = channel_usage(model, bundle.val, batch_size=32)
+    assert report.samples == len(bundle.val)
+    # Every score is 1: every head keeps k nonzero channels, realised MACs equal the static count.
+    assert report.realised_mean == pytest.approx(report.static_macs)
+    # Equal scores go to the lowest channels, for every sample.
+    first = usage[0]
+    assert bool((first.frequency[:, : first.kept] == 1).all()) and bool((first.frequency[:, first.kept:] == 0).all())

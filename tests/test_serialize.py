@@ -160,3 +160,20 @@ def test_models_not_from_create_model_or_prepared_are_refused(tmp_path):
     prepare_for_inference(model)
     with pytest.raises(DGCConvertError, match="before prepare_for_inference"):
         save(model, tmp_path / "y.safetensors")
+
+
+def test_a_saved_model_loads_even_when_todays_rules_would_skip_its_layers(tmp_path, monkeypatch):
+    import dgc_convert.surgery as surgery
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=5)
+    convert(model, zeta=0.5)
+    path = save(model.eval(), tmp_path / "r18.safetensors", input_size=32)
+    # A stricter eligibility rule introduced after the file was written: nothing converts any more.
+    monkeypatch.setattr(surgery, "_reason_to_skip", lambda *args, **kwargs: "a rule from the future")
+    with pytest.raises(Exception, match="no convolution of resnet18 can be converted"):
+        convert(create_model("resnet18", num_classes=5))
+    loaded = load(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

@@ -142,3 +142,98 @@ def test_set_zeta_and_sparsity_loss():
     assert loss.requires_grad and loss > 0
     with pytest.raises(ValueError):
         set_zeta(model)
+
+
+# -- regressions from the architecture issue ----------------------------------------
+
+
+def test_an_override_without_skip_keeps_an_earlier_skip():
+    report = convert(Toy(), overrides={"body.*": {"skip": True}, "body.0": {"zeta": 0.7}, "body.4": {"skip": False}})
+    rows = {d.name: d for d in report.layers}
+    assert rows["body.0"].reason == "override 'body.*' says skip"  # zeta alone does not un-skip
+    assert rows["body.4"].converted  # an explicit skip: false does
+
+
+class ImageEntersLast(nn.Module):
+    """A model whose first registered convolution is not the one that sees the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(32, 32, 3, padding=1)
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.stem(x))
+
+
+def test_the_stem_is_the_convolution_that_receives_the_image():
+    report = convert(ImageEntersLast())
+    rows = {d.name: d for d in report.layers}
+    assert rows["stem"].reason == "stem: sees the image"
+    assert rows["head"].converted
+
+
+def test_untraceable_models_fall_back_to_the_first_registered_convolution():
+    class Untraceable(ImageEntersLast):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+                return self.head(self.stem(x))
+            return self.stem(x)
+
+    from dgc_convert import ConvertSection, plan_conversion
+
+    report = plan_conversion(Untraceable(), ConvertSection())
+    assert {d.name: d.reason for d in report.layers} == {
+        "head": "stem: sees the image", "stem": "in_channels=3 < min_channels=16"}
+
+
+def test_plan_then_apply_equals_convert_and_plans_touch_nothing():
+    from dgc_convert import ConvertSection, apply_conversion, plan_conversion
+
+    torch.manual_seed(0)
+    model, twin = Toy(), None
+    twin = copy.deepcopy(model)
+    plan = plan_conversion(model, ConvertSection(zeta=0.25))
+    assert not dgc_layers(model) and [d.name for d in plan.converted] == ["body.0", "body.4"]
+    apply_conversion(model, plan.layer_settings())
+    convert(twin, zeta=0.25)
+    x = torch.randn(2, 3, 8, 8)
+    model.eval(), twin.eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), twin(x))
+
+
+def test_apply_conversion_names_a_module_that_cannot_take_the_settings():
+    from dgc_convert import LayerSettings, apply_conversion
+
+    model = Toy()
+    with pytest.raises(ConversionError, match="layer body.9: no such module"):
+        apply_conversion(model, {"body.9": LayerSettings(4, 16, 0.5)})
+    with pytest.raises(ConversionError, match="layer body.1: a BatchNorm2d, not an nn.Conv2d"):
+        apply_conversion(model, {"body.1": LayerSettings(4, 16, 0.5)})
+    with pytest.raises(ConversionError, match="layer body.2: conv.groups must be 1"):
+        apply_conversion(model, {"body.0": LayerSettings(4, 16, 0.5), "body.2": LayerSettings(4, 16, 0.5)})
+    assert not dgc_layers(model)  # all or nothing
+
+
+def test_converting_twice_says_already_converted():
+    model = Toy()
+    convert(model)
+    with pytest.raises(ConversionError, match="already converted"):
+        convert(model)
+
+
+def test_the_api_and_the_schema_share_defaults_and_bounds():
+    from dgc_convert import ConvertSection
+    from dgc_convert.recipe import convert_settings
+
+    layer = DGCConv2d(16, 16, 3)
+    defaults = ConvertSection()
+    assert (layer.heads, layer.squeeze_ratio, layer.zeta) == (defaults.heads, defaults.squeeze_ratio, defaults.zeta)
+    with pytest.raises(ConversionError, match=r"^heads must be a positive integer, got 'four'$"):
+        convert_settings(heads="four")
+    with pytest.raises(ConversionError, match=r"^unknown setting 'zetta'"):
+        convert_settings(ConvertSection(), zetta=0.5)
+    assert convert_settings(ConvertSection(heads=2), zeta=0.25).model_dump(exclude={"overrides"}) == {
+        **ConvertSection().model_dump(exclude={"overrides"}), "heads": 2, "zeta": 0.25}
