@@ -285,6 +285,8 @@ def build_data(data: DataSection, *, image_size: int, num_classes: int | None, s
         seed: the run's seed, which drives the augmentation stream.
         model: the model, whose timm data config sets image-folder transforms.
     """
+    train: Dataset[Any]
+    val: Dataset[Any]
     if data.dataset == "digits":
         train, val = _digits(image_size)
         classes, augmentation = 10, _tensor_augmentation(data.augmentation, "digits", image_size)

@@ -21,6 +21,7 @@ from torch import nn
 
 from dgc_convert.errors import DGCConvertError
 from dgc_convert.nn.modes import dgc_mode
+from dgc_convert.zoo import model_info
 
 __all__ = ["ExportReport", "export_onnx", "ExportError"]
 
@@ -71,7 +72,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: tuple[int, in
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = getattr(model, "dgc_model_info", None)
+    info = model_info(model)
     size = tuple(input_size or (info.input_size if info else (3, 224, 224)))
     model = model.eval()
     example = torch.randn(2, *size)

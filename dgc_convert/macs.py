@@ -83,6 +83,7 @@ class MacReport:
 
 def normalize_input_size(input_size: int | Sequence[int], channels: int = 3) -> tuple[int, int, int]:
     """(channels, height, width) from an int (square), (height, width) or (channels, height, width)."""
+    size: tuple[int, ...]
     if isinstance(input_size, int):
         size = (channels, input_size, input_size)
     else:

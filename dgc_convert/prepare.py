@@ -35,11 +35,15 @@ class InferenceReport:
 @torch.no_grad()
 def fold_batchnorm(conv: nn.Conv2d | DGCConv2d, bn: nn.BatchNorm2d) -> None:
     """Fold an eval-mode ``bn`` that directly follows ``conv`` into its weight and bias, in place."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:
+        raise ValueError("fold_batchnorm needs a BatchNorm with running statistics")
+    inverse_std = torch.rsqrt(var + bn.eps)
+    scale = bn.weight * inverse_std if bn.affine else inverse_std
+    shift = bn.bias if bn.affine else torch.zeros_like(mean)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
     conv.weight.mul_(scale.to(conv.weight.dtype).view(-1, 1, 1, 1))
-    new_bias = (bias - bn.running_mean) * scale + shift
+    new_bias = (bias - mean) * scale + shift
     if conv.bias is None:
         conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
     else:
@@ -61,24 +65,27 @@ def _foldable_pairs(model: nn.Module, report: InferenceReport) -> list[tuple[str
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
             continue
         bn = modules[node.target]
         source = node.args[0] if node.args else None
-        conv = modules.get(source.target) if isinstance(source, torch.fx.Node) and source.op == "call_module" else None
+        if not isinstance(source, torch.fx.Node) or source.op != "call_module":
+            report.not_folded.append((node.target, "does not directly follow a convolution"))
+            continue
+        conv = modules.get(str(source.target))
         if not isinstance(conv, (nn.Conv2d, DGCConv2d)) or (isinstance(conv, nn.Conv2d) and type(conv).forward is not nn.Conv2d.forward):
             report.not_folded.append((node.target, "does not directly follow a convolution"))
         elif len(source.users) != 1:
             report.not_folded.append((node.target, f"{source.target}'s output is also used elsewhere"))
-        elif calls[node.target] != 1 or calls[source.target] != 1:
+        elif calls[str(node.target)] != 1 or calls[str(source.target)] != 1:
             report.not_folded.append((node.target, "module called more than once"))
         elif not bn.track_running_stats or bn.running_var is None:
             report.not_folded.append((node.target, "no running statistics"))
         else:
-            pairs.append((source.target, node.target))
+            pairs.append((str(source.target), str(node.target)))
     return pairs
 
 
@@ -91,7 +98,9 @@ def prepare_for_inference(model: nn.Module) -> InferenceReport:
     model.eval()
     report = InferenceReport()
     for conv_name, bn_name in _foldable_pairs(model, report):
-        fold_batchnorm(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        assert isinstance(conv, (nn.Conv2d, DGCConv2d)) and isinstance(bn, nn.BatchNorm2d)  # as _foldable_pairs found them
+        fold_batchnorm(conv, bn)
         parent, child = _parent_and_name(model, bn_name)
         setattr(parent, child, nn.Identity())
         report.folded.append((conv_name, bn_name))
@@ -99,5 +108,5 @@ def prepare_for_inference(model: nn.Module) -> InferenceReport:
         if isinstance(module, DGCConv2d):
             module._weight_cache.get(module.weight, module.heads)
             report.dgc_layers += 1
-    model.dgc_prepared_for_inference = True  # ``save`` refuses: folded BatchNorms cannot be rebuilt by name
+    model.dgc_prepared_for_inference = True  # type: ignore[assignment]  # ``save`` refuses: folded BatchNorms cannot be rebuilt by name
     return report

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,7 +24,7 @@ from torch import nn
 from dgc_convert import __version__
 from dgc_convert.errors import DGCConvertError, UnknownModelError
 from dgc_convert.surgery import LayerSettings, apply_conversion, dgc_layers
-from dgc_convert.zoo import create_model
+from dgc_convert.zoo import Library, ModelInfo, attach_model_info, create_model, model_info
 
 __all__ = ["MODEL_FORMAT", "LoadError", "model_metadata", "save", "load", "read_metadata"]
 
@@ -42,7 +42,7 @@ def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = 
     ``model`` must come from ``dgc_convert.create_model`` (which records the
     name and library to rebuild it from).
     """
-    info = getattr(model, "dgc_model_info", None)
+    info = model_info(model)
     if info is None:
         raise DGCConvertError(
             "save needs a model built by dgc_convert.create_model: it records the name and library to rebuild it from"
@@ -52,8 +52,8 @@ def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = 
          "zeta_t": layer.zeta_t_value}
         for name, layer in dgc_layers(model)
     ]
-    size = input_size if input_size is not None else info.input_size
-    size = [int(v) for v in ((3, size, size) if isinstance(size, int) else size)]
+    given = input_size if input_size is not None else info.input_size
+    size = [int(v) for v in ((3, given, given) if isinstance(given, int) else given)]
     return {
         "format": MODEL_FORMAT,
         "model": info.name,
@@ -132,6 +132,8 @@ def load(path: str | Path) -> nn.Module:
     layers = _field(metadata, "conversion", file)
     num_classes = _field(metadata, "num_classes", file)
     name, library = metadata.get("model", ""), metadata.get("library", "auto")
+    if library not in ("timm", "torchvision"):
+        raise LoadError(f"{file}: metadata names library {library!r}; expected timm or torchvision")
     try:
         model = create_model(name, source=library, num_classes=num_classes)
     except UnknownModelError as error:
@@ -156,7 +158,5 @@ def load(path: str | Path) -> nn.Module:
         count = len(missing_keys) + len(unexpected)
         raise LoadError(f"{file}: tensors do not match the rebuilt {name}: {what} ({count} keys differ)")
     size = _field(metadata, "input_size", file)
-    model.dgc_model_info = type(model.dgc_model_info)(
-        model.dgc_model_info.name, model.dgc_model_info.library, tuple(size), num_classes, False
-    )
+    attach_model_info(model, ModelInfo(name, cast(Library, library), tuple(size), num_classes, False))
     return model.eval()

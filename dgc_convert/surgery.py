@@ -23,6 +23,7 @@ from dgc_convert.nn.layer import DGCConv2d, kept_channel_count, static_padding
 from dgc_convert.nn.modes import dgc_mode, find_dgc_layers
 from dgc_convert.recipe import ConvertSection, LayerOverride, convert_settings
 from dgc_convert.tracing import image_convolutions
+from dgc_convert.zoo import model_info
 
 __all__ = [
     "LayerDecision",
@@ -148,6 +149,11 @@ def stem_convolutions(model: nn.Module) -> set[str]:
         return found
     convs = _convolutions(model)
     return {convs[0][0]} if convs else set()
+
+
+def _display_name(model: nn.Module) -> str:
+    info = model_info(model)
+    return info.name if info is not None else type(model).__name__
 
 
 def plan_conversion(model: nn.Module, settings: ConvertSection) -> ConversionReport:
@@ -277,7 +283,7 @@ def convert(
     """
     already = sum(isinstance(m, DGCConv2d) for m in model.modules())
     if already:
-        model_name = getattr(getattr(model, "dgc_model_info", None), "name", type(model).__name__)
+        model_name = _display_name(model)
         raise ConversionError(f"{model_name} is already converted ({already} DGC layers); convert the dense model once")
     settings = convert_settings(
         settings,
@@ -292,7 +298,7 @@ def convert(
     report = plan_conversion(model, settings)
     if not report.converted:
         why = "; ".join(sorted({d.reason.split(" (")[0] for d in report.skipped})) or "it has no nn.Conv2d"
-        model_name = getattr(getattr(model, "dgc_model_info", None), "name", type(model).__name__)
+        model_name = _display_name(model)
         raise ConversionError(f"no convolution of {model_name} can be converted ({why})")
     apply_conversion(model, report.layer_settings())
     return report
@@ -315,7 +321,7 @@ def set_zeta(
     if (zeta_t is None) == (fraction is None):
         raise ValueError("pass exactly one of zeta_t or fraction")
     for layer in find_dgc_layers(model):
-        layer.set_zeta_t(zeta_t if zeta_t is not None else layer.zeta * fraction)
+        layer.set_zeta_t(zeta_t if zeta_t is not None else layer.zeta * (fraction or 0.0))
 
 
 def sparsity_loss(model: nn.Module | Iterable[DGCConv2d]) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torchvision
 from torch import nn
@@ -28,8 +28,27 @@ class ModelInfo:
     num_classes: int | None
     auto_picked: bool = False
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def model_info(model: nn.Module) -> ModelInfo | None:
+    """The ``ModelInfo`` that ``create_model`` attached to ``model``, or None for a model built elsewhere."""
+    info = getattr(model, "dgc_model_info", None)
+    return info if isinstance(info, ModelInfo) else None
+
+
+def require_model_info(model: nn.Module) -> ModelInfo:
+    """``model_info(model)``, for models that must come from ``create_model`` or ``load``."""
+    info = model_info(model)
+    if info is None:
+        raise ValueError(f"{type(model).__name__} was not built by dgc_convert.create_model (no dgc_model_info)")
+    return info
+
+
+def attach_model_info(model: nn.Module, info: ModelInfo) -> None:
+    """Record what ``model`` is (``model.dgc_model_info``): what save/load, bench and eval rebuild it from."""
+    model.dgc_model_info = info  # type: ignore[assignment]  # a plain attribute, not a submodule or tensor
 
 
 def torchvision_names() -> list[str]:
@@ -123,7 +142,7 @@ def create_model(
         The model, with ``model.dgc_model_info`` (a ``ModelInfo``) attached.
     """
     bare, library, auto_picked = resolve(name, source)
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if library == "timm":
         import timm
 
@@ -136,5 +155,5 @@ def create_model(
     classes = num_classes
     if classes is None:
         classes = getattr(model, "num_classes", None) or getattr(getattr(model, "fc", None), "out_features", None)
-    model.dgc_model_info = ModelInfo(bare, library, default_input_size(bare, library), classes, auto_picked)
+    attach_model_info(model, ModelInfo(bare, library, default_input_size(bare, library), classes, auto_picked))
     return model

@@ -14,7 +14,6 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -22,6 +21,7 @@ from dgc_convert import __version__
 from dgc_convert.cli.render import error_console, output_console, print_conversion, print_json, print_model_list
 from dgc_convert.errors import DGCConvertError
 from dgc_convert.recipe import ConvertSection, ModelSection
+from dgc_convert.zoo import require_model_info
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -59,7 +59,7 @@ RootOption = Annotated[Optional[Path], typer.Option("--root", help="Data directo
 class _DefaultToConvert(TyperGroup):
     """Route ``dgc-convert MODEL ...`` to the ``convert`` command."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer's vendored click Context has no public name
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["convert", *args]
         return super().parse_args(ctx, args)
@@ -98,7 +98,7 @@ def handles_errors(command: Command) -> Command:
 
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own exits and usage errors
             raise
         except TrainingDiverged as error:
             _fail(str(error), EXIT_RUN_FAILED)
@@ -160,7 +160,7 @@ def convert_command(
                                 include=include or None, exclude=exclude or None, min_channels=min_channels)
     summary = summarize_conversion(model_spec, settings, check=check)
     saved = None
-    if save_path is not None:
+    if save_path is not None and summary.converted_model is not None:
         from dgc_convert.serialize import save
 
         saved = save(summary.converted_model, save_path, input_size=summary.input_size)
@@ -232,15 +232,16 @@ def recipe_show_command(
         _fail(f"{file}: train.batch_size={t.batch_size} is larger than the {samples} training samples")
     schedule = Schedule(t.epochs, per_epoch, t.lr, t.warmup_fraction, t.finetune_fraction, t.zeta_ramp)
     stages = [asdict(s) for s in schedule.stages()]
+    shown_per_epoch: int | None = per_epoch
     if samples is None:
         for stage in stages:
             stage["start_iteration"] = stage["end_iteration"] = None
-        per_epoch = None
+        shown_per_epoch = None
     data = recipe.model_dump(mode="json")
     if json_output:
-        print_json({"recipe": data, "train_samples": samples, "iterations_per_epoch": per_epoch, "stages": stages})
+        print_json({"recipe": data, "train_samples": samples, "iterations_per_epoch": shown_per_epoch, "stages": stages})
     else:
-        print_recipe(data, stages, per_epoch, samples, note=None if samples is not None else missing)
+        print_recipe(data, stages, shown_per_epoch, samples, note=None if samples is not None else missing)
 
 
 @app.command("train", help="Train RECIPE from scratch with the three-stage schedule (also under torchrun).")
@@ -314,12 +315,12 @@ def _model_and_held_out(file: Path, data: str, root: Optional[Path]) -> tuple[An
     from dgc_convert.serialize import load
 
     model = load(file)
-    info = model.dgc_model_info
+    info = require_model_info(model)
     if Path(data).suffix in (".yaml", ".yml") or Path(data).is_file():
         section = load_recipe(data).data
     else:
         try:
-            section = DataSection(dataset=data, root=str(root) if root else None)
+            section = DataSection.model_validate({"dataset": data, "root": str(root) if root else None})
         except ValidationError as error:  # an unknown data set, or a missing root
             _fail(f"--data {data!r}: {error.errors()[0]['msg'].removeprefix('Value error, ')}")
     bundle = build_data(section.model_copy(update={"augmentation": "none"}), image_size=info.input_size[-1],
@@ -340,7 +341,7 @@ def eval_command(
     from dgc_convert.cli.render import print_evaluation
 
     model, section, bundle = _model_and_held_out(file, data, root)
-    info = model.dgc_model_info
+    info = require_model_info(model)
     report = evaluate(model, bundle.val, batch_size=batch_size, input_size=info.input_size)
     if json_output:
         print_json({"model": str(file), "data": section.dataset, **report.to_dict()})

@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from dgc_convert.cli.summary import ConversionSummary
+
+if TYPE_CHECKING:  # loaded on first use (training, progress bars); only named here
+    from rich.progress import Progress, TaskID
+
+    from dgc_convert.train_events import EpochMetrics, IterationStats, RunInfo, TrainResult
 
 __all__ = [
     "format_macs", "print_json", "print_conversion", "print_model_list", "print_recipe", "print_bench", "print_evaluation",
@@ -97,7 +103,7 @@ def print_conversion(summary: ConversionSummary, console: Console | None = None)
         )
 
 
-def print_model_list(models: list[tuple[str, str]], console: Console | None = None) -> None:
+def print_model_list(models: Sequence[tuple[str, str]], console: Console | None = None) -> None:
     """One model a line: name and library."""
     console = console or output_console()
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
@@ -174,10 +180,12 @@ class TrainProgress:
     def __init__(self, console: Console | None = None, *, bars: bool | None = None) -> None:
         self.console = console or output_console()
         self.bars = self.console.is_terminal if bars is None else bars
-        self.progress = None
+        self.progress: Progress | None = None
+        self.run_task: TaskID | None = None
+        self.epoch_task: TaskID | None = None
         self.epochs = 0
 
-    def on_start(self, info: Any) -> None:
+    def on_start(self, info: RunInfo) -> None:
         """Print what the run does; open the bars."""
         self.epochs = info.epochs
         resumed = f", resuming after iteration {info.start_iteration}" if info.start_iteration else ""
@@ -208,9 +216,9 @@ class TrainProgress:
                 completed=info.start_iteration - info.start_epoch * info.iterations_per_epoch, figures="",
             )
 
-    def on_iteration(self, stats: Any) -> None:
+    def on_iteration(self, stats: IterationStats) -> None:
         """Advance the bars with the running loss, accuracy, zeta_t, lr and images/s."""
-        if self.progress is None:
+        if self.progress is None or self.run_task is None or self.epoch_task is None:
             return
         figures = (f"loss {stats.loss:.4f} acc {stats.train_top1:.1f}% zeta_t {stats.zeta_t:.3f} "
                    f"lr {stats.lr:.4g} {stats.images_per_second:.0f} img/s")
@@ -218,17 +226,17 @@ class TrainProgress:
         self.progress.update(self.epoch_task, description=f"epoch {stats.epoch}/{self.epochs}",
                              completed=stats.epoch_iteration, figures=figures)
 
-    def on_epoch(self, metrics: Any) -> None:
+    def on_epoch(self, metrics: EpochMetrics) -> None:
         """One line per finished epoch."""
         self.console.print(_epoch_line(metrics, self.epochs), markup=False, highlight=False)
-        if self.progress is not None:
+        if self.progress is not None and self.epoch_task is not None:
             self.progress.reset(self.epoch_task, description=f"epoch {metrics.epoch + 1}/{self.epochs}", figures="")
 
     def on_message(self, text: str) -> None:
         """A note from the trainer (resuming, stopping, ...)."""
         self.console.print(text, markup=False, highlight=False)
 
-    def on_finish(self, result: Any) -> None:
+    def on_finish(self, result: TrainResult) -> None:
         """Close the bars and sum up."""
         if self.progress is not None:
             self.progress.stop()

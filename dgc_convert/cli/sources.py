@@ -11,6 +11,7 @@ from dgc_convert.build import build_model, create_dense
 from dgc_convert.errors import DGCConvertError
 from dgc_convert.recipe import convert_settings, model_settings
 from dgc_convert.serialize import load
+from dgc_convert.zoo import require_model_info
 
 __all__ = ["models_for_bench"]
 
@@ -33,9 +34,9 @@ def models_for_bench(
             flag = given[0].replace("_", "-")
             raise DGCConvertError(f"{target}: --{flag} applies to model names; a saved model carries its own conversion")
         model = load(path)
-        info = model.dgc_model_info
+        info = require_model_info(model)
         dense = create_dense(model_settings(name=info.name, source=info.library, num_classes=info.num_classes))
         return dense, model, f"{info.name} ({path})", info.input_size
     built = build_model(model_settings(name=target, source=source), convert_settings(**conversion), keep_dense=True)
     assert built.dense is not None  # keep_dense
-    return built.dense, built.model, target, built.model.dgc_model_info.input_size
+    return built.dense, built.model, target, require_model_info(built.model).input_size

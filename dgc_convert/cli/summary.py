@@ -17,7 +17,7 @@ from dgc_convert.build import build_model
 from dgc_convert.macs import count_macs, normalize_input_size
 from dgc_convert.recipe import ConvertSection, ModelSection
 from dgc_convert.surgery import ConversionReport, LayerDecision, check_identity
-from dgc_convert.zoo import ModelInfo
+from dgc_convert.zoo import require_model_info
 
 __all__ = ["ConversionSummary", "LayerRow", "summarize_conversion"]
 
@@ -89,7 +89,7 @@ def summarize_conversion(model_spec: ModelSection, settings: ConvertSection, *, 
     built = build_model(model_spec, settings.model_copy(update={"enabled": True}), keep_dense=True)
     model, dense_model, report = built.model, built.dense, built.report
     assert dense_model is not None and report is not None  # keep_dense, and conversion enabled
-    info: ModelInfo = model.dgc_model_info
+    info = require_model_info(model)
     size = info.input_size if model_spec.input_size is None else normalize_input_size(model_spec.input_size, info.input_size[0])
     model.eval()
     dense = count_macs(dense_model, size)
