@@ -10,9 +10,9 @@ wall time and the median, in seconds. Target on 2 CPU cores: under 5 s.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
+from pathlib import Path
 import sys
 import time
 
@@ -22,8 +22,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("args", nargs="*", default=["resnet50", "--heads", "4", "--zeta", "0.5"])
     options = parser.parse_args()
-    script = shutil.which("dgc-convert")
-    command = [script] if script else [sys.executable, "-m", "dgc_convert.cli"]
+    # The script beside this interpreter (found without an activated environment), else the module.
+    script = Path(sys.executable).with_name("dgc-convert")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "dgc_convert.cli"]
     command += options.args
     times = []
     for _ in range(options.repeats):

@@ -16,7 +16,6 @@ operators it runs.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -145,7 +144,7 @@ def _pooled_inputs(sizes: Sequence[int], outputs: Sequence[int], kernel, stride,
     """Input elements summed by an average pool over its pooled dimensions (window sizes clipped to the input,
     or to the padded input when padding counts)."""
     count = 1
-    for size, output, k, s, p in zip(sizes, outputs, kernel, stride, padding):
+    for size, output, k, s, p in zip(sizes, outputs, kernel, stride, padding, strict=True):
         low, high = (-p, size + p) if include_pad else (0, size)
         count *= sum(max(0, min(i * s - p + k, high) - max(i * s - p, low)) for i in range(output))
     return count
@@ -165,7 +164,7 @@ def _rule_macs(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
                                     per_dim(module.padding), module.count_include_pad)
         else:
             # output j of an adaptive pool averages inputs [floor(j * I / O), ceil((j + 1) * I / O))
-            pooled = math.prod(sum(-(-(j + 1) * i // o) - j * i // o for j in range(o)) for i, o in zip(sizes, outputs))
+            pooled = math.prod(sum(-(-(j + 1) * i // o) - j * i // o for j in range(o)) for i, o in zip(sizes, outputs, strict=True))
         return math.prod(x.shape[:-dims]) * pooled + y.numel()  # one add per pooled input, one divide per output
     return 0
 

@@ -112,7 +112,9 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message):
 
 
 def test_console_script_and_top_level_cli_forward_to_the_app():
-    for command in (["dgc-convert", "--version"], [sys.executable, str(ROOT / "cli.py"), "--version"]):
+    # The script installed beside this interpreter: found whether or not its environment is activated.
+    script = Path(sys.executable).with_name("dgc-convert")
+    for command in ([str(script), "--version"], [sys.executable, str(ROOT / "cli.py"), "--version"]):
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.startswith("dgc-convert ")
 

@@ -1,10 +1,17 @@
-"""MAC counting: thop for dense layers, the method's formula for DGC layers."""
+"""MAC counting: torch's operator counter for dense layers, the method's formula for DGC layers."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
+
 import pytest
+import timm
 import torchvision
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from torch import nn
+from torch.nn import functional as F
 
 from dgc_convert import DGCConv2d, convert, count_macs, create_model, set_zeta
 from dgc_convert.macs import dgc_layer_macs, normalize_input_size
@@ -17,6 +24,71 @@ def test_dense_conv_and_linear_macs_match_torchvision_ops(name):
     macs = report.macs_of(nn.Conv2d, nn.Linear, model=model)
     expected = torchvision.models.get_model_weights(name).DEFAULT.meta["_ops"] * 1e9
     assert abs(macs - expected) / expected < 0.01
+
+
+def _published_macs(name: str) -> float:
+    return torchvision.models.get_model_weights(name).DEFAULT.meta["_ops"] * 1e9
+
+
+# Models whose only non-product cost is small: their totals (norms and pools included) sit within 1% of torchvision's
+# published figure, which counts products only. swin_t runs its attention as functional matmuls.
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_1", "convnext_tiny", "swin_t"])
+def test_dense_totals_match_torchvision_published_ops(name):
+    model = create_model(f"torchvision:{name}")
+    total = count_macs(model, 224).total_macs
+    expected = _published_macs(name)
+    assert abs(total - expected) / expected < 0.01
+
+
+# BatchNorm-heavy models: the norms add 3-10% (4 per element, as thop counts them), so the products alone are
+# compared: the total less what the norm and average-pool layers count.
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "efficientnet_b0", "shufflenet_v2_x1_0", "regnet_y_400mf"])
+def test_dense_products_match_torchvision_published_ops(name):
+    model = create_model(f"torchvision:{name}")
+    report = count_macs(model, 224)
+    not_products = report.macs_of(nn.BatchNorm2d, nn.LayerNorm, nn.AvgPool2d, nn.AdaptiveAvgPool2d, model=model)
+    assert 0 < not_products < 0.15 * report.total_macs
+    expected = _published_macs(name)
+    assert abs(report.total_macs - not_products - expected) / expected < 0.01
+
+
+def test_products_are_counted_in_conv_subclasses_and_functional_attention():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = timm.layers.StdConv2d(3, 32, 4, stride=4, padding=0)  # a Conv2d subclass with its own forward
+            self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x):
+            tokens = self.conv(x).flatten(2).transpose(1, 2)  # (1, 16, 32)
+            attended, _ = self.mha(tokens, tokens, tokens, need_weights=False)
+            heads = tokens.view(1, 16, 4, 8).transpose(1, 2)
+            return attended, F.scaled_dot_product_attention(heads, heads, heads)
+
+    report = count_macs(Tokens(), 16)
+    length, width = 16, 32
+    conv = width * length * 3 * 4 * 4
+    mha = 4 * length * width * width + 2 * length * length * width  # q, k, v and out projections; q k^T and a v
+    sdpa = 2 * length * length * width
+    assert report.by_name()["conv"].macs == conv
+    assert report.total_macs == conv + mha + sdpa
+
+
+def test_batchnorm_and_pooling_count_as_thop_counts_them():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.BatchNorm2d(8, affine=False),
+                          nn.ReLU(), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    rows = {row.name: row.macs for row in count_macs(model, 10).layers}
+    assert rows == {
+        "0": 8 * 10 * 10 * 3 * 9,
+        "1": 4 * 8 * 10 * 10,  # 2 per element, doubled for the affine part
+        "2": 2 * 8 * 10 * 10,
+        "3": 0,
+        "4": 8 * 10 * 10 + 8 * 5 * 5,  # one add per pooled input, one divide per output
+        "5": 8 * 5 * 5 + 8,
+        "6": 0,
+        "7": 8 * 5,
+    }
+    assert count_macs(model, 10).total_macs == sum(rows.values())
 
 
 def test_dgc_layer_follows_the_method_formula():
@@ -58,3 +130,91 @@ def test_normalize_input_size(value, expected):
 def test_normalize_input_size_refuses_nonsense():
     with pytest.raises(ValueError, match="input_size"):
         normalize_input_size((0, 4))
+
+
+# --- licences of the runtime dependencies -----------------------------------------------------------
+
+_PERMISSIVE = re.compile(
+    r"^(MIT(-CMU|-0)?|BSD(-[0-9]-Clause)?|0BSD|Apache([- ]2\.0)?|Apache Software License|PSF(-2\.0)?|Python-2\.0|ISC( License)?"
+    r"|HPND|MPL-2\.0|Zlib|CC0-1\.0|BSL-1\.0|Unlicense|LLVM-exception)$",
+    re.IGNORECASE,
+)
+_PERMISSIVE_CLASSIFIERS = (
+    "MIT License", "BSD License", "Apache Software License", "ISC License (ISCL)", "Python Software Foundation License",
+    "Historical Permission Notice and Disclaimer (HPND)", "Mozilla Public License 2.0 (MPL 2.0)", "zlib/libpng License",
+)
+# NVIDIA's CUDA libraries that the Linux torch wheels pull in: redistributable under NVIDIA's licence, neither
+# copyleft nor OSI-permissive. Allowed by name pattern only when their metadata says exactly that.
+_NVIDIA_PROPRIETARY = re.compile(r"^(LicenseRef-NVIDIA-Proprietary|NVIDIA Proprietary Software|Other/Proprietary License)$")
+
+
+def _runtime_distributions() -> dict[str, importlib.metadata.Distribution]:
+    """Every installed distribution dgc-convert needs at run time, recursively; extras only where a requirement
+    names them (as torch's cuda-toolkit[...]), never dgc-convert's own."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    missing: list[str] = []
+    stack = [("dgc-convert", frozenset())]
+    seen = set()
+    while stack:
+        name, extras = stack.pop()
+        if (canonicalize_name(name), extras) in seen:
+            continue
+        seen.add((canonicalize_name(name), extras))
+        for line in importlib.metadata.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker and not any(requirement.marker.evaluate({"extra": e}) for e in extras or {""}):
+                continue
+            key = canonicalize_name(requirement.name)
+            try:
+                found[key] = importlib.metadata.distribution(requirement.name)
+            except importlib.metadata.PackageNotFoundError:
+                missing.append(f"{requirement.name} (required by {name})")
+                continue
+            stack.append((requirement.name, frozenset(requirement.extras)))
+    assert not missing, f"runtime dependencies not installed: {missing}"
+    return found
+
+
+def _licence(distribution: importlib.metadata.Distribution) -> tuple[str, str]:
+    """(verdict, what the metadata says): License-Expression first (PEP 639), then a short License field, then
+    the License classifiers; 'metapackage' for a distribution that installs nothing but its own metadata."""
+    meta = distribution.metadata
+    expression = (meta.get("License-Expression") or "").strip()
+    field = (meta.get("License") or "").strip()
+    classifiers = [c.split(" :: ")[-1] for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
+    if expression or (field and "\n" not in field and len(field) < 100):
+        stated = expression or field
+        terms = [t for t in re.split(r"\s+(?:AND|OR|WITH|and|or)\s+|[()]", stated) if t.strip()]
+        if any(re.search(r"GPL|General Public", t, re.IGNORECASE) for t in terms):
+            return "copyleft", stated
+        if _NVIDIA_PROPRIETARY.match(stated):
+            return "nvidia-proprietary", stated
+        return ("permissive" if all(_PERMISSIVE.match(t.strip()) for t in terms) else "unknown"), stated
+    if classifiers:
+        stated = "classifier: " + "; ".join(classifiers)
+        if any("GPL" in c for c in classifiers):
+            return "copyleft", stated
+        if all(c in _PERMISSIVE_CLASSIFIERS for c in classifiers):
+            return "permissive", stated
+        if all(_NVIDIA_PROPRIETARY.match(c) for c in classifiers):
+            return "nvidia-proprietary", stated
+        return "unknown", stated
+    own = {str(path).split("/")[0] for path in distribution.files or []}
+    if own and all(part.endswith(".dist-info") for part in own):
+        return "metapackage", "no licence stated; installs no files besides its metadata"
+    return "unknown", "no licence stated"
+
+
+def test_runtime_dependencies_are_permissively_licensed():
+    try:
+        importlib.metadata.distribution("dgc-convert")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("dgc-convert is not installed (pip install -e .), so its requirements cannot be read")
+    verdicts = {name: _licence(dist) for name, dist in _runtime_distributions().items()}
+    refused = {
+        name: stated
+        for name, (verdict, stated) in verdicts.items()
+        if not (verdict in ("permissive", "metapackage") or (verdict == "nvidia-proprietary" and name.startswith("nvidia-")))
+    }
+    assert not refused, f"runtime dependencies without a permissive licence: {refused}"
+    assert "ultralytics-thop" not in verdicts
