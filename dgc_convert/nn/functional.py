@@ -19,10 +19,16 @@ dominates, all heads' copies for the one grouped convolution that uses them
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+# What backward returns: one gradient per forward input (None where not
+# needed); stride, padding and dilation never get one.
+_Grads = tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]
 
 
 def head_weights(weight: Tensor, heads: int) -> Tensor:
@@ -33,7 +39,15 @@ def head_weights(weight: Tensor, heads: int) -> Tensor:
 
 class _GatedConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, gate: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        gate: Tensor,
+        weight: Tensor,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> Tensor:
         heads = gate.shape[1]
         head_major = head_weights(weight, heads)
         outputs = [
@@ -49,16 +63,20 @@ class _GatedConv2d(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, gate, head_major = ctx.saved_tensors
-        stride, padding, dilation = ctx.conv_args
+    def backward(ctx: Any, grad_out: Tensor) -> _Grads:
+        # ctx is untyped (torch's stubs give saved_tensors as a 1-tuple): name what forward saved.
+        saved: tuple[Tensor, Tensor, Tensor] = ctx.saved_tensors
+        x, gate, head_major = saved
+        conv_args: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] = ctx.conv_args
+        stride, padding, dilation = conv_args
         heads = gate.shape[1]
-        need_x, need_gate, need_weight = ctx.needs_input_grad[:3]
+        needs: tuple[bool, ...] = ctx.needs_input_grad
+        need_x, need_gate, need_weight = needs[:3]
         batch, out_channels = grad_out.shape[:2]
         # One head-major copy of the output gradient, so every head's slice is contiguous.
         grad_heads = grad_out.view(batch, out_channels // heads, heads, *grad_out.shape[2:]).transpose(1, 2).contiguous()
 
-        grad_x = None
+        grad_x: Tensor | None = None
         grad_gate = torch.empty_like(gate) if need_gate else None
         grad_head_weights = torch.empty_like(head_major) if need_weight else None
         need_conv_input = need_x or need_gate
@@ -80,12 +98,12 @@ class _GatedConv2d(torch.autograd.Function):
             if need_x:
                 # The first head writes, the others accumulate: no zero fill.
                 grad_x = grad_input_h * gate_h if grad_x is None else grad_x.addcmul_(grad_input_h, gate_h)
-            if need_gate:
+            if grad_gate is not None:  # exactly when need_gate
                 grad_gate[:, h] = torch.linalg.vecdot(grad_input_h.flatten(2), x.flatten(2))
-            if need_weight:
+            if grad_head_weights is not None:  # exactly when need_weight
                 grad_head_weights[h] = grad_weight_h
         grad_weight = None
-        if need_weight:
+        if grad_head_weights is not None:
             # One contiguous transpose back to the dense layout (row j*H + h); far
             # cheaper than writing each head into its strided rows.
             grad_weight = grad_head_weights.transpose(0, 1).reshape(out_channels, *head_major.shape[2:])
@@ -100,7 +118,15 @@ class _StackedGatedConv2d(torch.autograd.Function):
     small feature maps (4x4 and below) per-call overhead is what costs."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, gate: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        gate: Tensor,
+        weight: Tensor,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> Tensor:
         heads = gate.shape[1]
         grouped = head_weights(weight, heads).flatten(0, 1)  # (C', C, kh, kw), head-major
         out = F.conv2d(gated_copies(x, gate), grouped, None, stride, padding, dilation, groups=heads)
@@ -110,10 +136,13 @@ class _StackedGatedConv2d(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, gate, grouped = ctx.saved_tensors
-        stride, padding, dilation = ctx.conv_args
-        need_x, need_gate, need_weight = ctx.needs_input_grad[:3]
+    def backward(ctx: Any, grad_out: Tensor) -> _Grads:
+        saved: tuple[Tensor, Tensor, Tensor] = ctx.saved_tensors
+        x, gate, grouped = saved
+        conv_args: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] = ctx.conv_args
+        stride, padding, dilation = conv_args
+        needs: tuple[bool, ...] = ctx.needs_input_grad
+        need_x, need_gate, need_weight = needs[:3]
         batch, channels = x.shape[:2]
         heads = gate.shape[1]
         out_channels = grouped.shape[0]
@@ -122,7 +151,9 @@ class _StackedGatedConv2d(torch.autograd.Function):
             grad_head_major.flatten(1, 2), gated_copies(x, gate), grouped, None, stride, padding, dilation, False, [0, 0],
             heads, [need_x or need_gate, need_weight, False],
         )
-        grad_x = grad_gate = grad_weight = None
+        grad_x: Tensor | None = None
+        grad_gate: Tensor | None = None
+        grad_weight: Tensor | None = None
         if need_x or need_gate:
             grad_stacked = grad_stacked.view(batch, heads, channels, *x.shape[2:])
             if need_x:
@@ -152,7 +183,14 @@ def gated_copies(x: Tensor, gate: Tensor) -> Tensor:
     return (x.unsqueeze(1) * gate[..., None, None]).flatten(1, 2)
 
 
-def _per_sample_gated_conv2d(x: Tensor, gate: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+def _per_sample_gated_conv2d(
+    x: Tensor,
+    gate: Tensor,
+    weight: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
     """The same product with the gate folded into per-sample filters, all
     samples in one convolution with ``groups=batch``. Plain autograd: it saves
     the per-sample filters (batch x weight size), which ``_prefers_per_sample``
@@ -230,6 +268,10 @@ def gated_conv2d(
             algorithm = "stacked" if x.shape[2] * x.shape[3] <= _STACKED_MAX_PIXELS else "per_head"
     if algorithm == "per_sample":
         return _per_sample_gated_conv2d(x, gate, weight, stride, padding, dilation)
+    # Function.apply is typed as returning Any; forward returns one Tensor.
+    out: Tensor
     if algorithm == "stacked":
-        return _StackedGatedConv2d.apply(x, gate, weight, stride, padding, dilation)
-    return _GatedConv2d.apply(x, gate, weight, stride, padding, dilation)
+        out = _StackedGatedConv2d.apply(x, gate, weight, stride, padding, dilation)
+    else:
+        out = _GatedConv2d.apply(x, gate, weight, stride, padding, dilation)
+    return out

@@ -11,7 +11,8 @@ the method and nothing else (no surgery, no training).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, Self
 
 import torch
 from torch import Tensor, nn
@@ -59,11 +60,17 @@ def kept_channel_count(in_channels: int, zeta: float) -> int:
     return max(1, in_channels - int(round(zeta * in_channels)))
 
 
+def _as_pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A 2-d convolution's per-axis setting as a pair (torch types them as any length)."""
+    first, second = values
+    return (first, second)
+
+
 def static_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     """Numeric padding equal to ``conv.padding`` ('valid', 'same' or numbers),
     or None where 'same' would pad one side more than the other."""
     if not isinstance(conv.padding, str):
-        return tuple(conv.padding)  # type: ignore[return-value]
+        return _as_pair(conv.padding)
     if conv.padding == "valid":
         return (0, 0)
     pads = []
@@ -165,6 +172,10 @@ class DGCConv2d(nn.Module):
             training computation.
     """
 
+    # A registered buffer: ``nn.Module.__getattr__`` returns it, typed there as
+    # ``Tensor | Module``; declared here so reads are typed as what it is.
+    zeta_t: Tensor
+
     def __init__(
         self,
         in_channels: int,
@@ -193,10 +204,10 @@ class DGCConv2d(nn.Module):
             raise ValueError(f"padding must be an int or a pair of ints, got {padding!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
+        self.kernel_size: tuple[int, int] = _pair(kernel_size)
+        self.stride: tuple[int, int] = _pair(stride)
+        self.padding: tuple[int, int] = _pair(padding)
+        self.dilation: tuple[int, int] = _pair(dilation)
         self.heads = heads
         self.squeeze_ratio = squeeze_ratio
         self.zeta = _check_zeta("zeta", zeta)
@@ -246,10 +257,10 @@ class DGCConv2d(nn.Module):
             layer = cls(
                 conv.in_channels,
                 conv.out_channels,
-                conv.kernel_size,
-                stride=conv.stride,
+                _as_pair(conv.kernel_size),
+                stride=_as_pair(conv.stride),
                 padding=padding,
-                dilation=conv.dilation,
+                dilation=_as_pair(conv.dilation),
                 bias=conv.bias is not None,
                 heads=heads,
                 squeeze_ratio=squeeze_ratio,
@@ -261,6 +272,7 @@ class DGCConv2d(nn.Module):
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
             if conv.bias is not None:
+                assert layer.bias is not None  # built with bias=True just above
                 layer.bias.copy_(conv.bias)
         return layer
 
@@ -304,16 +316,28 @@ class DGCConv2d(nn.Module):
         """k: input channels each head keeps per sample at the current ``zeta_t``."""
         return kept_channel_count(self.in_channels, self._zeta_t_value)
 
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        module = super()._apply(fn, recurse)
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Self:
+        # torch leaves Module._apply unannotated; it returns self.
+        module: Self = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         # ``model.half()`` / ``.to(bfloat16)`` would round the ratio (0.55 ->
         # 0.5498) and could change k; keep it exact in float64 on the new device.
         if self.zeta_t.dtype != torch.float64:
             self._buffers["zeta_t"] = torch.tensor(self._zeta_t_value, dtype=torch.float64, device=self.zeta_t.device)
         return module
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         # The buffer was overwritten in place; keep the cached float in step so
         # forward needs no device sync to read it.
         self._zeta_t_value = _check_zeta("zeta_t", float(self.zeta_t))
@@ -324,7 +348,8 @@ class DGCConv2d(nn.Module):
         """Per-head, per-sample channel scores ``g``: shape (batch, heads, in_channels), >= 0."""
         if self.unit_scores:
             return x.new_ones(x.shape[0], self.heads, self.in_channels)
-        return self.saliency_generator(x)
+        scores: Tensor = self.saliency_generator(x)  # Module.__call__ is typed as returning Any
+        return scores
 
     def select(self, scores: Tensor) -> Tensor:
         """Indices (batch, heads, k) of the ``k`` top-scoring channels per head.

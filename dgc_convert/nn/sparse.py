@@ -54,7 +54,7 @@ class WeightCache:
     ``grouped``: (C', C, kh, kw) head-major, for ``stacked``.
     """
 
-    key: tuple = ()
+    key: tuple[object, ...] = ()
     rows: Tensor | None = None
     conv: Tensor | None = None
     offsets: Tensor | None = None  # (heads, 1): h * C, turns per-head channel indices into rows
@@ -89,7 +89,16 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: in
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def gather_conv(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> Tensor:
+def gather_conv(
+    x: Tensor,
+    scores: Tensor,
+    index: Tensor,
+    weight: Tensor,
+    cache: WeightCache,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
     """Grouped convolution over gathered channels, one sample at a time.
 
     ``scores``/``index``: (B, heads, k) kept channels and their scores.
@@ -105,6 +114,7 @@ def gather_conv(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache:
     out_channels, _, kh, kw = weight.shape
     per_head = out_channels // heads
     cache = cache.get(weight, heads)
+    assert cache.conv is not None and cache.offsets is not None  # get() fills every arrangement
     arranged, offsets = cache.conv.view(heads * channels, per_head, kh, kw), cache.offsets
     fold_into_input = x.shape[2] * x.shape[3] <= per_head * kh * kw
     outputs = []
@@ -122,7 +132,16 @@ def gather_conv(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache:
     return head_major_to_dense(out, heads)
 
 
-def gather_bmm(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> Tensor:
+def gather_bmm(
+    x: Tensor,
+    scores: Tensor,
+    index: Tensor,
+    weight: Tensor,
+    cache: WeightCache,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
     """im2col + one batched matrix product over (sample, head) with gathered weights."""
     batch, channels, height, width = x.shape
     heads, k = index.shape[1:]
@@ -140,7 +159,9 @@ def gather_bmm(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: 
     rows = _flat_index(index.view(batch, heads * k), channels)  # b*C + c, per (b, h, kept)
     selected = columns.index_select(0, rows).view(batch * heads, k * taps, pixels)
     flat_weight = _flat_index(index.transpose(0, 1).reshape(heads, batch * k), channels)  # h*C + c
-    selected_w = cache.get(weight, heads).rows.index_select(0, flat_weight)  # (H*B*k, taps*C'/H)
+    arranged = cache.get(weight, heads).rows
+    assert arranged is not None  # get() fills every arrangement
+    selected_w = arranged.index_select(0, flat_weight)  # (H*B*k, taps*C'/H)
     selected_w = selected_w.view(heads, batch, k * taps, per_head).transpose(0, 1).reshape(batch * heads, k * taps, per_head)
     score_rows = scores.reshape(batch * heads, k, 1).expand(-1, -1, taps).reshape(batch * heads, k * taps, 1)
     if pixels <= per_head:
@@ -152,7 +173,16 @@ def gather_bmm(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: 
     return out.view(batch, heads, pixels, per_head).permute(0, 3, 1, 2).reshape(batch, out_channels, out_h, out_w)
 
 
-def gather_pointwise(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> Tensor:
+def gather_pointwise(
+    x: Tensor,
+    scores: Tensor,
+    index: Tensor,
+    weight: Tensor,
+    cache: WeightCache,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
     """1x1 convolutions: per sample, one batched product over heads of the
     gathered filters (C'/H x k) by the gathered input rows (k x pixels)."""
     sub = x[:, :, :: stride[0], :: stride[1]] if stride != (1, 1) else x
@@ -164,6 +194,7 @@ def gather_pointwise(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, c
     pixels = height * width
     cache = cache.get(weight, heads)
     rows, offsets = cache.rows, cache.offsets  # rows: (H*C, C'/H) for a 1x1 kernel
+    assert rows is not None and offsets is not None  # get() fills every arrangement
     flat = sub.view(batch, channels, pixels)
     outputs = []
     for b in range(batch):
@@ -179,38 +210,64 @@ def gather_pointwise(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, c
     return out.transpose(1, 2).reshape(batch, out_channels, height, width)
 
 
-def masked(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> Tensor:
+def masked(
+    x: Tensor,
+    scores: Tensor,
+    index: Tensor,
+    weight: Tensor,
+    cache: WeightCache,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
     """The training computation: every channel, the dropped ones gated to zero."""
     gate = torch.zeros(x.shape[0], index.shape[1], x.shape[1], dtype=scores.dtype, device=x.device)
     gate.scatter_(2, index, scores)
     return gated_conv2d(x, gate, weight, stride, padding, dilation)
 
 
-def stacked(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> Tensor:
+def stacked(
+    x: Tensor,
+    scores: Tensor,
+    index: Tensor,
+    weight: Tensor,
+    cache: WeightCache,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
     """Dense in cost like ``masked``, but one grouped convolution over a gated
     copy of the input per head (heads x the input, transient: no backward to
     keep it for) instead of one convolution per head; wins on small maps."""
     batch, channels = x.shape[:2]
     heads = index.shape[1]
     gate = torch.zeros(batch, heads, channels, dtype=scores.dtype, device=x.device).scatter_(2, index, scores)
-    out = F.conv2d(gated_copies(x, gate), cache.get(weight, heads).grouped, None, stride, padding, dilation, groups=heads)
+    grouped = cache.get(weight, heads).grouped
+    assert grouped is not None  # get() fills every arrangement
+    out = F.conv2d(gated_copies(x, gate), grouped, None, stride, padding, dilation, groups=heads)
     return head_major_to_dense(out, heads)
 
 
-_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
+# The arguments every algorithm takes: x, scores, index, weight, cache, stride, padding, dilation.
+_Args = tuple[Tensor, Tensor, Tensor, Tensor, WeightCache, tuple[int, int], tuple[int, int], tuple[int, int]]
+_Algorithm = Callable[
+    [Tensor, Tensor, Tensor, Tensor, WeightCache, tuple[int, int], tuple[int, int], tuple[int, int]], Tensor
+]
+
+_FUNCTIONS: dict[str, _Algorithm] = {
     "gather_conv": gather_conv, "gather_bmm": gather_bmm, "gather_pointwise": gather_pointwise, "stacked": stacked,
     "masked": masked,
 }
 
 
-def _applicable(name: str, x: Tensor, weight: Tensor, padding) -> bool:
+def _applicable(name: str, x: Tensor, weight: Tensor, padding: tuple[int, int]) -> bool:
     if name == "gather_pointwise":
         return weight.shape[2:] == (1, 1) and tuple(padding) == (0, 0)
     return True
-_CACHE: dict[tuple, str] = {}
+_CACHE: dict[tuple[object, ...], str] = {}
 
 
-def algorithm_cache() -> dict[tuple, str]:
+def algorithm_cache() -> dict[tuple[object, ...], str]:
     """The algorithm picked for every case timed so far (a copy)."""
     return dict(_CACHE)
 
@@ -220,19 +277,35 @@ def clear_algorithm_cache() -> None:
     _CACHE.clear()
 
 
-def _case(x: Tensor, index: Tensor, weight: Tensor, stride, padding, dilation) -> tuple:
+def _case(
+    x: Tensor,
+    index: Tensor,
+    weight: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[object, ...]:
     return (tuple(x.shape), index.shape[1], index.shape[2], tuple(weight.shape), tuple(stride), tuple(padding),
             tuple(dilation), x.dtype, x.device.type, torch.get_num_threads())
 
 
-def pick_algorithm(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cache: WeightCache, stride, padding, dilation) -> str:
+def pick_algorithm(
+    x: Tensor,
+    scores: Tensor,
+    index: Tensor,
+    weight: Tensor,
+    cache: WeightCache,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> str:
     """The fastest exact algorithm for this case: timed once, then cached."""
     case = _case(x, index, weight, stride, padding, dilation)
     choice = _CACHE.get(case)
     if choice is not None:
         return choice
     candidates = [name for name in _FUNCTIONS if _applicable(name, x, weight, padding)]
-    args = (x, scores, index, weight, cache, stride, padding, dilation)
+    args: _Args = (x, scores, index, weight, cache, stride, padding, dilation)
     if x.shape[0] <= _TIMING_BATCH:
         choice = _fastest(candidates, args, _TIMING_ROUNDS)
     else:
@@ -240,14 +313,14 @@ def pick_algorithm(x: Tensor, scores: Tensor, index: Tensor, weight: Tensor, cac
         # winner against the masked computation on the whole batch, because
         # costs do not scale alike (caches), and the sparse path must never
         # be slower than the masked one.
-        head = (x[:_TIMING_BATCH], scores[:_TIMING_BATCH], index[:_TIMING_BATCH], *args[3:])
+        head: _Args = (x[:_TIMING_BATCH], scores[:_TIMING_BATCH], index[:_TIMING_BATCH], *args[3:])
         winner = _fastest(candidates, head, _TIMING_ROUNDS)
         choice = winner if winner == "masked" else _fastest([winner, "masked"], args, 2)
     _CACHE[case] = choice
     return choice
 
 
-def _fastest(names: list[str], args: tuple, rounds: int) -> str:
+def _fastest(names: list[str], args: _Args, rounds: int) -> str:
     """The name whose function runs ``args`` fastest (best of ``rounds`` interleaved runs, after a warm-up)."""
     device = args[0].device
     for name in names:
@@ -262,7 +335,7 @@ def _fastest(names: list[str], args: tuple, rounds: int) -> str:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             best[name] = min(best[name], time.perf_counter() - start)
-    return min(best, key=best.get)
+    return min(best, key=best.__getitem__)
 
 
 def sparse_conv2d(
