@@ -58,18 +58,18 @@ def test_dgc_mode_sets_and_restores_every_layer_even_on_error():
     layers = [layer for _, layer in dgc_layers(model)]
     layers[0].set_zeta_t(0.25)
     layers[1].inference_algorithm = "gather_conv"
-    before = [(l.inference_algorithm, l.unit_scores, l.zeta_t_value) for l in layers]
+    before = [(layer.inference_algorithm, layer.unit_scores, layer.zeta_t_value) for layer in layers]
     with pytest.raises(RuntimeError, match="boom"):
         with dgc_mode(model, algorithm="masked", unit_scores=True, zeta_t=0.0) as switched:
             assert switched == layers
-            assert all((l.inference_algorithm, l.unit_scores, l.zeta_t_value) == ("masked", True, 0.0) for l in layers)
+            assert all((layer.inference_algorithm, layer.unit_scores, layer.zeta_t_value) == ("masked", True, 0.0) for layer in layers)
             raise RuntimeError("boom")
-    assert [(l.inference_algorithm, l.unit_scores, l.zeta_t_value) for l in layers] == before
+    assert [(layer.inference_algorithm, layer.unit_scores, layer.zeta_t_value) for layer in layers] == before
     assert float(layers[0].zeta_t) == 0.25
     with pytest.raises(ValueError, match="algorithm must be 'auto' or one of"):
         with dgc_mode(model, algorithm="fastest"):
             pass
-    assert [(l.inference_algorithm, l.unit_scores, l.zeta_t_value) for l in layers] == before
+    assert [(layer.inference_algorithm, layer.unit_scores, layer.zeta_t_value) for layer in layers] == before
 
 
 def test_inference_algorithm_is_checked_when_set():

@@ -83,7 +83,7 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resume_finishes(tmp_path):
     while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "checkpoint written to" in stderr and f"dgc-convert train {recipe} --resume" in stderr

@@ -26,8 +26,8 @@ def _round_trip(tmp_path, name, size, **settings):
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
-    saved = {n: l.zeta_t.item() for n, l in model.named_modules() if hasattr(l, "zeta_t")}
-    assert saved == {n: l.zeta_t.item() for n, l in loaded.named_modules() if hasattr(l, "zeta_t")}
+    saved = {n: layer.zeta_t.item() for n, layer in model.named_modules() if hasattr(layer, "zeta_t")}
+    assert saved == {n: layer.zeta_t.item() for n, layer in loaded.named_modules() if hasattr(layer, "zeta_t")}
     assert loaded.dgc_model_info.input_size == (3, size, size) and loaded.dgc_model_info.num_classes == 7
     return path
 

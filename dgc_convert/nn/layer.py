@@ -57,7 +57,7 @@ def kept_channel_count(in_channels: int, zeta: float) -> int:
 
     ``k = C - round(zeta * C)``, never fewer than one channel.
     """
-    return max(1, in_channels - int(round(zeta * in_channels)))
+    return max(1, in_channels - round(zeta * in_channels))
 
 
 def _as_pair(values: tuple[int, ...]) -> tuple[int, int]:
