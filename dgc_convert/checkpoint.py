@@ -8,8 +8,9 @@ directory) holding:
   opens it) and the recipe;
 - ``training.safetensors``: every tensor of the optimizer, gradient scaler and
   random generators (only in ``last/``);
-- ``state.json``: recipe, epochs and iterations done, zeta_t, metrics, and the
-  non-tensor part of the training state, with placeholders where tensors go.
+- ``state.json``: the ``RunState`` (recipe, epochs and iterations done,
+  zeta_t, metrics) and the non-tensor part of the training state, with
+  placeholders where tensors go.
 
 A new checkpoint is written to a temporary directory that then replaces the
 old one by rename, so an interrupted save leaves the previous checkpoint
@@ -23,9 +24,10 @@ import math
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -36,13 +38,16 @@ from dgc_convert import __version__
 from dgc_convert.errors import DGCConvertError
 
 __all__ = [
-    "CheckpointError",
-    "Checkpoint",
     "CHECKPOINT_FORMAT",
-    "save_checkpoint",
-    "read_checkpoint",
+    "Checkpoint",
+    "CheckpointError",
+    "RunState",
+    "RunStatus",
     "find_checkpoint",
     "flatten_tensors",
+    "load_optimizer_state",
+    "read_checkpoint",
+    "save_checkpoint",
     "unflatten_tensors",
 ]
 
@@ -86,7 +91,12 @@ def flatten_tensors(tree: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor]
 
 
 def unflatten_tensors(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
-    """Inverse of ``flatten_tensors``. Integer-like dict keys stay strings; callers convert."""
+    """Inverse of ``flatten_tensors``.
+
+    Dict keys come back as the strings they were stored as (JSON has no other
+    keys); ``load_optimizer_state`` turns an optimizer's parameter indices
+    back into integers.
+    """
     if isinstance(skeleton, dict):
         if set(skeleton) == {_TENSOR_TAG}:
             return tensors[skeleton[_TENSOR_TAG]]
@@ -100,6 +110,147 @@ def unflatten_tensors(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
     return skeleton
 
 
+RunStatus = Literal["running", "interrupted", "finished", "best"]
+_STATUSES = ("running", "interrupted", "finished", "best")
+
+
+@dataclass
+class RunState:
+    """Where a training run stands, as ``state.json`` records it.
+
+    ``status`` is ``running`` (a periodic ``last``), ``interrupted``,
+    ``finished`` or ``best``. Counts: ``epochs_completed`` whole epochs,
+    ``iteration`` optimizer steps in all, ``epoch_iteration`` steps into the
+    epoch under way (0 at an epoch boundary). ``progress`` and
+    ``zeta_fraction`` are the schedule's values at ``iteration`` (both in
+    [0, 1]); ``zeta_t`` maps each DGC layer's name to its current pruning
+    ratio. ``image_size`` is the square side in pixels; ``best_top1`` a
+    held-out top-1 percentage (None before an epoch at the target ratio);
+    ``metrics`` the last epoch's ``EpochMetrics`` as a dict (None before the
+    first); ``wall_seconds`` the wall-clock seconds spent training so far,
+    over every resumption.
+    """
+
+    status: RunStatus
+    recipe: dict[str, Any]
+    epochs_completed: int
+    iteration: int
+    epoch_iteration: int
+    iterations_per_epoch: int
+    total_iterations: int
+    progress: float
+    zeta_fraction: float
+    zeta_t: dict[str, float]
+    image_size: int
+    num_classes: int
+    world_size: int
+    best_top1: float | None
+    metrics: dict[str, Any] | None
+    wall_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The state as plain JSON data (the keys of ``state.json``, in this order)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, source: str | Path = STATE_FILE) -> RunState:
+        """Read a run state from JSON data (a whole ``state.json`` will do: its file keys are skipped).
+
+        Raises:
+            CheckpointError: one line naming ``source`` and the first key that
+                is missing or has the wrong type.
+        """
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"{source}: the run state should be a JSON object, found {type(data).__name__}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                raise CheckpointError(f"{source}: the run state has no {f.name!r}; not a complete trainer checkpoint")
+            check, what = _RUN_STATE_CHECKS[f.name]
+            try:
+                values[f.name] = check(data[f.name])
+            except (TypeError, ValueError):
+                shown = repr(data[f.name])
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                raise CheckpointError(f"{source}: {f.name!r} should be {what}, found {shown}") from None
+        return cls(**values)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError
+    return float(value)
+
+
+def _optional(check: Any) -> Any:
+    return lambda value: None if value is None else check(value)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError
+    return value
+
+
+def _ratios(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise TypeError
+    return {str(name): _number(ratio) for name, ratio in value.items()}
+
+
+def _status(value: Any) -> str:
+    if value not in _STATUSES:
+        raise ValueError
+    return value
+
+
+_RUN_STATE_CHECKS: dict[str, tuple[Any, str]] = {
+    "status": (_status, f"one of {', '.join(_STATUSES)}"),
+    "recipe": (_object, "a JSON object (the recipe)"),
+    "epochs_completed": (_integer, "a count (integer >= 0)"),
+    "iteration": (_integer, "a count (integer >= 0)"),
+    "epoch_iteration": (_integer, "a count (integer >= 0)"),
+    "iterations_per_epoch": (_integer, "a count (integer >= 0)"),
+    "total_iterations": (_integer, "a count (integer >= 0)"),
+    "progress": (_number, "a number"),
+    "zeta_fraction": (_number, "a number"),
+    "zeta_t": (_ratios, "a JSON object of layer names to numbers"),
+    "image_size": (_integer, "a size in pixels (integer >= 0)"),
+    "num_classes": (_integer, "a count (integer >= 0)"),
+    "world_size": (_integer, "a count (integer >= 0)"),
+    "best_top1": (_optional(_number), "a number or null"),
+    "metrics": (_optional(_object), "a JSON object or null"),
+    "wall_seconds": (_number, "a number of seconds"),
+}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], source: str | Path = TRAINING_FILE
+) -> None:
+    """Load an optimizer state read back from a checkpoint into ``optimizer``.
+
+    ``saved`` is ``optimizer.state_dict()`` as ``Checkpoint.training_state``
+    returns it: its per-parameter ``state`` keyed by the parameter indices as
+    strings. They become integers again (what ``load_state_dict`` matches on).
+
+    Raises:
+        CheckpointError: one line naming ``source`` when the state is malformed
+            or does not fit ``optimizer`` (other parameters, other groups).
+    """
+    try:
+        state = {int(index): value for index, value in saved["state"].items()}
+        optimizer.load_state_dict({**saved, "state": state})
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        detail = " ".join(str(error).split())[:200]
+        raise CheckpointError(f"{source}: the optimizer state does not fit this run's optimizer: {detail}") from None
+
+
 def _write_json(path: Path, data: Any) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, sort_keys=False)
@@ -111,7 +262,7 @@ def save_checkpoint(
     directory: str | Path,
     *,
     model: nn.Module,
-    state: dict[str, Any],
+    state: RunState | Mapping[str, Any],
     training_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint to ``directory``, replacing any old one only once the new one is complete.
@@ -119,7 +270,7 @@ def save_checkpoint(
     Args:
         directory: the checkpoint directory (``.../last``), created if needed.
         model: the (unwrapped) model whose state dict is saved.
-        state: JSON-able run state (recipe, epochs, iterations, zeta_t, metrics).
+        state: the ``RunState`` (or any JSON-able mapping) for ``state.json``.
         training_state: optimizer / scaler / generator states (any nesting of
             dicts, lists and tensors); tensors go to ``training.safetensors``.
 
@@ -127,6 +278,7 @@ def save_checkpoint(
         The checkpoint directory.
     """
     directory = Path(directory)
+    state = state.to_json() if isinstance(state, RunState) else dict(state)
     directory.parent.mkdir(parents=True, exist_ok=True)
     checkpoint_id = uuid.uuid4().hex
     temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
@@ -141,7 +293,12 @@ def save_checkpoint(
     if "recipe" in state:
         metadata["recipe"] = json.dumps(state["recipe"])
     save_model(model, str(temporary / MODEL_FILE), metadata=metadata)
-    full_state = {"format": CHECKPOINT_FORMAT, "checkpoint_id": checkpoint_id, "dgc_convert_version": __version__, **state}
+    full_state = {
+        "format": CHECKPOINT_FORMAT,
+        "checkpoint_id": checkpoint_id,
+        "dgc_convert_version": __version__,
+        **state,
+    }
     if training_state is not None:
         skeleton, tensors = flatten_tensors(training_state)
         save_file(tensors, str(temporary / TRAINING_FILE), metadata={"checkpoint_id": checkpoint_id})
@@ -178,6 +335,10 @@ class Checkpoint:
     def checkpoint_id(self) -> str:
         """The id every file of this checkpoint carries."""
         return str(self.state.get("checkpoint_id"))
+
+    def run_state(self) -> RunState:
+        """The trainer's ``RunState`` in ``state.json`` (``CheckpointError`` naming the key if malformed)."""
+        return RunState.from_json(self.state, self.directory / STATE_FILE)
 
     def load_weights(self, model: nn.Module, device: torch.device | str = "cpu") -> None:
         """Load the weights into ``model`` (strict: every key must match)."""
@@ -228,5 +389,7 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: cannot read: {error}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a dgc-convert checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
+        raise CheckpointError(
+            f"{path}: not a dgc-convert checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})"
+        )
     return Checkpoint(found, state)

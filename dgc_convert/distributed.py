@@ -7,11 +7,13 @@ reads them, picks this process's device and joins the process group.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 __all__ = ["Processes"]
 
@@ -27,7 +29,7 @@ class Processes:
     owns_group: bool
 
     @classmethod
-    def from_env(cls) -> "Processes":
+    def from_env(cls) -> Processes:
         """Read torchrun's environment (one process when unset) and join the group if needed."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
@@ -41,6 +43,11 @@ class Processes:
             dist.init_process_group(backend="nccl" if cuda else "gloo")
             owns_group = True
         return cls(world_size, rank, local_rank, device, owns_group)
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> Processes:
+        """One process on ``device``, joining no group (tests, notebooks)."""
+        return cls(1, 0, 0, torch.device(device), False)
 
     @property
     def distributed(self) -> bool:
@@ -59,6 +66,18 @@ class Processes:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
         return tensor.tolist()
+
+    def gather(self, tensor: Tensor) -> list[Tensor]:
+        """Every rank's ``tensor`` (same shape and dtype everywhere), in rank order, on the CPU.
+
+        With nccl the exchange goes through this process's GPU; alone, it is ``[tensor]``.
+        """
+        if not self.distributed:
+            return [tensor.cpu()]
+        local = tensor.to(self.device)
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local)
+        return [g.cpu() for g in gathered]
 
     def barrier(self) -> None:
         """Wait for every rank."""

@@ -9,7 +9,14 @@ from torch import nn
 
 from dgc_convert import DGCConv2d
 from dgc_convert.checkpoint import (
-    CheckpointError, find_checkpoint, flatten_tensors, read_checkpoint, save_checkpoint, unflatten_tensors,
+    CheckpointError,
+    RunState,
+    find_checkpoint,
+    flatten_tensors,
+    load_optimizer_state,
+    read_checkpoint,
+    save_checkpoint,
+    unflatten_tensors,
 )
 
 
@@ -97,3 +104,90 @@ def test_a_pickle_in_place_of_the_weights_is_never_unpickled(tmp_path):
     torch.save({"weight": torch.zeros(1)}, tmp_path / "last" / "model.safetensors")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         read_checkpoint(tmp_path / "last").load_weights(small_model())
+
+
+def run_state(**changes):
+    values = dict(
+        status="running", recipe={"model": {"name": "resnet18"}, "train": {"lr": 0.02}}, epochs_completed=1,
+        iteration=14, epoch_iteration=2, iterations_per_epoch=12, total_iterations=24, progress=14 / 24,
+        zeta_fraction=0.4, zeta_t={"layer1.0.conv1": 0.2, "layer1.0.conv2": 0.2}, image_size=32, num_classes=10,
+        world_size=1, best_top1=None, metrics={"epoch": 1, "val_top1": 12.5}, wall_seconds=3.25,
+    )
+    values.update(changes)
+    return RunState(**values)
+
+
+def test_run_state_json_round_trip_through_a_checkpoint(tmp_path):
+    state = run_state()
+    assert RunState.from_json(json.loads(json.dumps(state.to_json()))) == state
+    save_checkpoint(tmp_path / "last", model=small_model(), state=state, training_state={"x": torch.zeros(1)})
+    checkpoint = read_checkpoint(tmp_path / "last")
+    assert checkpoint.state["epoch_iteration"] == 2  # the plain keys of state.json, as before
+    assert checkpoint.run_state() == state  # the file's own keys (format, id, training_state) are skipped
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("iteration", "14", "'iteration' should be a count"),
+    ("epochs_completed", True, "'epochs_completed' should be a count"),
+    ("epoch_iteration", -1, "'epoch_iteration' should be a count"),
+    ("zeta_t", {"conv": "half"}, "'zeta_t' should be a JSON object of layer names to numbers"),
+    ("best_top1", [1], "'best_top1' should be a number or null"),
+    ("status", "paused", "'status' should be one of running, interrupted, finished, best"),
+    ("metrics", 3, "'metrics' should be a JSON object or null"),
+])
+def test_a_malformed_run_state_is_refused_in_one_line_naming_file_and_key(tmp_path, key, value, expected):
+    save_checkpoint(tmp_path / "last", model=small_model(), state=run_state())
+    path = tmp_path / "last" / "state.json"
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(tmp_path / "last").run_state()
+    message = str(error.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message
+
+
+def test_a_run_state_without_a_key_is_refused(tmp_path):
+    data = run_state().to_json()
+    del data["world_size"]
+    with pytest.raises(CheckpointError, match=r"somewhere/state.json: the run state has no 'world_size'"):
+        RunState.from_json(data, "somewhere/state.json")
+    with pytest.raises(CheckpointError, match="should be a JSON object, found list"):
+        RunState.from_json([], "state.json")
+
+
+def test_optimizer_state_comes_back_with_integer_keys_and_resumes_the_same_steps(tmp_path):
+    def stepped(optimizer, model, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(torch.ones(2, 3, 8, 8)).square().mean().backward()
+            optimizer.step()
+
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    stepped(optimizer, model, 2)
+    save_checkpoint(tmp_path / "last", model=model, state={}, training_state={"optimizer": optimizer.state_dict()})
+    checkpoint = read_checkpoint(tmp_path / "last")
+    saved = checkpoint.training_state()["optimizer"]
+    assert all(isinstance(key, str) for key in saved["state"])  # as JSON stores them
+
+    fresh = small_model()
+    checkpoint.load_weights(fresh)
+    restored = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    load_optimizer_state(restored, saved)
+    assert set(restored.state_dict()["state"]) == set(optimizer.state_dict()["state"])  # integers again
+    stepped(optimizer, model, 1)
+    stepped(restored, fresh, 1)
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_optimizer_state_that_does_not_fit_is_refused_in_one_line(tmp_path):
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(CheckpointError, match=r"^x/training.safetensors: the optimizer state does not fit") as error:
+        load_optimizer_state(other, optimizer.state_dict(), "x/training.safetensors")
+    assert "\n" not in str(error.value)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_optimizer_state(optimizer, {"state": {"first": {}}, "param_groups": []})

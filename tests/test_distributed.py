@@ -39,3 +39,14 @@ def test_two_process_gloo_run_ends_with_identical_weights_and_one_checkpoint(tmp
     assert [r["epoch"] for r in rows] == [1, 2]
     state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
     assert state["world_size"] == 2 and len(state["training_state"]["rng"]["torch_cpu"]) == 2
+
+
+def test_one_process_collectives_are_identities():
+    from dgc_convert.distributed import Processes
+
+    alone = Processes.single()
+    assert not alone.distributed and alone.main and alone.device == torch.device("cpu")
+    state = torch.get_rng_state()
+    [gathered] = alone.gather(state)
+    assert torch.equal(gathered, state)
+    assert alone.all_reduce([1.0, 2.5]) == [1.0, 2.5]
