@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-from pathlib import Path
 import sys
 import time
+from pathlib import Path
 
 
 def main() -> None:

@@ -48,8 +48,10 @@ def _medians(runs: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
 @torch.inference_mode()
 def layer_table(repeats: int) -> None:
     print("per layer (ms per batch; ratio = sparse / dense)")
-    print(f"{'layer':<14} {'zeta':>4} {'batch':>5} | {'dense':>8} {'masked':>8} {'sparse':>8} | "
-          f"{'ratio':>5} {'MACs':>5} {'realised':>8}  algorithm")
+    print(
+        f"{'layer':<14} {'zeta':>4} {'batch':>5} | {'dense':>8} {'masked':>8} {'sparse':>8} | "
+        f"{'ratio':>5} {'MACs':>5} {'realised':>8}  algorithm"
+    )
     for channels, size in SHAPES:
         for kernel in (3, 1):
             for zeta in (0.5, 0.75):
@@ -63,20 +65,33 @@ def layer_table(repeats: int) -> None:
                     masked.inference_algorithm = "masked"
                     x = torch.randn(batch, channels, size, size)
                     x_cl = x.contiguous(memory_format=torch.channels_last)
-                    t = _medians({"nchw": lambda: conv(x), "cl": lambda: conv_cl(x_cl),
-                                  "masked": lambda: masked(x), "sparse": lambda: layer(x)}, repeats)
+                    t = _medians(
+                        {
+                            "nchw": lambda: conv(x),
+                            "cl": lambda: conv_cl(x_cl),
+                            "masked": lambda: masked(x),
+                            "sparse": lambda: layer(x),
+                        },
+                        repeats,
+                    )
                     dense = min(t["nchw"], t["cl"])
-                    mac_ratio = dgc_layer_macs(layer, size, size) / (kernel * kernel * channels * channels * size * size)
+                    mac_ratio = dgc_layer_macs(layer, size, size) / (
+                        kernel * kernel * channels * channels * size * size
+                    )
                     realised = realized_fraction(dense, t["sparse"], mac_ratio)
-                    print(f"{channels}@{size} {kernel}x{kernel:<6} {zeta:>4} {batch:>5} | {dense:8.3f} {t['masked']:8.3f} "
-                          f"{t['sparse']:8.3f} | {t['sparse'] / dense:5.2f} {mac_ratio:5.2f} {realised:8.2f}  {layer.last_algorithm}",
-                          flush=True)
+                    print(
+                        f"{channels}@{size} {kernel}x{kernel:<6} {zeta:>4} {batch:>5} | {dense:8.3f} {t['masked']:8.3f} "
+                        f"{t['sparse']:8.3f} | {t['sparse'] / dense:5.2f} {mac_ratio:5.2f} {realised:8.2f}  {layer.last_algorithm}",
+                        flush=True,
+                    )
 
 
 def model_table(repeats: int) -> None:
     print("whole models at 224 (ms per batch; BatchNorm folded in both)")
-    print(f"{'model':<10} {'zeta':>4} {'batch':>5} | {'dense':>8} {'masked':>8} {'sparse':>8} | "
-          f"{'speedup':>7} {'MACs':>5} {'realised':>8}")
+    print(
+        f"{'model':<10} {'zeta':>4} {'batch':>5} | {'dense':>8} {'masked':>8} {'sparse':>8} | "
+        f"{'speedup':>7} {'MACs':>5} {'realised':>8}"
+    )
     for name in ("resnet18", "resnet50"):
         for zeta in (0.5, 0.75):
             for batch in (1, 8):
@@ -85,8 +100,11 @@ def model_table(repeats: int) -> None:
                 dgc = copy.deepcopy(dense)
                 convert(dgc, heads=4, zeta=zeta)
                 r = benchmark(dense, dgc, name=name, batch_size=batch, input_size=224, repeats=repeats, layers=False)
-                print(f"{name:<10} {zeta:>4} {batch:>5} | {r.dense_ms:8.2f} {r.dgc_masked_ms:8.2f} {r.dgc_ms:8.2f} | "
-                      f"{r.speedup:7.2f} {r.mac_ratio:5.2f} {r.realized_fraction:8.2f}", flush=True)
+                print(
+                    f"{name:<10} {zeta:>4} {batch:>5} | {r.dense_ms:8.2f} {r.dgc_masked_ms:8.2f} {r.dgc_ms:8.2f} | "
+                    f"{r.speedup:7.2f} {r.mac_ratio:5.2f} {r.realized_fraction:8.2f}",
+                    flush=True,
+                )
 
 
 def main() -> None:

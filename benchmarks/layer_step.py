@@ -43,7 +43,9 @@ class MaskedCopyDGC(nn.Module):
         gate = scores * mask
         batch, channels, height, width = x.shape
         copies = (x[:, None] * gate[..., None, None]).reshape(batch, layer.heads * channels, height, width)
-        heads_first = layer.weight.view(-1, layer.heads, *layer.weight.shape[1:]).transpose(0, 1).reshape_as(layer.weight)
+        heads_first = (
+            layer.weight.view(-1, layer.heads, *layer.weight.shape[1:]).transpose(0, 1).reshape_as(layer.weight)
+        )
         out = F.conv2d(copies, heads_first, None, layer.stride, layer.padding, layer.dilation, groups=layer.heads)
         # Channel shuffle: (B, H, C'/H) -> (B, C'/H, H).
         return out.view(batch, layer.heads, -1, *out.shape[2:]).transpose(1, 2).flatten(1, 2)
@@ -102,8 +104,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
-          f"heads {args.heads}, zeta {args.zeta}, 3x3 stride 1, forward+backward")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
+        f"heads {args.heads}, zeta {args.zeta}, 3x3 stride 1, forward+backward"
+    )
     header = f"{'shape':>10} | {'dense ms':>9} {'DGC ms':>9} {'masked ms':>9} | {'DGC/dense':>9} {'masked/dense':>12} | {'dense MiB':>9} {'DGC MiB':>8} {'masked MiB':>10}"
     print(header)
     print("-" * len(header))

@@ -31,13 +31,21 @@ CASES = [("digits model: resnet18 32x32", 32, 64), ("resnet18 64x64", 64, 32)]
 def images_per_second(image_size: int, batch: int, iterations: int, dgc: bool) -> float:
     """Training images/s of one epoch of ``iterations`` iterations."""
     with tempfile.TemporaryDirectory() as directory:
-        recipe = recipe_from_dict({
-            "model": {"name": "resnet18"},
-            "convert": {"enabled": dgc, "heads": 4, "zeta": 0.5},
-            "train": {"epochs": 1, "batch_size": batch, "lr": 0.02, "warmup_fraction": 0.0, "finetune_fraction": 1.0},
-            "data": {"dataset": "synthetic", "synthetic_size": batch * iterations, "image_size": image_size},
-            "output": {"directory": directory},
-        })
+        recipe = recipe_from_dict(
+            {
+                "model": {"name": "resnet18"},
+                "convert": {"enabled": dgc, "heads": 4, "zeta": 0.5},
+                "train": {
+                    "epochs": 1,
+                    "batch_size": batch,
+                    "lr": 0.02,
+                    "warmup_fraction": 0.0,
+                    "finetune_fraction": 1.0,
+                },
+                "data": {"dataset": "synthetic", "synthetic_size": batch * iterations, "image_size": image_size},
+                "output": {"directory": directory},
+            }
+        )
         result = train(recipe)
         assert result.final is not None and (not dgc or result.final.zeta_t == 0.5)
         return result.final.images_per_second

@@ -20,9 +20,9 @@ from dgc_convert.errors import (
     SettingsError,
     UnknownModelError,
 )
+from dgc_convert.macs import LayerMacs, MacReport, count_macs
 from dgc_convert.nn.layer import DGCConv2d, Gates, SaliencyGenerator, kept_channel_count
 from dgc_convert.nn.modes import dgc_mode
-from dgc_convert.macs import LayerMacs, MacReport, count_macs
 from dgc_convert.surgery import (
     ConversionReport,
     LayerDecision,
@@ -41,13 +41,24 @@ from dgc_convert.zoo import ModelInfo, create_model, list_models
 # Training, serving and file formats load on first use: `dgc-convert MODEL`
 # needs none of them, and the CLI's start-up time is what a user feels first.
 _LAZY = {
-    "Recipe": "recipe", "load_recipe": "recipe", "ConvertSection": "recipe", "ModelSection": "recipe",
-    "build_model": "build", "BuiltModel": "build",
+    "Recipe": "recipe",
+    "load_recipe": "recipe",
+    "ConvertSection": "recipe",
+    "ModelSection": "recipe",
+    "build_model": "build",
+    "BuiltModel": "build",
     "Schedule": "schedule",
-    "train": "trainer", "TrainResult": "trainer", "EpochMetrics": "trainer", "TrainingDiverged": "trainer",
-    "prepare_for_inference": "prepare", "InferenceReport": "prepare",
-    "benchmark": "bench", "BenchResult": "bench",
-    "save": "serialize", "load": "serialize", "LoadError": "serialize",
+    "train": "trainer",
+    "TrainResult": "trainer",
+    "EpochMetrics": "trainer",
+    "TrainingDiverged": "trainer",
+    "prepare_for_inference": "prepare",
+    "InferenceReport": "prepare",
+    "benchmark": "bench",
+    "BenchResult": "bench",
+    "save": "serialize",
+    "load": "serialize",
+    "LoadError": "serialize",
 }
 
 
@@ -74,6 +85,7 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "DGCConv2d",

@@ -15,15 +15,16 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from dgc_convert.macs import MacReport, count_macs, normalize_input_size
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import find_dgc_layers
-from dgc_convert.macs import MacReport, count_macs, normalize_input_size
 from dgc_convert.prepare import prepare_for_inference
 
 __all__ = ["BenchResult", "LayerTiming", "benchmark", "realized_fraction"]
@@ -92,9 +93,14 @@ def _layer_times(model: nn.Module, x: torch.Tensor, passes: int) -> dict[str, fl
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, DGCConv2d)):
-            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: starts.__setitem__(n, time.perf_counter())))
-            handles.append(module.register_forward_hook(
-                lambda m, a, o, n=name: samples.setdefault(n, []).append((time.perf_counter() - starts[n]) * 1e3)))
+            handles.append(
+                module.register_forward_pre_hook(lambda m, a, n=name: starts.__setitem__(n, time.perf_counter()))
+            )
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, a, o, n=name: samples.setdefault(n, []).append((time.perf_counter() - starts[n]) * 1e3)
+                )
+            )
     try:
         for _ in range(passes):
             model(x)
@@ -141,9 +147,14 @@ def benchmark(
         sparse = copy.deepcopy(masked)
         _set_algorithm(sparse, "auto")
         runs = _Runs(
-            x=x, x_cl=x.contiguous(memory_format=torch.channels_last), dense_nchw=dense_nchw,
-            dense_cl=copy.deepcopy(dense_nchw).to(memory_format=torch.channels_last), masked=masked, sparse=sparse,
-            dense_macs=count_macs(dense, size), dgc_macs=count_macs(dgc, size),
+            x=x,
+            x_cl=x.contiguous(memory_format=torch.channels_last),
+            dense_nchw=dense_nchw,
+            dense_cl=copy.deepcopy(dense_nchw).to(memory_format=torch.channels_last),
+            masked=masked,
+            sparse=sparse,
+            dense_macs=count_macs(dense, size),
+            dgc_macs=count_macs(dgc, size),
         )
     # Untrained weights can produce denormal floats, which slow CPUs down and
     # would favour whichever variant meets fewer of them. Process-wide
@@ -191,11 +202,20 @@ def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool) ->
     dense_macs, dgc_macs = runs.dense_macs.total_macs, runs.dgc_macs.total_macs
     mac_ratio = dgc_macs / dense_macs if dense_macs else 1.0
     result = BenchResult(
-        model=name, batch_size=runs.x.shape[0], input_size=runs.dense_macs.input_size, threads=torch.get_num_threads(),
-        repeats=repeats, dense_layout="channels_last" if channels_last else "nchw", dense_ms=dense_ms,
-        dgc_masked_ms=medians["masked"], dgc_ms=medians["sparse"], speedup=dense_ms / medians["sparse"],
-        mac_ratio=mac_ratio, realized_fraction=realized_fraction(dense_ms, medians["sparse"], mac_ratio),
-        dense_macs=dense_macs, dgc_macs=dgc_macs,
+        model=name,
+        batch_size=runs.x.shape[0],
+        input_size=runs.dense_macs.input_size,
+        threads=torch.get_num_threads(),
+        repeats=repeats,
+        dense_layout="channels_last" if channels_last else "nchw",
+        dense_ms=dense_ms,
+        dgc_masked_ms=medians["masked"],
+        dgc_ms=medians["sparse"],
+        speedup=dense_ms / medians["sparse"],
+        mac_ratio=mac_ratio,
+        realized_fraction=realized_fraction(dense_ms, medians["sparse"], mac_ratio),
+        dense_macs=dense_macs,
+        dgc_macs=dgc_macs,
     )
     if layers:
         dense_run = (runs.dense_cl, runs.x_cl) if channels_last else (runs.dense_nchw, runs.x)
@@ -216,7 +236,10 @@ def _per_layer(runs: _Runs, dense_model: nn.Module, dense_x: torch.Tensor, passe
         module = sparse_modules.get(name)
         dgc_layer = isinstance(module, DGCConv2d)
         row = LayerTiming(
-            name=name, dense_ms=d, dgc_masked_ms=masked_t.get(name, d), dgc_ms=sparse_t[name],
+            name=name,
+            dense_ms=d,
+            dgc_masked_ms=masked_t.get(name, d),
+            dgc_ms=sparse_t[name],
             dense_macs=dense_macs[name].macs if name in dense_macs else 0,
             dgc_macs=dgc_macs[name].macs if name in dgc_macs else 0,
             algorithm=getattr(module, "last_algorithm", None) if dgc_layer else None,

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,15 @@ from torch.utils.data import Dataset
 from dgc_convert.errors import DGCConvertError
 from dgc_convert.recipe import DataSection
 
-__all__ = ["DataError", "DataBundle", "SeededAugmentation", "build_data", "dataset_classes", "train_set_size", "native_image_size"]
+__all__ = [
+    "DataError",
+    "DataBundle",
+    "SeededAugmentation",
+    "build_data",
+    "dataset_classes",
+    "train_set_size",
+    "native_image_size",
+]
 
 _DIGITS_SAMPLES = 1797
 _DIGITS_VAL_FRACTION = 0.2
@@ -50,7 +59,7 @@ class DataError(DGCConvertError):
 class DataBundle:
     """Training and held-out sets of one recipe."""
 
-    train: "SeededAugmentation"
+    train: SeededAugmentation
     val: Dataset
     num_classes: int
     image_size: int
@@ -147,7 +156,10 @@ def _digits(size: int) -> tuple[_TensorSet, _TensorSet]:
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.as_tensor(digits.target, dtype=torch.int64)
     train_index, val_index = train_test_split(
-        list(range(len(labels))), test_size=_DIGITS_VAL_FRACTION, random_state=_DIGITS_SPLIT_SEED, stratify=digits.target
+        list(range(len(labels))),
+        test_size=_DIGITS_VAL_FRACTION,
+        random_state=_DIGITS_SPLIT_SEED,
+        stratify=digits.target,
     )
     images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     train_images = images[train_index]
@@ -202,7 +214,9 @@ def _cifar(data: DataSection, size: int) -> tuple[Dataset, Dataset, Callable | N
     return train, val, _tensor_augmentation(data.augmentation, data.dataset, size), classes
 
 
-def _imagefolder(data: DataSection, size: int, model: nn.Module | None) -> tuple[Dataset, Dataset, Callable | None, int]:
+def _imagefolder(
+    data: DataSection, size: int, model: nn.Module | None
+) -> tuple[Dataset, Dataset, Callable | None, int]:
     import torchvision
     from timm.data import create_transform, resolve_data_config
 
@@ -233,7 +247,9 @@ def _image_folder_split(data: DataSection, split: str) -> Path:
     """``root/split`` of an image-folder data set, or a DataError naming both folders it needs."""
     root = Path(data.root or ".").expanduser()
     if not (root / split).is_dir():
-        raise DataError(f"data.root={str(root)!r}: no {split}/ there; expected class folders in {root / 'train'}/ and {root / 'val'}/")
+        raise DataError(
+            f"data.root={str(root)!r}: no {split}/ there; expected class folders in {root / 'train'}/ and {root / 'val'}/"
+        )
     return root / split
 
 
@@ -254,13 +270,17 @@ def train_set_size(data: DataSection) -> int:
     if data.dataset == "synthetic":
         return data.synthetic_size
     if data.dataset == "digits":
-        return _DIGITS_SAMPLES - math.ceil(_DIGITS_SAMPLES * _DIGITS_VAL_FRACTION)  # scikit-learn rounds the test share up
+        return _DIGITS_SAMPLES - math.ceil(
+            _DIGITS_SAMPLES * _DIGITS_VAL_FRACTION
+        )  # scikit-learn rounds the test share up
     if data.dataset in _CIFAR:
         return _CIFAR_TRAIN_SIZE
     import torchvision
 
     root, class_to_index = _image_folder_classes(data)
-    return len(torchvision.datasets.folder.make_dataset(str(root), class_to_index, torchvision.datasets.folder.IMG_EXTENSIONS))
+    return len(
+        torchvision.datasets.folder.make_dataset(str(root), class_to_index, torchvision.datasets.folder.IMG_EXTENSIONS)
+    )
 
 
 def dataset_classes(data: DataSection, num_classes: int | None = None) -> int:
@@ -274,7 +294,9 @@ def dataset_classes(data: DataSection, num_classes: int | None = None) -> int:
     return len(_image_folder_classes(data)[1])
 
 
-def build_data(data: DataSection, *, image_size: int, num_classes: int | None, seed: int, model: nn.Module | None = None) -> DataBundle:
+def build_data(
+    data: DataSection, *, image_size: int, num_classes: int | None, seed: int, model: nn.Module | None = None
+) -> DataBundle:
     """Build the training and held-out sets of a recipe's ``data`` section.
 
     Args:

@@ -11,16 +11,17 @@ to it when every head keeps ``k`` nonzero-score channels.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from dgc_convert.macs import count_macs
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import watch_scores
-from dgc_convert.macs import count_macs
 from dgc_convert.surgery import dgc_layers
 
 __all__ = ["EvalReport", "LayerUsage", "Scores", "evaluate", "score", "kept_nonzero", "realised_layer_macs"]
@@ -33,8 +34,9 @@ def kept_nonzero(layer: DGCConv2d, scores: Tensor) -> Tensor:
     return scores.gt(0).sum(dim=2).clamp(max=layer.kept_channels)
 
 
-def realised_layer_macs(layer: DGCConv2d, scores: Tensor, output_height: int, output_width: int,
-                        kept: Tensor | None = None) -> Tensor:
+def realised_layer_macs(
+    layer: DGCConv2d, scores: Tensor, output_height: int, output_width: int, kept: Tensor | None = None
+) -> Tensor:
     """MACs per sample a DGC layer really spends: (batch,) from its scores (batch, heads, C).
 
     Saliency costs as in the static count; the convolution costs, per head,
@@ -100,8 +102,14 @@ class Scores:
 
 
 @torch.no_grad()
-def score(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, device: str | torch.device = "cpu",
-          channels_last: bool = False, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Scores:
+def score(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    device: str | torch.device = "cpu",
+    channels_last: bool = False,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Scores:
     """Run ``model`` (as it is: set eval mode first) over (images, labels) batches and count hits."""
     scores = Scores()
     for images, labels in batches:
@@ -121,8 +129,14 @@ def score(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, input_size: tuple[int, int, int] | None = None,
-             device: str | torch.device = "cpu") -> EvalReport:
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    input_size: tuple[int, int, int] | None = None,
+    device: str | torch.device = "cpu",
+) -> EvalReport:
     """Top-1/top-5 (top-5 with more than 5 classes) and static vs realised MACs per sample on ``dataset``."""
     model = model.to(device).eval()
     layers = dgc_layers(model)
@@ -148,11 +162,20 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, input_
         total_realised += values
         layer_static = static_by_name[name].macs
         dgc_static += layer_static
-        rows.append(LayerUsage(name, layer_static, float(values.mean()), _percentiles(values),
-                               float(torch.cat(fullness[name]).mean())))
+        rows.append(
+            LayerUsage(
+                name, layer_static, float(values.mean()), _percentiles(values), float(torch.cat(fullness[name]).mean())
+            )
+        )
     total = total_realised + (static.total_macs - dgc_static)
     loss, top1, top5 = counts.percentages()
     return EvalReport(
-        samples=seen, top1=top1, top5=top5, loss=loss, static_macs=static.total_macs, realised_mean=float(total.mean()),
-        realised_percentiles=_percentiles(total), layers=rows,
+        samples=seen,
+        top1=top1,
+        top5=top5,
+        loss=loss,
+        static_macs=static.total_macs,
+        realised_mean=float(total.mean()),
+        realised_percentiles=_percentiles(total),
+        layers=rows,
     )

@@ -53,8 +53,15 @@ def _require(module: str) -> None:
         raise ExportError(f"ONNX export needs {module}: pip install 'dgc-convert[export]'") from None
 
 
-def export_onnx(model: nn.Module, path: str | Path, *, input_size: tuple[int, int, int] | None = None,
-                opset: int = 18, tolerance: float = 1e-4, check_batches: tuple[int, ...] = (1, 4)) -> ExportReport:
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    opset: int = 18,
+    tolerance: float = 1e-4,
+    check_batches: tuple[int, ...] = (1, 4),
+) -> ExportReport:
     """Export ``model`` (eval mode) to ONNX at ``path`` and check it against PyTorch with onnxruntime.
 
     Args:
@@ -81,8 +88,18 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: tuple[int, in
         # The exporter prints its progress on stdout; our output is the report.
         with dgc_mode(model, algorithm="export"), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset, input_names=["input"],
-                              output_names=["output"], dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                verbose=False,
+            )
     except Exception as error:  # the exporter fails in many ways; one line for the user
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}") from None
     graph = onnx.load(str(path)).graph

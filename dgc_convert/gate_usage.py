@@ -40,8 +40,12 @@ class LayerChannelUsage:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the JSON summary (frequencies rounded to 4 places)."""
         return {
-            "name": self.name, "heads": self.heads, "in_channels": self.in_channels, "kept": self.kept,
-            "samples": self.samples, "frequency": [[round(v, 4) for v in row] for row in self.frequency.tolist()],
+            "name": self.name,
+            "heads": self.heads,
+            "in_channels": self.in_channels,
+            "kept": self.kept,
+            "samples": self.samples,
+            "frequency": [[round(v, 4) for v in row] for row in self.frequency.tolist()],
             "collapsed": [{"head": h, "reason": r} for h, r in self.collapsed],
         }
 
@@ -70,9 +74,13 @@ def channel_usage(model: nn.Module, dataset: Dataset, *, batch_size: int = 64) -
         for head in range(layer.heads):
             if not nonzero[name][head]:
                 collapsed.append((head, "scores all zero"))
-            elif layer.kept_channels < layer.in_channels and bool(((frequency[head] == 0) | (frequency[head] == 1)).all()):
+            elif layer.kept_channels < layer.in_channels and bool(
+                ((frequency[head] == 0) | (frequency[head] == 1)).all()
+            ):
                 collapsed.append((head, "keeps the same channels for every sample"))
-        usage.append(LayerChannelUsage(name, layer.heads, layer.in_channels, layer.kept_channels, samples, frequency, collapsed))
+        usage.append(
+            LayerChannelUsage(name, layer.heads, layer.in_channels, layer.kept_channels, samples, frequency, collapsed)
+        )
     return usage
 
 
@@ -89,14 +97,17 @@ def write_heatmaps(usage: list[LayerChannelUsage], directory: str | Path) -> lis
     for layer in usage:
         width = min(16.0, max(6.0, layer.in_channels / 16))
         figure, axis = plt.subplots(figsize=(width, 1.2 + 0.45 * layer.heads))
-        image = axis.imshow(layer.frequency.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
-                            interpolation="nearest")
+        image = axis.imshow(
+            layer.frequency.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest"
+        )
         axis.set_xlabel("input channel")
         axis.set_ylabel("head")
         axis.set_yticks(range(layer.heads))
         flags = f"; collapsed heads {[h for h, _ in layer.collapsed]}" if layer.collapsed else ""
-        axis.set_title(f"{layer.name}: keep frequency over {layer.samples} samples (k={layer.kept} of {layer.in_channels}){flags}",
-                       fontsize=9)
+        axis.set_title(
+            f"{layer.name}: keep frequency over {layer.samples} samples (k={layer.kept} of {layer.in_channels}){flags}",
+            fontsize=9,
+        )
         figure.colorbar(image, ax=axis, fraction=0.03, pad=0.01)
         figure.tight_layout()
         path = directory / f"{layer.name.replace('.', '_')}.png"
@@ -110,7 +121,10 @@ def write_summary(usage: list[LayerChannelUsage], path: str | Path, **context: A
     """The JSON summary: context (model, data), then every layer's frequencies and collapse flags."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {**context, "layers": [layer.to_dict() for layer in usage],
-            "collapsed": [{"layer": layer.name, "head": h, "reason": r} for layer in usage for h, r in layer.collapsed]}
+    data = {
+        **context,
+        "layers": [layer.to_dict() for layer in usage],
+        "collapsed": [{"layer": layer.name, "head": h, "reason": r} for layer in usage for h, r in layer.collapsed],
+    }
     path.write_text(json.dumps(data, indent=1), encoding="utf-8")
     return path

@@ -97,6 +97,7 @@ def normalize_input_size(input_size: int | Sequence[int], channels: int = 3) -> 
 # --- FLOP formulas torch's registry lacks -------------------------------------------------------
 # Both receive shapes (FlopCounterMode's shape wrapper) and return FLOPs (2 per MAC).
 
+
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """The fused CPU kernel of ``scaled_dot_product_attention``: two batched products."""
     return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
@@ -108,7 +109,9 @@ def _native_mha_flops(query_shape, key_shape, value_shape, embed_dim, num_head, 
     *batch, target, _ = query_shape
     source = key_shape[-2]
     b = math.prod(batch)
-    macs = b * embed_dim * embed_dim * (2 * target + 2 * source)  # projections: q and out over target, k and v over source
+    macs = (
+        b * embed_dim * embed_dim * (2 * target + 2 * source)
+    )  # projections: q and out over target, k and v over source
     macs += 2 * b * target * source * embed_dim  # q k^T and attn v
     return 2 * macs
 
@@ -132,8 +135,14 @@ _NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerN
 )
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_POOLED_DIMS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
-                nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_POOLED_DIMS = {
+    nn.AvgPool1d: 1,
+    nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+}
 
 
 def _has_rule(module: nn.Module) -> bool:
@@ -158,13 +167,23 @@ def _rule_macs(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
         dims = next(d for kind, d in _POOLED_DIMS.items() if isinstance(module, kind))
         sizes, outputs = x.shape[-dims:], y.shape[-dims:]
         if isinstance(module, _AVG_POOLS):
+
             def per_dim(value):
                 return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
-            pooled = _pooled_inputs(sizes, outputs, per_dim(module.kernel_size), per_dim(module.stride or module.kernel_size),
-                                    per_dim(module.padding), module.count_include_pad)
+
+            pooled = _pooled_inputs(
+                sizes,
+                outputs,
+                per_dim(module.kernel_size),
+                per_dim(module.stride or module.kernel_size),
+                per_dim(module.padding),
+                module.count_include_pad,
+            )
         else:
             # output j of an adaptive pool averages inputs [floor(j * I / O), ceil((j + 1) * I / O))
-            pooled = math.prod(sum(-(-(j + 1) * i // o) - j * i // o for j in range(o)) for i, o in zip(sizes, outputs, strict=True))
+            pooled = math.prod(
+                sum(-(-(j + 1) * i // o) - j * i // o for j in range(o)) for i, o in zip(sizes, outputs, strict=True)
+            )
         return math.prod(x.shape[:-dims]) * pooled + y.numel()  # one add per pooled input, one divide per output
     return 0
 
@@ -237,8 +256,11 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> MacReport:
     named = dict(model.named_modules())
     # Reported rows: the leaves and the DGC layers, but nothing inside a DGC layer; not the model itself.
     inside_dgc = {id(sub) for m in named.values() if isinstance(m, DGCConv2d) for sub in m.modules() if sub is not m}
-    rows = [(name, m) for name, m in named.items()
-            if name and id(m) not in inside_dgc and (isinstance(m, DGCConv2d) or next(m.children(), None) is None)]
+    rows = [
+        (name, m)
+        for name, m in named.items()
+        if name and id(m) not in inside_dgc and (isinstance(m, DGCConv2d) or next(m.children(), None) is None)
+    ]
     counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
     tally = _Tally(counter)
     tally.macs = {m: 0 for _, m in rows}
@@ -258,5 +280,7 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> MacReport:
             handle.remove()
         for m, mode in training.items():
             m.training = mode
-    layers = [LayerMacs(name, type(m).__name__, tally.macs[m], sum(p.numel() for p in m.parameters())) for name, m in rows]
+    layers = [
+        LayerMacs(name, type(m).__name__, tally.macs[m], sum(p.numel() for p in m.parameters())) for name, m in rows
+    ]
     return MacReport(size, tally.total(), sum(p.numel() for p in model.parameters()), layers)

@@ -76,7 +76,9 @@ def _foldable_pairs(model: nn.Module, report: InferenceReport) -> list[tuple[str
             report.not_folded.append((node.target, "does not directly follow a convolution"))
             continue
         conv = modules.get(str(source.target))
-        if not isinstance(conv, (nn.Conv2d, DGCConv2d)) or (isinstance(conv, nn.Conv2d) and type(conv).forward is not nn.Conv2d.forward):
+        if not isinstance(conv, (nn.Conv2d, DGCConv2d)) or (
+            isinstance(conv, nn.Conv2d) and type(conv).forward is not nn.Conv2d.forward
+        ):
             report.not_folded.append((node.target, "does not directly follow a convolution"))
         elif len(source.users) != 1:
             report.not_folded.append((node.target, f"{source.target}'s output is also used elsewhere"))
@@ -99,7 +101,9 @@ def prepare_for_inference(model: nn.Module) -> InferenceReport:
     report = InferenceReport()
     for conv_name, bn_name in _foldable_pairs(model, report):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        assert isinstance(conv, (nn.Conv2d, DGCConv2d)) and isinstance(bn, nn.BatchNorm2d)  # as _foldable_pairs found them
+        assert isinstance(conv, (nn.Conv2d, DGCConv2d)) and isinstance(
+            bn, nn.BatchNorm2d
+        )  # as _foldable_pairs found them
         fold_batchnorm(conv, bn)
         parent, child = _parent_and_name(model, bn_name)
         setattr(parent, child, nn.Identity())

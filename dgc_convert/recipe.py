@@ -8,8 +8,8 @@ in one line.
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
@@ -48,7 +48,9 @@ class ModelSection(_Section):
     name: str
     source: Literal["auto", "timm", "torchvision"] = "auto"
     num_classes: int | None = Field(default=None, ge=1)
-    input_size: int | None = Field(default=None, ge=8, description="square input side in pixels; model default when unset")
+    input_size: int | None = Field(
+        default=None, ge=8, description="square input side in pixels; model default when unset"
+    )
     pretrained: bool = Field(default=False, description="download the library's default weights (needs the network)")
 
 
@@ -76,7 +78,9 @@ class ConvertSection(_Section):
 
     enabled: bool = True
     heads: int = Field(default=DEFAULT_HEADS, ge=1, description="heads per converted layer")
-    squeeze_ratio: float = Field(default=DEFAULT_SQUEEZE_RATIO, ge=1.0, description="saliency generator squeeze ratio d")
+    squeeze_ratio: float = Field(
+        default=DEFAULT_SQUEEZE_RATIO, ge=1.0, description="saliency generator squeeze ratio d"
+    )
     zeta: float = Field(
         default=DEFAULT_ZETA, ge=0.0, lt=1.0, description="pruning ratio: fraction of input channels each head drops"
     )
@@ -110,7 +114,7 @@ class TrainSection(_Section):
     sync_batchnorm: bool = False
 
     @model_validator(mode="after")
-    def _stages_fit(self) -> "TrainSection":
+    def _stages_fit(self) -> TrainSection:
         if self.warmup_fraction + self.finetune_fraction > 1.0:
             raise ValueError(
                 f"warmup_fraction + finetune_fraction must be <= 1, got "
@@ -134,7 +138,7 @@ class DataSection(_Section):
     synthetic_size: int = Field(default=256, ge=1, description="samples per split of the synthetic set")
 
     @model_validator(mode="after")
-    def _root_where_needed(self) -> "DataSection":
+    def _root_where_needed(self) -> DataSection:
         if self.dataset in ("cifar10", "cifar100", "imagefolder") and not self.root:
             raise ValueError(f"dataset {self.dataset} needs data.root (a directory)")
         return self
@@ -211,7 +215,12 @@ def _allowed(field_info: Any) -> str:
     lower = upper = None
     lower_open = upper_open = False
     for bound in field_info.metadata:
-        for attr, is_lower, is_open in (("ge", True, False), ("gt", True, True), ("le", False, False), ("lt", False, True)):
+        for attr, is_lower, is_open in (
+            ("ge", True, False),
+            ("gt", True, True),
+            ("le", False, False),
+            ("lt", False, True),
+        ):
             value = getattr(bound, attr, None)
             if value is not None:
                 if is_lower:

@@ -120,6 +120,7 @@ class Schedule:
         """The three stages as iteration and epoch ranges (the first iteration
         whose progress reaches a boundary starts the next stage)."""
         total = self.total_iterations
+
         # First iteration i with i / total >= boundary, computed with the same
         # comparison ``stage_at`` makes so the two can never disagree.
         def first_at_or_after(boundary: float) -> int:

@@ -48,8 +48,13 @@ def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = 
             "save needs a model built by dgc_convert.create_model: it records the name and library to rebuild it from"
         )
     layers = [
-        {"name": name, "heads": layer.heads, "squeeze_ratio": layer.squeeze_ratio, "zeta": layer.zeta,
-         "zeta_t": layer.zeta_t_value}
+        {
+            "name": name,
+            "heads": layer.heads,
+            "squeeze_ratio": layer.squeeze_ratio,
+            "zeta": layer.zeta,
+            "zeta_t": layer.zeta_t_value,
+        }
         for name, layer in dgc_layers(model)
     ]
     given = input_size if input_size is not None else info.input_size
@@ -70,7 +75,9 @@ def save(model: nn.Module, path: str | Path, *, input_size: int | tuple[int, ...
     """Write ``model`` to one ``.safetensors`` file (weights + rebuild metadata); returns the path."""
     path = Path(path)
     if getattr(model, "dgc_prepared_for_inference", False):
-        raise DGCConvertError("save the model before prepare_for_inference: folded BatchNorms cannot be rebuilt by name")
+        raise DGCConvertError(
+            "save the model before prepare_for_inference: folded BatchNorms cannot be rebuilt by name"
+        )
     metadata = model_metadata(model, input_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
@@ -103,7 +110,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise LoadError(f"{file}: not a readable safetensors file ({detail})") from None
     fmt = metadata.get("format", "")
     if not fmt.startswith(_FORMAT_NAME + "/") or "conversion" not in metadata:
-        raise LoadError(f"{file}: no dgc-convert model metadata (format {fmt or 'missing'!r}); it cannot be rebuilt by name")
+        raise LoadError(
+            f"{file}: no dgc-convert model metadata (format {fmt or 'missing'!r}); it cannot be rebuilt by name"
+        )
     version = fmt.rsplit("/", 1)[1]
     if not version.isdigit() or int(version) > int(_FORMAT_VERSION):
         raise LoadError(
@@ -142,10 +151,15 @@ def load(path: str | Path) -> nn.Module:
         try:
             # The saved per-layer settings, applied by name: today's eligibility
             # rules are not consulted, so a later rule never makes this file unloadable.
-            apply_conversion(model, {
-                layer["name"]: LayerSettings(int(layer["heads"]), float(layer["squeeze_ratio"]), float(layer["zeta"]))
-                for layer in layers
-            })
+            apply_conversion(
+                model,
+                {
+                    layer["name"]: LayerSettings(
+                        int(layer["heads"]), float(layer["squeeze_ratio"]), float(layer["zeta"])
+                    )
+                    for layer in layers
+                },
+            )
         except (DGCConvertError, KeyError, TypeError, ValueError) as error:
             raise LoadError(f"{file}: the saved conversion does not apply to {name}: {error}") from None
     try:

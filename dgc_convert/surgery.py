@@ -40,6 +40,7 @@ __all__ = [
     "check_identity",
 ]
 
+
 @dataclass(frozen=True)
 class LayerSettings:
     """The DGC settings of one converted layer: what ``apply_conversion`` needs, and what a saved model records."""
@@ -169,7 +170,11 @@ def plan_conversion(model: nn.Module, settings: ConvertSection) -> ConversionRep
     """
     convs = _convolutions(model)
     names = [n for n, _ in convs]
-    for kind, patterns in (("include", settings.include), ("exclude", settings.exclude), ("overrides", settings.overrides)):
+    for kind, patterns in (
+        ("include", settings.include),
+        ("exclude", settings.exclude),
+        ("overrides", settings.overrides),
+    ):
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 raise ConversionError(f"{kind} pattern {pattern!r} matches no convolution of the model")

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import dgc_convert
 from dgc_convert import DGCConv2d, convert, create_model, dgc_layers, dgc_mode
@@ -62,7 +61,10 @@ def test_dgc_mode_sets_and_restores_every_layer_even_on_error():
     with pytest.raises(RuntimeError, match="boom"):
         with dgc_mode(model, algorithm="masked", unit_scores=True, zeta_t=0.0) as switched:
             assert switched == layers
-            assert all((layer.inference_algorithm, layer.unit_scores, layer.zeta_t_value) == ("masked", True, 0.0) for layer in layers)
+            assert all(
+                (layer.inference_algorithm, layer.unit_scores, layer.zeta_t_value) == ("masked", True, 0.0)
+                for layer in layers
+            )
             raise RuntimeError("boom")
     assert [(layer.inference_algorithm, layer.unit_scores, layer.zeta_t_value) for layer in layers] == before
     assert float(layers[0].zeta_t) == 0.25
@@ -104,7 +106,8 @@ def test_readme_python_snippets_run(tmp_path):
     for old, new in _README_EDITS.items():
         script = script.replace(old, new)
     (tmp_path / "readme_snippets.py").write_text(script)
-    done = subprocess.run([sys.executable, "readme_snippets.py"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "readme_snippets.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "runs" / "quick" / "best").is_dir()

@@ -44,8 +44,12 @@ def test_flatten_round_trip_keeps_tensors_tuples_and_odd_floats():
 def test_save_and_read_back(tmp_path):
     model = small_model()
     model[2].set_zeta_t(0.25)
-    save_checkpoint(tmp_path / "last", model=model, state={"recipe": {"a": 1}, "epochs_completed": 3},
-                    training_state={"rng": torch.get_rng_state()})
+    save_checkpoint(
+        tmp_path / "last",
+        model=model,
+        state={"recipe": {"a": 1}, "epochs_completed": 3},
+        training_state={"rng": torch.get_rng_state()},
+    )
     checkpoint = read_checkpoint(tmp_path / "last")
     assert checkpoint.state["epochs_completed"] == 3
     fresh = small_model()
@@ -108,10 +112,22 @@ def test_a_pickle_in_place_of_the_weights_is_never_unpickled(tmp_path):
 
 def run_state(**changes):
     values = dict(
-        status="running", recipe={"model": {"name": "resnet18"}, "train": {"lr": 0.02}}, epochs_completed=1,
-        iteration=14, epoch_iteration=2, iterations_per_epoch=12, total_iterations=24, progress=14 / 24,
-        zeta_fraction=0.4, zeta_t={"layer1.0.conv1": 0.2, "layer1.0.conv2": 0.2}, image_size=32, num_classes=10,
-        world_size=1, best_top1=None, metrics={"epoch": 1, "val_top1": 12.5}, wall_seconds=3.25,
+        status="running",
+        recipe={"model": {"name": "resnet18"}, "train": {"lr": 0.02}},
+        epochs_completed=1,
+        iteration=14,
+        epoch_iteration=2,
+        iterations_per_epoch=12,
+        total_iterations=24,
+        progress=14 / 24,
+        zeta_fraction=0.4,
+        zeta_t={"layer1.0.conv1": 0.2, "layer1.0.conv2": 0.2},
+        image_size=32,
+        num_classes=10,
+        world_size=1,
+        best_top1=None,
+        metrics={"epoch": 1, "val_top1": 12.5},
+        wall_seconds=3.25,
     )
     values.update(changes)
     return RunState(**values)
@@ -126,15 +142,18 @@ def test_run_state_json_round_trip_through_a_checkpoint(tmp_path):
     assert checkpoint.run_state() == state  # the file's own keys (format, id, training_state) are skipped
 
 
-@pytest.mark.parametrize(("key", "value", "expected"), [
-    ("iteration", "14", "'iteration' should be a count"),
-    ("epochs_completed", True, "'epochs_completed' should be a count"),
-    ("epoch_iteration", -1, "'epoch_iteration' should be a count"),
-    ("zeta_t", {"conv": "half"}, "'zeta_t' should be a JSON object of layer names to numbers"),
-    ("best_top1", [1], "'best_top1' should be a number or null"),
-    ("status", "paused", "'status' should be one of running, interrupted, finished, best"),
-    ("metrics", 3, "'metrics' should be a JSON object or null"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("iteration", "14", "'iteration' should be a count"),
+        ("epochs_completed", True, "'epochs_completed' should be a count"),
+        ("epoch_iteration", -1, "'epoch_iteration' should be a count"),
+        ("zeta_t", {"conv": "half"}, "'zeta_t' should be a JSON object of layer names to numbers"),
+        ("best_top1", [1], "'best_top1' should be a number or null"),
+        ("status", "paused", "'status' should be one of running, interrupted, finished, best"),
+        ("metrics", 3, "'metrics' should be a JSON object or null"),
+    ],
+)
 def test_a_malformed_run_state_is_refused_in_one_line_naming_file_and_key(tmp_path, key, value, expected):
     save_checkpoint(tmp_path / "last", model=small_model(), state=run_state())
     path = tmp_path / "last" / "state.json"

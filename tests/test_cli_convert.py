@@ -61,8 +61,20 @@ def test_check_reports_the_identity_difference():
 
 
 def test_include_exclude_min_channels_and_source():
-    result = invoke("resnet18", "--source", "timm", "--input-size", "32", "--include", "layer4.*",
-                    "--exclude", "layer4.0.downsample.0", "--min-channels", "300", "--json")
+    result = invoke(
+        "resnet18",
+        "--source",
+        "timm",
+        "--input-size",
+        "32",
+        "--include",
+        "layer4.*",
+        "--exclude",
+        "layer4.0.downsample.0",
+        "--min-channels",
+        "300",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.stdout)["layers"]}
     assert rows["layer3.0.conv1"]["reason"] == "not matched by include"
@@ -95,7 +107,10 @@ def test_list_models_lists_both_libraries():
         (["resnt50"], "unknown model 'resnt50' in timm or torchvision; did you mean resnet50"),
         (["resnet18", "--zeta", "1.5"], "zeta must be in [0, 1), got 1.5"),
         (["resnet18", "--heads", "0"], "heads must be a positive integer, got 0"),
-        (["resnet18", "--input-size", "32", "--include", "nothing*"], "include pattern 'nothing*' matches no convolution"),
+        (
+            ["resnet18", "--input-size", "32", "--include", "nothing*"],
+            "include pattern 'nothing*' matches no convolution",
+        ),
         (["timm:vit_tiny_patch16_224"], "no convolution of vit_tiny_patch16_224 can be converted"),
         (["resnet18", "--source", "keras"], "source must be one of auto, timm, torchvision"),
         (["--recipe", "missing.yaml"], "missing.yaml: no such recipe file"),
@@ -162,7 +177,9 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(monkeypatch)
     result = invoke("resnet18")
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: internal error (ValueError: an internal bug); traceback written to ")
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: internal error (ValueError: an internal bug); traceback written to "
+    )
     written = Path(lines[0].rsplit(" ", 1)[1])
     assert "Traceback" in written.read_text() and "an internal bug" in written.read_text()
     written.unlink()

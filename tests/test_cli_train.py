@@ -50,7 +50,10 @@ def test_set_overrides_and_bad_values_from_the_command_line(tmp_path):
     recipe = write_recipe(tmp_path)
     result = runner.invoke(app, ["train", str(recipe), "--set", "train.epochs=0"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"error: {recipe} (with --set train.epochs=0): train.epochs=0: Input should be greater than or equal to 1"
+    assert (
+        result.stderr.strip()
+        == f"error: {recipe} (with --set train.epochs=0): train.epochs=0: Input should be greater than or equal to 1"
+    )
 
 
 def test_recipe_validate_and_show(tmp_path):
@@ -60,14 +63,18 @@ def test_recipe_validate_and_show(tmp_path):
     bad.write_text("model: resnet18\ntrain: {epochs: many}\n")
     failed = runner.invoke(app, ["recipe", "validate", str(bad)])
     assert failed.exit_code == 2 and failed.stdout == ""
-    assert failed.stderr.strip().splitlines() == [f"error: {bad}: train.epochs='many': Input should be a valid integer, unable to parse string as an integer"]
+    assert failed.stderr.strip().splitlines() == [
+        f"error: {bad}: train.epochs='many': Input should be a valid integer, unable to parse string as an integer"
+    ]
     shown = runner.invoke(app, ["recipe", "show", str(ROOT / "recipes" / "digits.yaml")])
     assert shown.exit_code == 0
     assert "22 iterations per epoch" in shown.stdout and "330 in all" in shown.stdout
     assert any(line.split()[:3] == ["warmup", "1-2", "0-27"] for line in shown.stdout.splitlines())
     assert any(line.split()[:3] == ["finetune", "12-15", "248-329"] for line in shown.stdout.splitlines())
     as_json = json.loads(runner.invoke(app, ["recipe", "show", str(ROOT / "recipes" / "digits.yaml"), "--json"]).stdout)
-    assert as_json["iterations_per_epoch"] == 22 and as_json["recipe"]["train"]["warmup_fraction"] == pytest.approx(1 / 12)
+    assert as_json["iterations_per_epoch"] == 22 and as_json["recipe"]["train"]["warmup_fraction"] == pytest.approx(
+        1 / 12
+    )
     assert [s["stage"] for s in as_json["stages"]] == ["warmup", "ramp", "finetune"]
 
 
@@ -76,11 +83,19 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resume_finishes(tmp_path):
     recipe = write_recipe(tmp_path, epochs=8, size=64, batch=8, workers=1)
     process = subprocess.Popen(
         [sys.executable, "-m", "dgc_convert.cli", "train", str(recipe)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        start_new_session=True,
     )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline and process.poll() is None:
+    while (
+        not (metrics.is_file() and metrics.read_text().strip())
+        and time.monotonic() < deadline
+        and process.poll() is None
+    ):
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)

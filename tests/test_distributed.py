@@ -20,8 +20,17 @@ def test_two_process_gloo_run_ends_with_identical_weights_and_one_checkpoint(tmp
         "data: {dataset: synthetic, synthetic_size: 64, augmentation: crop_flip}\n"
         f"output: {{directory: {tmp_path / 'run'}}}\n"
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(HERE / "ddp_worker.py"), str(recipe), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(HERE / "ddp_worker.py"),
+        str(recipe),
+        str(tmp_path),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     # 64 samples, global batch 16 = 8 per rank: 4 iterations per epoch on each rank.

@@ -25,7 +25,9 @@ def model():
 
 
 def _data(name):
-    return build_data(DataSection(dataset=name, synthetic_size=40, augmentation="none"), image_size=32, num_classes=10, seed=0)
+    return build_data(
+        DataSection(dataset=name, synthetic_size=40, augmentation="none"), image_size=32, num_classes=10, seed=0
+    )
 
 
 @pytest.mark.parametrize("dataset", ["synthetic", "digits"])
@@ -39,7 +41,10 @@ def test_realised_equals_static_when_every_head_keeps_k_nonzero_channels(model, 
     assert report.samples == len(bundle.val) and 0 <= report.top1 <= 100 and report.top5 is not None
     assert report.static_macs == count_macs(model, 32).total_macs
     assert report.realised_mean == pytest.approx(report.static_macs)
-    assert all(row.nonzero_kept_fraction == 1.0 and row.realised_mean == pytest.approx(row.static_macs) for row in report.layers)
+    assert all(
+        row.nonzero_kept_fraction == 1.0 and row.realised_mean == pytest.approx(row.static_macs)
+        for row in report.layers
+    )
 
 
 def test_heads_with_zero_scores_cost_less(model):
@@ -90,4 +95,4 @@ def test_evaluate_and_inspect_work_with_unit_scores(model):
     assert report.realised_mean == pytest.approx(report.static_macs)
     # Equal scores go to the lowest channels, for every sample.
     first = usage[0]
-    assert bool((first.frequency[:, : first.kept] == 1).all()) and bool((first.frequency[:, first.kept:] == 0).all())
+    assert bool((first.frequency[:, : first.kept] == 1).all()) and bool((first.frequency[:, first.kept :] == 0).all())

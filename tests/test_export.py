@@ -41,5 +41,7 @@ def test_export_command(tmp_path):
     assert "gating kept: 19 GatherElements, 19 ScatterElements, 19 TopK" in result.stdout
     assert "onnxruntime vs PyTorch max |difference|: batch 1:" in result.stdout
     assert (tmp_path / "r18.onnx").is_file()
-    missing = CliRunner().invoke(app, ["export", str(tmp_path / "none.safetensors"), "--onnx", str(tmp_path / "x.onnx")])
+    missing = CliRunner().invoke(
+        app, ["export", str(tmp_path / "none.safetensors"), "--onnx", str(tmp_path / "x.onnx")]
+    )
     assert missing.exit_code == 2 and "no such file" in missing.stderr

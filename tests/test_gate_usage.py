@@ -25,8 +25,9 @@ def model():
 
 
 def _val():
-    return build_data(DataSection(dataset="synthetic", synthetic_size=24, augmentation="none"),
-                      image_size=32, num_classes=10, seed=0).val
+    return build_data(
+        DataSection(dataset="synthetic", synthetic_size=24, augmentation="none"), image_size=32, num_classes=10, seed=0
+    ).val
 
 
 def test_frequencies_are_fractions_of_samples_and_each_head_keeps_k(model):
@@ -69,4 +70,6 @@ def test_inspect_command_writes_readable_pngs_and_json(tmp_path, model):
     assert summary["data"] == "synthetic" and len(summary["layers"]) == len(pngs)
     first = summary["layers"][0]
     assert len(first["frequency"]) == first["heads"] and len(first["frequency"][0]) == first["in_channels"]
-    assert {"layer": "layer1.0.conv2", "head": 0, "reason": "keeps the same channels for every sample"} in summary["collapsed"]
+    assert {"layer": "layer1.0.conv2", "head": 0, "reason": "keeps the same channels for every sample"} in summary[
+        "collapsed"
+    ]

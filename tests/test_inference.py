@@ -26,7 +26,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "c{}-{}k{}s{}d{}h{}z{}".format(c[0], c[1], c[2], c[3], c[5], c[6], c[7]))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[0]}-{c[1]}k{c[2]}s{c[3]}d{c[5]}h{c[6]}z{c[7]}")
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_every_algorithm_equals_the_training_computation(case, batch, channels_last):
@@ -77,8 +77,17 @@ def test_bad_algorithm_names():
     with pytest.raises(ValueError, match="algorithm must be 'auto' or one of"):
         layer.inference_algorithm = "fastest"  # refused when set, not at the next forward
     with pytest.raises(ValueError, match="algorithm must be 'auto' or one of"):
-        sparse_conv2d(torch.randn(1, 16, 4, 4), torch.ones(1, 2, 8), torch.zeros(1, 2, 8, dtype=torch.long),
-                      layer.weight, WeightCache(), (1, 1), (1, 1), (1, 1), "fastest")
+        sparse_conv2d(
+            torch.randn(1, 16, 4, 4),
+            torch.ones(1, 2, 8),
+            torch.zeros(1, 2, 8, dtype=torch.long),
+            layer.weight,
+            WeightCache(),
+            (1, 1),
+            (1, 1),
+            (1, 1),
+            "fastest",
+        )
     layer.inference_algorithm = "gather_pointwise"
     with pytest.raises(ValueError, match="1x1 convolutions"):
         with torch.no_grad():
@@ -128,7 +137,9 @@ def test_benchmark_reports_the_documented_figures():
     assert result.dense_ms > 0 and result.dgc_ms > 0 and result.dgc_masked_ms > 0
     assert result.speedup == pytest.approx(result.dense_ms / result.dgc_ms)
     assert 0.2 < result.mac_ratio < 0.5
-    assert result.realized_fraction == pytest.approx(realized_fraction(result.dense_ms, result.dgc_ms, result.mac_ratio))
+    assert result.realized_fraction == pytest.approx(
+        realized_fraction(result.dense_ms, result.dgc_ms, result.mac_ratio)
+    )
     names = {row.name for row in result.layers}
     assert "conv1" in names and "layer1.0.conv1" in names
     converted = next(row for row in result.layers if row.name == "layer1.0.conv1")
@@ -136,7 +147,9 @@ def test_benchmark_reports_the_documented_figures():
 
 
 def test_bench_command_json_has_the_fields():
-    result = CliRunner().invoke(app, ["bench", "resnet18", "--input-size", "32", "--repeats", "2", "--warmup", "1", "--json"])
+    result = CliRunner().invoke(
+        app, ["bench", "resnet18", "--input-size", "32", "--repeats", "2", "--warmup", "1", "--json"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     for key in ("dense_ms", "dgc_masked_ms", "dgc_ms", "speedup", "mac_ratio", "realized_fraction", "layers"):
@@ -148,7 +161,9 @@ def test_bench_command_json_has_the_fields():
 
 def test_bench_command_table_and_bad_input(tmp_path):
     runner = CliRunner()
-    shown = runner.invoke(app, ["bench", "resnet18", "--input-size", "32", "--repeats", "2", "--warmup", "1", "--layers", "3"])
+    shown = runner.invoke(
+        app, ["bench", "resnet18", "--input-size", "32", "--repeats", "2", "--warmup", "1", "--layers", "3"]
+    )
     assert shown.exit_code == 0 and "of the theoretical saving realised" in shown.stdout
     assert "DGC masked ms" in shown.stdout
     bad = runner.invoke(app, ["bench", "resnt18"])
@@ -162,12 +177,15 @@ def test_bench_opens_a_trainer_checkpoint(tmp_path):
     from dgc_convert.recipe import recipe_from_dict
     from dgc_convert.trainer import train
 
-    recipe = recipe_from_dict({
-        "model": {"name": "resnet18"}, "convert": {"zeta": 0.5},
-        "train": {"epochs": 1, "batch_size": 16, "lr": 0.02},
-        "data": {"dataset": "synthetic", "synthetic_size": 32, "image_size": 32},
-        "output": {"directory": str(tmp_path / "run")},
-    })
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": "resnet18"},
+            "convert": {"zeta": 0.5},
+            "train": {"epochs": 1, "batch_size": 16, "lr": 0.02},
+            "data": {"dataset": "synthetic", "synthetic_size": 32, "image_size": 32},
+            "output": {"directory": str(tmp_path / "run")},
+        }
+    )
     train(recipe)
     runner = CliRunner()
     for target in (tmp_path / "run" / "best", tmp_path / "run" / "last" / "model.safetensors"):

@@ -198,11 +198,22 @@ def test_saliency_parameters_learn_from_task_loss_and_sparsity_term():
     batch=st.integers(1, 3),
     bias=st.booleans(),
 )
-def test_gradients_match_reference_loop(c_in, per_head, heads, zeta, kernel, stride, dilation, height, width, batch, bias):
+def test_gradients_match_reference_loop(
+    c_in, per_head, heads, zeta, kernel, stride, dilation, height, width, batch, bias
+):
     torch.manual_seed(0)
     padding = dilation * (kernel // 2)
-    layer = make_layer(c_in=c_in, c_out=heads * per_head, kernel=kernel, heads=heads, zeta=zeta,
-                       stride=stride, dilation=dilation, padding=padding, bias=bias)
+    layer = make_layer(
+        c_in=c_in,
+        c_out=heads * per_head,
+        kernel=kernel,
+        heads=heads,
+        zeta=zeta,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
+        bias=bias,
+    )
     x = torch.randn(batch, c_in, height, width, dtype=torch.float64, requires_grad=True)
     target = torch.randn_like(layer(x))
     params = [x] + [p for p in layer.parameters()]

@@ -75,8 +75,16 @@ def test_products_are_counted_in_conv_subclasses_and_functional_attention():
 
 
 def test_batchnorm_and_pooling_count_as_thop_counts_them():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.BatchNorm2d(8, affine=False),
-                          nn.ReLU(), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.BatchNorm2d(8, affine=False),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
     rows = {row.name: row.macs for row in count_macs(model, 10).layers}
     assert rows == {
         "0": 8 * 10 * 10 * 3 * 9,
@@ -140,12 +148,20 @@ _PERMISSIVE = re.compile(
     re.IGNORECASE,
 )
 _PERMISSIVE_CLASSIFIERS = (
-    "MIT License", "BSD License", "Apache Software License", "ISC License (ISCL)", "Python Software Foundation License",
-    "Historical Permission Notice and Disclaimer (HPND)", "Mozilla Public License 2.0 (MPL 2.0)", "zlib/libpng License",
+    "MIT License",
+    "BSD License",
+    "Apache Software License",
+    "ISC License (ISCL)",
+    "Python Software Foundation License",
+    "Historical Permission Notice and Disclaimer (HPND)",
+    "Mozilla Public License 2.0 (MPL 2.0)",
+    "zlib/libpng License",
 )
 # NVIDIA's CUDA libraries that the Linux torch wheels pull in: redistributable under NVIDIA's licence, neither
 # copyleft nor OSI-permissive. Allowed by name pattern only when their metadata says exactly that.
-_NVIDIA_PROPRIETARY = re.compile(r"^(LicenseRef-NVIDIA-Proprietary|NVIDIA Proprietary Software|Other/Proprietary License)$")
+_NVIDIA_PROPRIETARY = re.compile(
+    r"^(LicenseRef-NVIDIA-Proprietary|NVIDIA Proprietary Software|Other/Proprietary License)$"
+)
 
 
 def _runtime_distributions() -> dict[str, importlib.metadata.Distribution]:
@@ -214,7 +230,9 @@ def test_runtime_dependencies_are_permissively_licensed():
     refused = {
         name: stated
         for name, (verdict, stated) in verdicts.items()
-        if not (verdict in ("permissive", "metapackage") or (verdict == "nvidia-proprietary" and name.startswith("nvidia-")))
+        if not (
+            verdict in ("permissive", "metapackage") or (verdict == "nvidia-proprietary" and name.startswith("nvidia-"))
+        )
     }
     assert not refused, f"runtime dependencies without a permissive licence: {refused}"
     assert "ultralytics-thop" not in verdicts

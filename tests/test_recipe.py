@@ -15,7 +15,9 @@ def write(tmp_path, text: str):
 
 
 def test_minimal_recipe_gets_defaults_and_overrides(tmp_path):
-    recipe = load_recipe(write(tmp_path, "model: resnet18\n"), ["train.epochs=3", "convert.zeta=0.75", "data.dataset=synthetic"])
+    recipe = load_recipe(
+        write(tmp_path, "model: resnet18\n"), ["train.epochs=3", "convert.zeta=0.75", "data.dataset=synthetic"]
+    )
     assert recipe.model.name == "resnet18"
     assert recipe.train.epochs == 3 and recipe.convert.zeta == 0.75 and recipe.data.dataset == "synthetic"
     assert recipe.train.warmup_fraction == pytest.approx(1 / 12) and recipe.train.sparsity_lambda == 1e-5
@@ -26,13 +28,21 @@ def test_minimal_recipe_gets_defaults_and_overrides(tmp_path):
     [
         ("model: resnet18\ntrian: {}\n", [], "unknown key 'trian'; allowed: model, convert, train, data, output"),
         ("model: {name: r, bogus: 1}\n", [], "unknown key 'model.bogus'; allowed: name, source"),
-        ("model: r\nconvert: {overrides: {'a*': {hed: 2}}}\n", [], "unknown key 'convert.overrides.a*.hed'; allowed: heads"),
+        (
+            "model: r\nconvert: {overrides: {'a*': {hed: 2}}}\n",
+            [],
+            "unknown key 'convert.overrides.a*.hed'; allowed: heads",
+        ),
         ("convert: {}\n", [], "model: required key is missing"),
         ("model: r\ntrain: {epochs: 0}\n", [], "train.epochs=0: Input should be greater than or equal to 1"),
         ("model: r\nconvert: {zeta: 1.5}\n", [], "convert.zeta=1.5: Input should be less than 1"),
         ("model: r\ntrain: {amp: fp8}\n", [], "train.amp='fp8': Input should be 'off', 'bf16' or 'fp16'"),
         ("model: r\ndata: {dataset: cifar10}\n", [], "dataset cifar10 needs data.root"),
-        ("model: r\ntrain: {warmup_fraction: 0.5, finetune_fraction: 0.6}\n", [], "warmup_fraction + finetune_fraction must be <= 1"),
+        (
+            "model: r\ntrain: {warmup_fraction: 0.5, finetune_fraction: 0.6}\n",
+            [],
+            "warmup_fraction + finetune_fraction must be <= 1",
+        ),
         ("model: [unclosed\n", [], "not valid YAML (line 2, column 1)"),
         ("- a list\n", [], "expected a mapping at the top level, got list"),
         ("model: r\n", ["train.epochs"], "--set 'train.epochs': expected KEY.PATH=VALUE"),
@@ -40,7 +50,11 @@ def test_minimal_recipe_gets_defaults_and_overrides(tmp_path):
         ("model: r\ntrain: 3\n", ["train.epochs=2"], "'train' is not a section"),
         ("model: r\ntrain: {zeta: 0.5}\n", [], "unknown key 'train.zeta'; allowed: epochs, batch_size"),
         ("model: r\ntrain: {optimizer: adam}\n", [], "train.optimizer='adam': Input should be 'sgd' or 'adamw'"),
-        ("model: r\ndata: {dataset: mnist}\n", [], "data.dataset='mnist': Input should be 'cifar10', 'cifar100', 'imagefolder', 'digits' or 'synthetic'"),
+        (
+            "model: r\ndata: {dataset: mnist}\n",
+            [],
+            "data.dataset='mnist': Input should be 'cifar10', 'cifar100', 'imagefolder', 'digits' or 'synthetic'",
+        ),
         ("model: r\ndata: {augmentation: mixup}\n", [], "data.augmentation='mixup': Input should be 'none'"),
         ("model: r\nconvert: {heads: four}\n", [], "convert.heads='four': Input should be a valid integer"),
         ("model: r\ntrain: {zeta_ramp: step}\n", [], "train.zeta_ramp='step': Input should be 'linear' or 'cosine'"),

@@ -4,15 +4,20 @@ from pathlib import Path
 
 import pytest
 
-from dgc_convert.recipe import load_recipe
 from dgc_convert.build import build_model
+from dgc_convert.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
 
 def test_the_promised_recipes_are_there():
     assert {p.stem for p in RECIPES} >= {
-        "digits", "resnet18_imagenet", "resnet50_imagenet", "resnet18_cifar10", "densenet121_imagenet"}
+        "digits",
+        "resnet18_imagenet",
+        "resnet50_imagenet",
+        "resnet18_cifar10",
+        "densenet121_imagenet",
+    }
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -33,7 +38,14 @@ def test_recipe_loads_and_its_model_converts(path):
 def test_paper_resnet18_settings():
     recipe = load_recipe(next(p for p in RECIPES if p.stem == "resnet18_imagenet"))
     t = recipe.train
-    assert (recipe.convert.heads, recipe.convert.zeta, t.epochs, t.batch_size, t.lr, t.weight_decay) == (4, 0.55, 120, 256, 0.1, 1e-4)
+    assert (recipe.convert.heads, recipe.convert.zeta, t.epochs, t.batch_size, t.lr, t.weight_decay) == (
+        4,
+        0.55,
+        120,
+        256,
+        0.1,
+        1e-4,
+    )
     assert t.optimizer == "sgd" and t.nesterov and t.momentum == 0.9
     cifar = load_recipe(next(p for p in RECIPES if p.stem == "resnet18_cifar10"))
     assert (cifar.train.epochs, cifar.train.batch_size) == (300, 64)

@@ -17,11 +17,22 @@ def test_stage_boundaries_of_the_paper_schedule():
     s = paper_schedule()  # 1200 iterations: warm-up 0-99, ramp 100-899, fine-tune 900-1199
     assert s.total_iterations == 1200
     assert [s.stage(i) for i in (0, 99, 100, 899, 900, 1199)] == [
-        "warmup", "warmup", "ramp", "ramp", "finetune", "finetune"]
+        "warmup",
+        "warmup",
+        "ramp",
+        "ramp",
+        "finetune",
+        "finetune",
+    ]
     warmup, ramp, finetune = s.stages()
     assert (warmup.start_iteration, warmup.end_iteration, warmup.first_epoch, warmup.last_epoch) == (0, 100, 1, 1)
     assert (ramp.start_iteration, ramp.end_iteration, ramp.first_epoch, ramp.last_epoch) == (100, 900, 2, 9)
-    assert (finetune.start_iteration, finetune.end_iteration, finetune.first_epoch, finetune.last_epoch) == (900, 1200, 10, 12)
+    assert (finetune.start_iteration, finetune.end_iteration, finetune.first_epoch, finetune.last_epoch) == (
+        900,
+        1200,
+        10,
+        12,
+    )
 
 
 def test_zeta_values_at_chosen_iterations_linear():
@@ -79,7 +90,10 @@ def test_bad_schedule_lengths():
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.floats(0, 1), st.floats(0, 0.5), st.floats(0, 0.5), st.sampled_from(["linear", "cosine"]),
+    st.floats(0, 1),
+    st.floats(0, 0.5),
+    st.floats(0, 0.5),
+    st.sampled_from(["linear", "cosine"]),
 )
 def test_zeta_fraction_is_monotonic_and_bounded(p, warmup, finetune, ramp):
     value = zeta_fraction(p, warmup, finetune, ramp)

@@ -32,11 +32,14 @@ def _round_trip(tmp_path, name, size, **settings):
     return path
 
 
-@pytest.mark.parametrize("name, size, settings", [
-    ("resnet18", 32, {"zeta": 0.5, "overrides": {"layer4.*": {"zeta": 0.75, "heads": 2}}}),
-    ("densenet121", 32, {"include": ["features.denseblock*.denselayer*.conv1"]}),
-    ("timm:efficientnet_b0", 32, {"heads": 2, "min_channels": 24}),
-])
+@pytest.mark.parametrize(
+    "name, size, settings",
+    [
+        ("resnet18", 32, {"zeta": 0.5, "overrides": {"layer4.*": {"zeta": 0.75, "heads": 2}}}),
+        ("densenet121", 32, {"include": ["features.denseblock*.denselayer*.conv1"]}),
+        ("timm:efficientnet_b0", 32, {"heads": 2, "min_channels": 24}),
+    ],
+)
 def test_round_trip_gives_the_same_outputs(tmp_path, name, size, settings):
     path = _round_trip(tmp_path, name, size, **settings)
     from safetensors import safe_open
@@ -44,19 +47,27 @@ def test_round_trip_gives_the_same_outputs(tmp_path, name, size, settings):
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["format"] == "dgc-convert-model/1" and metadata["torch_version"] == torch.__version__
-    assert all({"name", "heads", "squeeze_ratio", "zeta", "zeta_t"} <= set(layer) for layer in json.loads(metadata["conversion"]))
+    assert all(
+        {"name", "heads", "squeeze_ratio", "zeta", "zeta_t"} <= set(layer)
+        for layer in json.loads(metadata["conversion"])
+    )
 
 
 def test_trainer_checkpoints_load(tmp_path):
     from dgc_convert.recipe import recipe_from_dict
     from dgc_convert.trainer import train
 
-    result = train(recipe_from_dict({
-        "model": {"name": "resnet18"}, "convert": {"zeta": 0.5},
-        "train": {"epochs": 1, "batch_size": 16, "lr": 0.02},
-        "data": {"dataset": "synthetic", "synthetic_size": 32, "image_size": 32, "augmentation": "none"},
-        "output": {"directory": str(tmp_path / "run")},
-    }))
+    result = train(
+        recipe_from_dict(
+            {
+                "model": {"name": "resnet18"},
+                "convert": {"zeta": 0.5},
+                "train": {"epochs": 1, "batch_size": 16, "lr": 0.02},
+                "data": {"dataset": "synthetic", "synthetic_size": 32, "image_size": 32, "augmentation": "none"},
+                "output": {"directory": str(tmp_path / "run")},
+            }
+        )
+    )
     x = torch.randn(2, 3, 32, 32)
     result.model.eval()
     with torch.no_grad():
@@ -101,9 +112,18 @@ def test_each_load_error_is_one_clear_line(tmp_path, saved):
         (truncated, "not a readable safetensors file"),
         (plain, "no dgc-convert model metadata"),
         (_rewrite(saved, tmp_path / "newer.safetensors", format="dgc-convert-model/9"), "newer than this dgc-convert"),
-        (_rewrite(saved, tmp_path / "unknown.safetensors", model="resnet_from_the_future"), "cannot rebuild torchvision model 'resnet_from_the_future'"),
-        (_rewrite(saved, tmp_path / "classes.safetensors", num_classes="5"), "tensors do not match the rebuilt resnet18"),
-        (_rewrite(saved, tmp_path / "layers.safetensors", conversion=json.dumps([])), "tensors do not match the rebuilt resnet18"),
+        (
+            _rewrite(saved, tmp_path / "unknown.safetensors", model="resnet_from_the_future"),
+            "cannot rebuild torchvision model 'resnet_from_the_future'",
+        ),
+        (
+            _rewrite(saved, tmp_path / "classes.safetensors", num_classes="5"),
+            "tensors do not match the rebuilt resnet18",
+        ),
+        (
+            _rewrite(saved, tmp_path / "layers.safetensors", conversion=json.dumps([])),
+            "tensors do not match the rebuilt resnet18",
+        ),
         (_rewrite(saved, tmp_path / "nojson.safetensors", conversion="[oops"), "metadata field 'conversion'"),
     ]
     runner = CliRunner()

@@ -60,8 +60,9 @@ def test_every_conv_gets_a_row_and_a_reason():
 
 def test_include_exclude_and_overrides():
     model = Toy()
-    report = convert(model, include=["body.*"], exclude=["body.4"], heads=2,
-                     overrides={"body.0": {"zeta": 0.25, "heads": 8}})
+    report = convert(
+        model, include=["body.*"], exclude=["body.4"], heads=2, overrides={"body.0": {"zeta": 0.25, "heads": 8}}
+    )
     rows = {d.name: d for d in report.layers}
     assert rows["body.4"].reason == "matched by exclude"
     assert rows["stem"].reason == "not matched by include"
@@ -184,7 +185,9 @@ def test_untraceable_models_fall_back_to_the_first_registered_convolution():
 
     report = plan_conversion(Untraceable(), ConvertSection())
     assert {d.name: d.reason for d in report.layers} == {
-        "head": "stem: sees the image", "stem": "in_channels=3 < min_channels=16"}
+        "head": "stem: sees the image",
+        "stem": "in_channels=3 < min_channels=16",
+    }
 
 
 def test_plan_then_apply_equals_convert_and_plans_touch_nothing():
@@ -236,4 +239,7 @@ def test_the_api_and_the_schema_share_defaults_and_bounds():
     with pytest.raises(ConversionError, match=r"^unknown setting 'zetta'"):
         convert_settings(ConvertSection(), zetta=0.5)
     assert convert_settings(ConvertSection(heads=2), zeta=0.25).model_dump(exclude={"overrides"}) == {
-        **ConvertSection().model_dump(exclude={"overrides"}), "heads": 2, "zeta": 0.25}
+        **ConvertSection().model_dump(exclude={"overrides"}),
+        "heads": 2,
+        "zeta": 0.25,
+    }

@@ -71,8 +71,10 @@ def test_a_short_run_ends_at_the_target_zeta_with_every_layer_keeping_k(referenc
     assert len(layers) == 19
     x = torch.randn(3, 3, 32, 32)
     captured = {}
-    hooks = [layer.register_forward_pre_hook(lambda m, args, n=name: captured.__setitem__(n, args[0]))
-             for name, layer in layers]
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args, n=name: captured.__setitem__(n, args[0]))
+        for name, layer in layers
+    ]
     result.model.eval()
     with torch.no_grad():
         result.model(x)
@@ -89,7 +91,7 @@ def test_a_short_run_ends_at_the_target_zeta_with_every_layer_keeping_k(referenc
 
 
 def test_metrics_follow_the_schedule(reference):
-    directory, result = reference
+    directory, _ = reference
     rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     first, last = rows

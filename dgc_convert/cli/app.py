@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from typer.core import TyperGroup
@@ -37,23 +38,54 @@ def _default(section: type[ConvertSection] | type[ModelSection], key: str) -> st
 
 
 # Options shared by several commands, declared once (help texts name the schema's defaults).
-HeadsOption = Annotated[Optional[int], typer.Option("--heads", help=f"Heads per converted layer (default {_default(ConvertSection, 'heads')}).")]
-ZetaOption = Annotated[Optional[float], typer.Option(
-    "--zeta", help=f"Pruning ratio: fraction of input channels each head drops, in [0, 1) (default {_default(ConvertSection, 'zeta')}).")]
-SqueezeRatioOption = Annotated[Optional[float], typer.Option(
-    "--squeeze-ratio", help=f"Saliency generator squeeze ratio d (default {_default(ConvertSection, 'squeeze_ratio')}).")]
-MinChannelsOption = Annotated[Optional[int], typer.Option(
-    "--min-channels", help=f"Fewest input channels worth gating (default {_default(ConvertSection, 'min_channels')}).")]
-SourceOption = Annotated[Optional[str], typer.Option("--source", help="auto, timm or torchvision (default auto).")]
-InputSizeOption = Annotated[Optional[int], typer.Option("--input-size", help="Square input side in pixels (default: the model's).")]
-SetOption = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Override a recipe value: KEY.PATH=VALUE (YAML value), e.g. train.epochs=3. Repeatable.")]
+HeadsOption = Annotated[
+    int | None,
+    typer.Option("--heads", help=f"Heads per converted layer (default {_default(ConvertSection, 'heads')})."),
+]
+ZetaOption = Annotated[
+    float | None,
+    typer.Option(
+        "--zeta",
+        help=f"Pruning ratio: fraction of input channels each head drops, in [0, 1) (default {_default(ConvertSection, 'zeta')}).",
+    ),
+]
+SqueezeRatioOption = Annotated[
+    float | None,
+    typer.Option(
+        "--squeeze-ratio",
+        help=f"Saliency generator squeeze ratio d (default {_default(ConvertSection, 'squeeze_ratio')}).",
+    ),
+]
+MinChannelsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--min-channels",
+        help=f"Fewest input channels worth gating (default {_default(ConvertSection, 'min_channels')}).",
+    ),
+]
+SourceOption = Annotated[str | None, typer.Option("--source", help="auto, timm or torchvision (default auto).")]
+InputSizeOption = Annotated[
+    int | None, typer.Option("--input-size", help="Square input side in pixels (default: the model's).")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a recipe value: KEY.PATH=VALUE (YAML value), e.g. train.epochs=3. Repeatable."
+    ),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout and nothing else.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward.")]
-SavedModelArgument = Annotated[Path, typer.Argument(help="A saved model (.safetensors) or a training run's last/ or best/ directory.")]
-DataOption = Annotated[str, typer.Option(
-    "--data", help="A recipe file (its data section) or a data set: digits, synthetic, cifar10, cifar100, imagefolder.")]
-RootOption = Annotated[Optional[Path], typer.Option("--root", help="Data directory for cifar10/cifar100/imagefolder.")]
+SavedModelArgument = Annotated[
+    Path, typer.Argument(help="A saved model (.safetensors) or a training run's last/ or best/ directory.")
+]
+DataOption = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="A recipe file (its data section) or a data set: digits, synthetic, cifar10, cifar100, imagefolder.",
+    ),
+]
+RootOption = Annotated[Path | None, typer.Option("--root", help="Data directory for cifar10/cifar100/imagefolder.")]
 
 
 class _DefaultToConvert(TyperGroup):
@@ -85,7 +117,9 @@ def _internal_error(error: BaseException) -> None:
     with tempfile.NamedTemporaryFile("w", prefix="dgc-convert-error-", suffix=".txt", delete=False) as handle:
         handle.write("".join(traceback.format_exception(error)))
     first = str(error).splitlines()[0] if str(error) else ""
-    _fail(f"internal error ({type(error).__name__}: {first[:200]}); traceback written to {handle.name}", EXIT_RUN_FAILED)
+    _fail(
+        f"internal error ({type(error).__name__}: {first[:200]}); traceback written to {handle.name}", EXIT_RUN_FAILED
+    )
 
 
 def handles_errors(command: Command) -> Command:
@@ -106,7 +140,7 @@ def handles_errors(command: Command) -> Command:
             _fail(str(error))
         except KeyboardInterrupt:
             _fail("interrupted", EXIT_INTERRUPTED)
-        except Exception as error:  # noqa: BLE001 - the last line of defence: never a raw traceback
+        except Exception as error:
             _internal_error(error)
 
     return wrapper  # type: ignore[return-value]
@@ -120,7 +154,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Convert timm and torchvision CNNs into Dynamic Group Convolution networks."""
 
@@ -128,18 +164,35 @@ def _root(
 @app.command("convert", help="Convert MODEL and report, for every convolution, what happened and the MACs saved.")
 @handles_errors
 def convert_command(
-    model: Annotated[Optional[str], typer.Argument(help="Model name (timm or torchvision; timm:NAME / torchvision:NAME to choose).")] = None,
+    model: Annotated[
+        str | None, typer.Argument(help="Model name (timm or torchvision; timm:NAME / torchvision:NAME to choose).")
+    ] = None,
     heads: HeadsOption = None,
     zeta: ZetaOption = None,
     squeeze_ratio: SqueezeRatioOption = None,
-    include: Annotated[Optional[list[str]], typer.Option("--include", help="Glob over module names; only matching convs convert. Repeatable.")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob over module names to leave dense. Repeatable.")] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--include", help="Glob over module names; only matching convs convert. Repeatable."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Glob over module names to leave dense. Repeatable.")
+    ] = None,
     min_channels: MinChannelsOption = None,
     input_size: InputSizeOption = None,
     source: SourceOption = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Take model and convert settings from a recipe; options given here win.")] = None,
-    check: Annotated[bool, typer.Option("--check", help="Verify the converted model equals the original at zeta 0 with unit scores.")] = False,
-    save_path: Annotated[Optional[Path], typer.Option("--save", help="Write the converted (untrained) model to FILE.safetensors; dgc_convert.load opens it.")] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option("--recipe", help="Take model and convert settings from a recipe; options given here win."),
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Verify the converted model equals the original at zeta 0 with unit scores.")
+    ] = False,
+    save_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--save", help="Write the converted (untrained) model to FILE.safetensors; dgc_convert.load opens it."
+        ),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     from dgc_convert.cli.summary import summarize_conversion
@@ -156,8 +209,15 @@ def convert_command(
         _fail("give a MODEL name or --recipe FILE (see `dgc-convert --help`)")
     # The recipe's values, then the options given here: one validation, the schema's.
     model_spec = model_settings(base_model, name=model, source=source, input_size=input_size)
-    settings = convert_settings(base_convert, heads=heads, zeta=zeta, squeeze_ratio=squeeze_ratio,
-                                include=include or None, exclude=exclude or None, min_channels=min_channels)
+    settings = convert_settings(
+        base_convert,
+        heads=heads,
+        zeta=zeta,
+        squeeze_ratio=squeeze_ratio,
+        include=include or None,
+        exclude=exclude or None,
+        min_channels=min_channels,
+    )
     summary = summarize_conversion(model_spec, settings, check=check)
     saved = None
     if save_path is not None and summary.converted_model is not None:
@@ -192,6 +252,7 @@ def list_models_command(
 recipe_app = typer.Typer(no_args_is_help=True, help="Check recipe files and show them resolved.")
 app.add_typer(recipe_app, name="recipe")
 
+
 @recipe_app.command("validate", help="Check FILE against the recipe schema; one line saying what is wrong, or OK.")
 @handles_errors
 def recipe_validate_command(
@@ -201,11 +262,17 @@ def recipe_validate_command(
     from dgc_convert.recipe import load_recipe
 
     recipe = load_recipe(file, set_values)
-    state = "dense baseline" if not recipe.convert.enabled else f"DGC heads {recipe.convert.heads}, zeta {recipe.convert.zeta:g}"
+    state = (
+        "dense baseline"
+        if not recipe.convert.enabled
+        else f"DGC heads {recipe.convert.heads}, zeta {recipe.convert.zeta:g}"
+    )
     typer.echo(f"{file}: OK ({recipe.model.name}, {state}, {recipe.train.epochs} epochs on {recipe.data.dataset})")
 
 
-@recipe_app.command("show", help="Print FILE resolved (every default filled in) and its three stages as epoch and iteration ranges.")
+@recipe_app.command(
+    "show", help="Print FILE resolved (every default filled in) and its three stages as epoch and iteration ranges."
+)
 @handles_errors
 def recipe_show_command(
     file: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
@@ -214,9 +281,9 @@ def recipe_show_command(
 ) -> None:
     from dataclasses import asdict
 
+    from dgc_convert.cli.render import print_recipe
     from dgc_convert.data import DataError, train_set_size
     from dgc_convert.recipe import load_recipe
-    from dgc_convert.cli.render import print_recipe
     from dgc_convert.schedule import Schedule
     from dgc_convert.trainer import iterations_per_epoch
 
@@ -239,7 +306,9 @@ def recipe_show_command(
         shown_per_epoch = None
     data = recipe.model_dump(mode="json")
     if json_output:
-        print_json({"recipe": data, "train_samples": samples, "iterations_per_epoch": shown_per_epoch, "stages": stages})
+        print_json(
+            {"recipe": data, "train_samples": samples, "iterations_per_epoch": shown_per_epoch, "stages": stages}
+        )
     else:
         print_recipe(data, stages, shown_per_epoch, samples, note=None if samples is not None else missing)
 
@@ -249,10 +318,12 @@ def recipe_show_command(
 def train_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).")],
     set_values: SetOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from output.directory/last exactly where it stopped.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from output.directory/last exactly where it stopped.")
+    ] = False,
 ) -> None:
-    from dgc_convert.recipe import load_recipe
     from dgc_convert.cli.render import TrainProgress
+    from dgc_convert.recipe import load_recipe
     from dgc_convert.trainer import is_main_process, train
 
     loaded = load_recipe(recipe, set_values)
@@ -267,15 +338,21 @@ def train_command(
             error_console().print(
                 f"stopped at epoch {result.epochs_completed + 1}, iteration {result.iteration} of "
                 f"{result.total_iterations}; checkpoint written to {result.output_dir / 'last'}. Continue with: {again}",
-                highlight=False, markup=False,
+                highlight=False,
+                markup=False,
             )
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-@app.command("bench", help="Time MODEL (or a trained checkpoint) dense, as DGC computed densely, and on the DGC inference path.")
+@app.command(
+    "bench", help="Time MODEL (or a trained checkpoint) dense, as DGC computed densely, and on the DGC inference path."
+)
 @handles_errors
 def bench_command(
-    model: str = typer.Argument(..., help="Model name, or a saved model: a .safetensors file from --save or dgc_convert.save, or a training run's last/ or best/ directory."),
+    model: str = typer.Argument(
+        ...,
+        help="Model name, or a saved model: a .safetensors file from --save or dgc_convert.save, or a training run's last/ or best/ directory.",
+    ),
     heads: HeadsOption = None,
     zeta: ZetaOption = None,
     squeeze_ratio: SqueezeRatioOption = None,
@@ -283,34 +360,46 @@ def bench_command(
     source: SourceOption = None,
     batch_size: BatchSizeOption = 1,
     input_size: InputSizeOption = None,
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs per variant (median reported)."),
     warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed runs per variant first."),
     layers: int = typer.Option(15, "--layers", min=0, help="Slowest dense layers to list (0: none)."),
-    json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout: dense_ms, dgc_masked_ms, dgc_ms, speedup, mac_ratio, realized_fraction, layers."),
+    json_output: bool = typer.Option(
+        False,
+        "--json",
+        help="Print JSON on stdout: dense_ms, dgc_masked_ms, dgc_ms, speedup, mac_ratio, realized_fraction, layers.",
+    ),
 ) -> None:
     from dgc_convert.bench import benchmark
     from dgc_convert.cli.render import print_bench
     from dgc_convert.cli.sources import models_for_bench
-
     from dgc_convert.recipe import model_settings
 
     model_settings(name=model, input_size=input_size)  # the schema's bound on --input-size, before any work
     conversion = {"heads": heads, "zeta": zeta, "squeeze_ratio": squeeze_ratio, "min_channels": min_channels}
     dense, dgc, name, default_size = models_for_bench(model, conversion, source=source)
-    result = benchmark(dense, dgc, name=name, batch_size=batch_size, input_size=input_size or default_size,
-                       repeats=repeats, warmup=warmup, threads=threads, layers=json_output or layers > 0)
+    result = benchmark(
+        dense,
+        dgc,
+        name=name,
+        batch_size=batch_size,
+        input_size=input_size or default_size,
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        layers=json_output or layers > 0,
+    )
     if json_output:
         print_json(result.to_dict())
     else:
         print_bench(result, layer_rows=layers)
 
 
-def _model_and_held_out(file: Path, data: str, root: Optional[Path]) -> tuple[Any, Any, Any]:
+def _model_and_held_out(file: Path, data: str, root: Path | None) -> tuple[Any, Any, Any]:
     """The saved model at FILE and the held-out split of --data (a recipe file or a data set name)."""
-    from dgc_convert.data import build_data
     from pydantic import ValidationError
 
+    from dgc_convert.data import build_data
     from dgc_convert.recipe import DataSection, load_recipe
     from dgc_convert.serialize import load
 
@@ -323,8 +412,13 @@ def _model_and_held_out(file: Path, data: str, root: Optional[Path]) -> tuple[An
             section = DataSection.model_validate({"dataset": data, "root": str(root) if root else None})
         except ValidationError as error:  # an unknown data set, or a missing root
             _fail(f"--data {data!r}: {error.errors()[0]['msg'].removeprefix('Value error, ')}")
-    bundle = build_data(section.model_copy(update={"augmentation": "none"}), image_size=info.input_size[-1],
-                        num_classes=info.num_classes, seed=0, model=model)
+    bundle = build_data(
+        section.model_copy(update={"augmentation": "none"}),
+        image_size=info.input_size[-1],
+        num_classes=info.num_classes,
+        seed=0,
+        model=model,
+    )
     return model, section, bundle
 
 
@@ -337,8 +431,8 @@ def eval_command(
     batch_size: BatchSizeOption = 64,
     json_output: JsonOption = False,
 ) -> None:
-    from dgc_convert.evaluate import evaluate
     from dgc_convert.cli.render import print_evaluation
+    from dgc_convert.evaluate import evaluate
 
     model, section, bundle = _model_and_held_out(file, data, root)
     info = require_model_info(model)
@@ -349,12 +443,16 @@ def eval_command(
         print_evaluation(report, str(file), section.dataset)
 
 
-@app.command("inspect", help="How often each head keeps each input channel over a data set: PNG heat maps and a JSON summary.")
+@app.command(
+    "inspect", help="How often each head keeps each input channel over a data set: PNG heat maps and a JSON summary."
+)
 @handles_errors
 def inspect_command(
     file: SavedModelArgument,
     data: DataOption,
-    out: Annotated[Path, typer.Option("--out", help="Directory for the heat maps (one PNG per layer) and summary.json.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory for the heat maps (one PNG per layer) and summary.json.")
+    ],
     root: RootOption = None,
     batch_size: BatchSizeOption = 64,
 ) -> None:
@@ -365,20 +463,28 @@ def inspect_command(
     images = write_heatmaps(usage, out)
     summary = write_summary(usage, out / "summary.json", model=str(file), data=section.dataset)
     console = output_console()
-    console.print(f"{len(images)} heat maps in {out}/ (heads x input channels, keep frequency over "
-                  f"{usage[0].samples if usage else 0} samples); summary: {summary}", highlight=False)
+    console.print(
+        f"{len(images)} heat maps in {out}/ (heads x input channels, keep frequency over "
+        f"{usage[0].samples if usage else 0} samples); summary: {summary}",
+        highlight=False,
+    )
     for layer in usage:
         for head, reason in layer.collapsed:
             console.print(f"[yellow]collapsed[/yellow]: {layer.name} head {head}: {reason}", highlight=False)
 
 
-@app.command("export", help="Export a saved model to ONNX with its dynamic gating (TopK, ScatterElements) and check it with onnxruntime.")
+@app.command(
+    "export",
+    help="Export a saved model to ONNX with its dynamic gating (TopK, ScatterElements) and check it with onnxruntime.",
+)
 @handles_errors
 def export_command(
     file: SavedModelArgument,
     onnx: Path = typer.Option(..., "--onnx", help="Where to write the .onnx file."),
     opset: int = typer.Option(18, "--opset", min=13, help="ONNX opset."),
-    tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest max |onnxruntime - torch|, relative to the output scale."),
+    tolerance: float = typer.Option(
+        1e-4, "--tolerance", help="Largest max |onnxruntime - torch|, relative to the output scale."
+    ),
 ) -> None:
     from dgc_convert.export import export_onnx
     from dgc_convert.serialize import load
@@ -388,7 +494,9 @@ def export_command(
     diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in report.max_abs_diff.items())
     console = output_console()
     console.print(f"wrote {report.path} (opset {report.opset}; gating kept: {ops or 'no DGC layers'})", highlight=False)
-    console.print(f"onnxruntime vs PyTorch max |difference|: {diffs} (tolerance {report.tolerance:.1e})", highlight=False)
+    console.print(
+        f"onnxruntime vs PyTorch max |difference|: {diffs} (tolerance {report.tolerance:.1e})", highlight=False
+    )
     if not report.passed:
         _fail(f"{report.path}: onnxruntime output differs from PyTorch beyond tolerance ({diffs})", EXIT_RUN_FAILED)
 

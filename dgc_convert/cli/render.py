@@ -19,7 +19,13 @@ if TYPE_CHECKING:  # loaded on first use (training, progress bars); only named h
     from dgc_convert.train_events import EpochMetrics, IterationStats, RunInfo, TrainResult
 
 __all__ = [
-    "format_macs", "print_json", "print_conversion", "print_model_list", "print_recipe", "print_bench", "print_evaluation",
+    "format_macs",
+    "print_json",
+    "print_conversion",
+    "print_model_list",
+    "print_recipe",
+    "print_bench",
+    "print_evaluation",
     "error_console",
     "TrainProgress",
 ]
@@ -123,14 +129,22 @@ def _stage_rows(stages: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]
         if empty:
             rows.append((s["stage"], "-", "(empty)", descriptions[s["stage"]]))
             continue
-        epochs = f"{s['first_epoch']}" if s["first_epoch"] == s["last_epoch"] else f"{s['first_epoch']}-{s['last_epoch']}"
+        epochs = (
+            f"{s['first_epoch']}" if s["first_epoch"] == s["last_epoch"] else f"{s['first_epoch']}-{s['last_epoch']}"
+        )
         iterations = "?" if s["start_iteration"] is None else f"{s['start_iteration']}-{s['end_iteration'] - 1}"
         rows.append((s["stage"], epochs, iterations, descriptions[s["stage"]]))
     return rows
 
 
-def print_recipe(recipe_data: dict[str, Any], stages: list[dict[str, Any]], iterations_per_epoch: int | None,
-                 train_samples: int | None, console: Console | None = None, note: str | None = None) -> None:
+def print_recipe(
+    recipe_data: dict[str, Any],
+    stages: list[dict[str, Any]],
+    iterations_per_epoch: int | None,
+    train_samples: int | None,
+    console: Console | None = None,
+    note: str | None = None,
+) -> None:
     """A resolved recipe as YAML, then its three stages as epoch and iteration ranges.
 
     Without the data set (``train_samples`` None), iteration ranges are
@@ -142,13 +156,15 @@ def print_recipe(recipe_data: dict[str, Any], stages: list[dict[str, Any]], iter
     console.print(yaml.safe_dump(recipe_data, sort_keys=False).rstrip(), markup=False)
     console.print()
     if train_samples is None:
-        console.print(f"[bold]schedule[/bold]: iterations per epoch unknown until the data is there ({note})",
-                      highlight=False)
+        console.print(
+            f"[bold]schedule[/bold]: iterations per epoch unknown until the data is there ({note})", highlight=False
+        )
     else:
         total = stages[-1]["end_iteration"] if stages else 0
         console.print(
             f"[bold]schedule[/bold]: {train_samples} training samples, {iterations_per_epoch} iterations per epoch "
-            f"(one process), {total} in all; epochs 1-based, iterations 0-based and inclusive", highlight=False,
+            f"(one process), {total} in all; epochs 1-based, iterations 0-based and inclusive",
+            highlight=False,
         )
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     for column in ("stage", "epochs", "iterations", "pruning ratio"):
@@ -205,26 +221,39 @@ class TrainProgress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[figures]}"), console=self.console, transient=False,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[figures]}"),
+                console=self.console,
+                transient=False,
             )
             self.progress.start()
             total = info.epochs * info.iterations_per_epoch
             self.run_task = self.progress.add_task("run", total=total, completed=info.start_iteration, figures="")
             self.epoch_task = self.progress.add_task(
-                f"epoch {info.start_epoch + 1}/{info.epochs}", total=info.iterations_per_epoch,
-                completed=info.start_iteration - info.start_epoch * info.iterations_per_epoch, figures="",
+                f"epoch {info.start_epoch + 1}/{info.epochs}",
+                total=info.iterations_per_epoch,
+                completed=info.start_iteration - info.start_epoch * info.iterations_per_epoch,
+                figures="",
             )
 
     def on_iteration(self, stats: IterationStats) -> None:
         """Advance the bars with the running loss, accuracy, zeta_t, lr and images/s."""
         if self.progress is None or self.run_task is None or self.epoch_task is None:
             return
-        figures = (f"loss {stats.loss:.4f} acc {stats.train_top1:.1f}% zeta_t {stats.zeta_t:.3f} "
-                   f"lr {stats.lr:.4g} {stats.images_per_second:.0f} img/s")
+        figures = (
+            f"loss {stats.loss:.4f} acc {stats.train_top1:.1f}% zeta_t {stats.zeta_t:.3f} "
+            f"lr {stats.lr:.4g} {stats.images_per_second:.0f} img/s"
+        )
         self.progress.update(self.run_task, completed=stats.iteration)
-        self.progress.update(self.epoch_task, description=f"epoch {stats.epoch}/{self.epochs}",
-                             completed=stats.epoch_iteration, figures=figures)
+        self.progress.update(
+            self.epoch_task,
+            description=f"epoch {stats.epoch}/{self.epochs}",
+            completed=stats.epoch_iteration,
+            figures=figures,
+        )
 
     def on_epoch(self, metrics: EpochMetrics) -> None:
         """One line per finished epoch."""
@@ -246,9 +275,13 @@ class TrainProgress:
             figures = f": held-out top-1 {final.val_top1:.2f}% at {format_macs(final.macs)} MACs" if final else ""
             best = f", best at target {result.best_top1:.2f}%" if result.best_top1 is not None else ""
             plural = "s" if result.epochs_completed != 1 else ""
-            self.console.print(f"finished {result.epochs_completed} epoch{plural} in {result.wall_seconds:.0f} s{figures}{best}")
-            self.console.print(f"checkpoints: {result.output_dir / 'last'}, {result.output_dir / 'best'}; "
-                               f"metrics: {result.output_dir / 'metrics.jsonl'}")
+            self.console.print(
+                f"finished {result.epochs_completed} epoch{plural} in {result.wall_seconds:.0f} s{figures}{best}"
+            )
+            self.console.print(
+                f"checkpoints: {result.output_dir / 'last'}, {result.output_dir / 'best'}; "
+                f"metrics: {result.output_dir / 'metrics.jsonl'}"
+            )
 
 
 def _ratio(value: float | None) -> str:
@@ -261,7 +294,8 @@ def print_bench(result: Any, console: Console | None = None, layer_rows: int | N
     c, h, w = result.input_size
     console.print(
         f"[bold]{result.model}[/bold], batch {result.batch_size}, input {c}x{h}x{w}, {result.threads} threads, "
-        f"median of {result.repeats} interleaved runs (ms per batch)", highlight=False,
+        f"median of {result.repeats} interleaved runs (ms per batch)",
+        highlight=False,
     )
     if result.layers:
         table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
@@ -269,15 +303,24 @@ def print_bench(result: Any, console: Console | None = None, layer_rows: int | N
             table.add_column(column, justify="left" if column in ("layer", "algorithm") else "right")
         rows = result.layers if layer_rows is None else sorted(result.layers, key=lambda r: -r.dense_ms)[:layer_rows]
         for row in rows:
-            table.add_row(row.name, f"{row.dense_ms:.3f}", f"{row.dgc_masked_ms:.3f}", f"{row.dgc_ms:.3f}",
-                          f"{row.speedup:.2f}", f"{row.mac_ratio:.2f}", _ratio(row.realized_fraction), row.algorithm or "dense")
+            table.add_row(
+                row.name,
+                f"{row.dense_ms:.3f}",
+                f"{row.dgc_masked_ms:.3f}",
+                f"{row.dgc_ms:.3f}",
+                f"{row.speedup:.2f}",
+                f"{row.mac_ratio:.2f}",
+                _ratio(row.realized_fraction),
+                row.algorithm or "dense",
+            )
         console.print(table)
     realised = "-" if result.realized_fraction is None else f"{result.realized_fraction * 100:.0f}%"
     console.print(
         f"dense {result.dense_ms:.2f} ms ({result.dense_layout}), DGC computed densely {result.dgc_masked_ms:.2f} ms, "
         f"DGC inference path {result.dgc_ms:.2f} ms: [bold]{result.speedup:.2f}x[/bold] dense speed at "
         f"{result.mac_ratio:.2f} of its MACs ({format_macs(result.dgc_macs)} vs {format_macs(result.dense_macs)} "
-        f"per sample); {realised} of the theoretical saving realised", highlight=False,
+        f"per sample); {realised} of the theoretical saving realised",
+        highlight=False,
     )
 
 
@@ -285,19 +328,29 @@ def print_evaluation(report: Any, name: str, dataset: str, console: Console | No
     """Accuracy, static vs realised MACs per sample, and the per-layer table of ``dgc-convert eval``."""
     console = console or output_console()
     top5 = f" (top-5 {report.top5:.2f}%)" if report.top5 is not None else ""
-    console.print(f"[bold]{name}[/bold] on {dataset}: {report.samples} samples, top-1 {report.top1:.2f}%{top5}, "
-                  f"loss {report.loss:.4f}", highlight=False)
+    console.print(
+        f"[bold]{name}[/bold] on {dataset}: {report.samples} samples, top-1 {report.top1:.2f}%{top5}, "
+        f"loss {report.loss:.4f}",
+        highlight=False,
+    )
     if report.layers:
         table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
         for column in ("layer", "static MACs", "realised mean", "p5", "p95", "nonzero kept"):
             table.add_column(column, justify="left" if column == "layer" else "right")
         for row in report.layers:
             p = row.realised_percentiles
-            table.add_row(row.name, format_macs(row.static_macs), format_macs(row.realised_mean), format_macs(p["p5"]),
-                          format_macs(p["p95"]), f"{row.nonzero_kept_fraction * 100:.1f}%")
+            table.add_row(
+                row.name,
+                format_macs(row.static_macs),
+                format_macs(row.realised_mean),
+                format_macs(p["p5"]),
+                format_macs(p["p95"]),
+                f"{row.nonzero_kept_fraction * 100:.1f}%",
+            )
         console.print(table)
     p = report.realised_percentiles
     console.print(
         f"MACs per sample: static {format_macs(report.static_macs)}, realised mean {format_macs(report.realised_mean)} "
-        f"(p5 {format_macs(p['p5'])}, median {format_macs(p['p50'])}, p95 {format_macs(p['p95'])})", highlight=False,
+        f"(p5 {format_macs(p['p5'])}, median {format_macs(p['p50'])}, p95 {format_macs(p['p95'])})",
+        highlight=False,
     )

@@ -32,7 +32,9 @@ def models_for_bench(
         given = [key for key, value in conversion.items() if value is not None] + (["source"] if source else [])
         if given:
             flag = given[0].replace("_", "-")
-            raise DGCConvertError(f"{target}: --{flag} applies to model names; a saved model carries its own conversion")
+            raise DGCConvertError(
+                f"{target}: --{flag} applies to model names; a saved model carries its own conversion"
+            )
         model = load(path)
         info = require_model_info(model)
         dense = create_dense(model_settings(name=info.name, source=info.library, num_classes=info.num_classes))

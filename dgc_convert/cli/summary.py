@@ -78,7 +78,9 @@ def _geometry(decision: LayerDecision) -> str:
     return text
 
 
-def summarize_conversion(model_spec: ModelSection, settings: ConvertSection, *, check: bool = False) -> ConversionSummary:
+def summarize_conversion(
+    model_spec: ModelSection, settings: ConvertSection, *, check: bool = False
+) -> ConversionSummary:
     """Build the model ``model_spec`` names, convert it with ``settings``, count MACs per sample before and after.
 
     ``model_spec.input_size`` is the square side in pixels (the model's
@@ -90,7 +92,11 @@ def summarize_conversion(model_spec: ModelSection, settings: ConvertSection, *, 
     model, dense_model, report = built.model, built.dense, built.report
     assert dense_model is not None and report is not None  # keep_dense, and conversion enabled
     info = require_model_info(model)
-    size = info.input_size if model_spec.input_size is None else normalize_input_size(model_spec.input_size, info.input_size[0])
+    size = (
+        info.input_size
+        if model_spec.input_size is None
+        else normalize_input_size(model_spec.input_size, info.input_size[0])
+    )
     model.eval()
     dense = count_macs(dense_model, size)
     converted = count_macs(model, size)

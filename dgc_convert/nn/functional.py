@@ -74,7 +74,9 @@ class _GatedConv2d(torch.autograd.Function):
         need_x, need_gate, need_weight = needs[:3]
         batch, out_channels = grad_out.shape[:2]
         # One head-major copy of the output gradient, so every head's slice is contiguous.
-        grad_heads = grad_out.view(batch, out_channels // heads, heads, *grad_out.shape[2:]).transpose(1, 2).contiguous()
+        grad_heads = (
+            grad_out.view(batch, out_channels // heads, heads, *grad_out.shape[2:]).transpose(1, 2).contiguous()
+        )
 
         grad_x: Tensor | None = None
         grad_gate = torch.empty_like(gate) if need_gate else None
@@ -148,8 +150,17 @@ class _StackedGatedConv2d(torch.autograd.Function):
         out_channels = grouped.shape[0]
         grad_head_major = grad_out.view(batch, out_channels // heads, heads, *grad_out.shape[2:]).transpose(1, 2)
         grad_stacked, grad_grouped, _ = torch.ops.aten.convolution_backward(
-            grad_head_major.flatten(1, 2), gated_copies(x, gate), grouped, None, stride, padding, dilation, False, [0, 0],
-            heads, [need_x or need_gate, need_weight, False],
+            grad_head_major.flatten(1, 2),
+            gated_copies(x, gate),
+            grouped,
+            None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            heads,
+            [need_x or need_gate, need_weight, False],
         )
         grad_x: Tensor | None = None
         grad_gate: Tensor | None = None
@@ -162,7 +173,11 @@ class _StackedGatedConv2d(torch.autograd.Function):
                 grad_gate = torch.linalg.vecdot(grad_stacked.flatten(3), x.unsqueeze(1).flatten(3))
         if need_weight:
             # head-major rows (h, j) back to the dense layout (j*H + h)
-            grad_weight = grad_grouped.view(heads, out_channels // heads, *grouped.shape[1:]).transpose(0, 1).reshape(grouped.shape)
+            grad_weight = (
+                grad_grouped.view(heads, out_channels // heads, *grouped.shape[1:])
+                .transpose(0, 1)
+                .reshape(grouped.shape)
+            )
         return grad_x, grad_gate, grad_weight, None, None, None
 
 

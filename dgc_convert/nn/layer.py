@@ -235,7 +235,7 @@ class DGCConv2d(nn.Module):
         heads: int = DEFAULT_HEADS,
         squeeze_ratio: float = DEFAULT_SQUEEZE_RATIO,
         zeta: float = DEFAULT_ZETA,
-    ) -> "DGCConv2d":
+    ) -> DGCConv2d:
         """Build a DGC layer with ``conv``'s geometry, weight and bias.
 
         The new layer lives on ``conv``'s device and dtype; the weight and bias
@@ -405,8 +405,9 @@ class DGCConv2d(nn.Module):
         index = self.select(scores)
         gate = torch.zeros_like(scores).scatter(2, index, scores.gather(2, index))
         grouped = head_weights(self.weight, self.heads).flatten(0, 1)
-        out = torch.nn.functional.conv2d(gated_copies(x, gate), grouped, None, self.stride, self.padding, self.dilation,
-                                         self.heads)
+        out = torch.nn.functional.conv2d(
+            gated_copies(x, gate), grouped, None, self.stride, self.padding, self.dilation, self.heads
+        )
         out = head_major_to_dense(out, self.heads)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
@@ -420,7 +421,16 @@ class DGCConv2d(nn.Module):
         scores = self.saliency(x)
         self._last_sparsity = scores.mean(dim=(0, 2)).sum()
         index = self.select(scores)
-        args = (x, scores.gather(2, index), index, self.weight, self._weight_cache, self.stride, self.padding, self.dilation)
+        args = (
+            x,
+            scores.gather(2, index),
+            index,
+            self.weight,
+            self._weight_cache,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
         algorithm = self.inference_algorithm
         if algorithm == "auto":
             algorithm = pick_algorithm(*args)
@@ -431,13 +441,14 @@ class DGCConv2d(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        text = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
-        )
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding != (0, 0):
             text += f", padding={self.padding}"
         if self.dilation != (1, 1):
             text += f", dilation={self.dilation}"
         if self.bias is None:
             text += ", bias=False"
-        return text + f", heads={self.heads}, squeeze_ratio={self.squeeze_ratio}, zeta={self.zeta}, zeta_t={self._zeta_t_value:g}"
+        return (
+            text
+            + f", heads={self.heads}, squeeze_ratio={self.squeeze_ratio}, zeta={self.zeta}, zeta_t={self._zeta_t_value:g}"
+        )

@@ -28,8 +28,8 @@ change (``WeightCache``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ class WeightCache:
     offsets: Tensor | None = None  # (heads, 1): h * C, turns per-head channel indices into rows
     grouped: Tensor | None = None  # (C', C, kh, kw) head-major, for one grouped convolution over all heads
 
-    def get(self, weight: Tensor, heads: int) -> "WeightCache":
+    def get(self, weight: Tensor, heads: int) -> WeightCache:
         """Up-to-date arrangements of ``weight`` (dense layout, head h owns rows h::heads)."""
         # Inference tensors (made under torch.inference_mode) keep no version counter.
         version = None if weight.is_inference() else weight._version
@@ -162,7 +162,9 @@ def gather_bmm(
     arranged = cache.get(weight, heads).rows
     assert arranged is not None  # get() fills every arrangement
     selected_w = arranged.index_select(0, flat_weight)  # (H*B*k, taps*C'/H)
-    selected_w = selected_w.view(heads, batch, k * taps, per_head).transpose(0, 1).reshape(batch * heads, k * taps, per_head)
+    selected_w = (
+        selected_w.view(heads, batch, k * taps, per_head).transpose(0, 1).reshape(batch * heads, k * taps, per_head)
+    )
     score_rows = scores.reshape(batch * heads, k, 1).expand(-1, -1, taps).reshape(batch * heads, k * taps, 1)
     if pixels <= per_head:
         selected = selected * score_rows
@@ -255,7 +257,10 @@ _Algorithm = Callable[
 ]
 
 _FUNCTIONS: dict[str, _Algorithm] = {
-    "gather_conv": gather_conv, "gather_bmm": gather_bmm, "gather_pointwise": gather_pointwise, "stacked": stacked,
+    "gather_conv": gather_conv,
+    "gather_bmm": gather_bmm,
+    "gather_pointwise": gather_pointwise,
+    "stacked": stacked,
     "masked": masked,
 }
 
@@ -264,6 +269,8 @@ def _applicable(name: str, x: Tensor, weight: Tensor, padding: tuple[int, int]) 
     if name == "gather_pointwise":
         return weight.shape[2:] == (1, 1) and tuple(padding) == (0, 0)
     return True
+
+
 _CACHE: dict[tuple[object, ...], str] = {}
 
 
@@ -285,8 +292,18 @@ def _case(
     padding: tuple[int, int],
     dilation: tuple[int, int],
 ) -> tuple[object, ...]:
-    return (tuple(x.shape), index.shape[1], index.shape[2], tuple(weight.shape), tuple(stride), tuple(padding),
-            tuple(dilation), x.dtype, x.device.type, torch.get_num_threads())
+    return (
+        tuple(x.shape),
+        index.shape[1],
+        index.shape[2],
+        tuple(weight.shape),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        x.dtype,
+        x.device.type,
+        torch.get_num_threads(),
+    )
 
 
 def pick_algorithm(
