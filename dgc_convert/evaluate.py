@@ -101,6 +101,17 @@ class Scores:
         return self.loss_sum / count, 100.0 * self.top1 / count, top5
 
 
+def move_batch(
+    batch: tuple[Tensor, Tensor], device: str | torch.device, channels_last: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(images, labels) on ``device``, images channels-last when asked (how training and scoring feed a model)."""
+    images, labels = batch
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def score(
     model: nn.Module,
@@ -112,11 +123,8 @@ def score(
 ) -> Scores:
     """Run ``model`` (as it is: set eval mode first) over (images, labels) batches and count hits."""
     scores = Scores()
-    for images, labels in batches:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for batch in batches:
+        images, labels = move_batch(batch, device, channels_last)
         with autocast():
             logits = model(images)
         scores.loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dgc_convert.distributed import Processes
-from dgc_convert.evaluate import Scores, score
+from dgc_convert.evaluate import Scores, move_batch, score
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.schedule import Schedule
 from dgc_convert.surgery import sparsity_loss
@@ -156,12 +156,9 @@ def train_one_epoch(
     completed = True
     start = time.perf_counter()
     lr = schedule.lr(iteration)
-    for images, labels in loader:
+    for batch in loader:
         lr = apply_schedule(schedule, iteration, layers, optimizer)
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = move_batch(batch, device, channels_last)
         with autocast():
             logits = model(images)
             loss = criterion(logits, labels)

@@ -13,7 +13,7 @@ import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from typer.core import TyperGroup
@@ -21,8 +21,13 @@ from typer.core import TyperGroup
 from dgc_convert import __version__
 from dgc_convert.cli.render import error_console, output_console, print_conversion, print_json, print_model_list
 from dgc_convert.errors import DGCConvertError
-from dgc_convert.recipe import ConvertSection, ModelSection
+from dgc_convert.recipe import ConvertSection, DataSection, ModelSection
 from dgc_convert.zoo import require_model_info
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from dgc_convert.data import DataBundle
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -395,12 +400,12 @@ def bench_command(
         print_bench(result, layer_rows=layers)
 
 
-def _model_and_held_out(file: Path, data: str, root: Path | None) -> tuple[Any, Any, Any]:
+def _model_and_held_out(file: Path, data: str, root: Path | None) -> tuple[nn.Module, DataSection, DataBundle]:
     """The saved model at FILE and the held-out split of --data (a recipe file or a data set name)."""
     from pydantic import ValidationError
 
     from dgc_convert.data import build_data
-    from dgc_convert.recipe import DataSection, load_recipe
+    from dgc_convert.recipe import load_recipe
     from dgc_convert.serialize import load
 
     model = load(file)

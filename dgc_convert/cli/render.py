@@ -16,6 +16,8 @@ from dgc_convert.cli.summary import ConversionSummary
 if TYPE_CHECKING:  # loaded on first use (training, progress bars); only named here
     from rich.progress import Progress, TaskID
 
+    from dgc_convert.bench import BenchResult
+    from dgc_convert.evaluate import EvalReport
     from dgc_convert.train_events import EpochMetrics, IterationStats, RunInfo, TrainResult
 
 __all__ = [
@@ -174,7 +176,7 @@ def print_recipe(
     console.print(table)
 
 
-def _epoch_line(m: Any, total_epochs: int | None = None) -> str:
+def _epoch_line(m: EpochMetrics, total_epochs: int | None = None) -> str:
     of = f"/{total_epochs}" if total_epochs else ""
     top5 = f" (top-5 {m.val_top5:.1f}%)" if m.val_top5 is not None else ""
     saving = f" (-{(1 - m.macs / m.dense_macs) * 100:.0f}%)" if m.dense_macs and m.macs < m.dense_macs else ""
@@ -288,7 +290,7 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def print_bench(result: Any, console: Console | None = None, layer_rows: int | None = None) -> None:
+def print_bench(result: BenchResult, console: Console | None = None, layer_rows: int | None = None) -> None:
     """Whole-model medians and the per-layer table of ``dgc-convert bench``."""
     console = console or output_console()
     c, h, w = result.input_size
@@ -324,7 +326,7 @@ def print_bench(result: Any, console: Console | None = None, layer_rows: int | N
     )
 
 
-def print_evaluation(report: Any, name: str, dataset: str, console: Console | None = None) -> None:
+def print_evaluation(report: EvalReport, name: str, dataset: str, console: Console | None = None) -> None:
     """Accuracy, static vs realised MACs per sample, and the per-layer table of ``dgc-convert eval``."""
     console = console or output_console()
     top5 = f" (top-5 {report.top5:.2f}%)" if report.top5 is not None else ""
