@@ -35,7 +35,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
 from dgc_convert import __version__
-from dgc_convert.errors import DGCConvertError
+from dgc_convert.errors import CheckpointError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -57,10 +57,6 @@ TRAINING_FILE = "training.safetensors"
 STATE_FILE = "state.json"
 _TENSOR_TAG = "__tensor__"
 _TUPLE_TAG = "__tuple__"
-
-
-class CheckpointError(DGCConvertError):
-    """A checkpoint that is missing, incomplete or does not fit the model."""
 
 
 def flatten_tensors(tree: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor]]:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from dgc_convert.errors import DGCConvertError
+from dgc_convert.errors import DataError
 from dgc_convert.recipe import DataSection
 
 __all__ = [
@@ -49,10 +49,6 @@ _CIFAR = {
     "cifar100": ("CIFAR100", 100, "cifar-100-python", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 _CIFAR_TRAIN_SIZE = 50_000
-
-
-class DataError(DGCConvertError):
-    """A data set cannot be found or read; the message says how to fix it."""
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Errors dgc-convert raises for bad input. Each message is one line that
-names the culprit; the CLI prints it and exits with code 2."""
+"""Every error dgc-convert raises for its users. Each message is one line
+that names the culprit; the CLI prints it and exits with code 2 (1 for a run
+that failed: a diverged training run, an export that does not match)."""
 
 
 class DGCConvertError(ValueError):
@@ -24,3 +25,23 @@ class SettingsError(DGCConvertError):
 
 class RecipeError(DGCConvertError):
     """A recipe file that does not load or validate."""
+
+
+class LoadError(DGCConvertError):
+    """A model file that cannot be loaded; the message names the file and the reason."""
+
+
+class ExportError(DGCConvertError):
+    """Export failed, or the exported model does not match PyTorch (exit 1 from the CLI)."""
+
+
+class DataError(DGCConvertError):
+    """A data set cannot be found or read; the message says how to fix it."""
+
+
+class CheckpointError(DGCConvertError):
+    """A checkpoint that is missing, incomplete or does not fit the model."""
+
+
+class TrainingDiverged(DGCConvertError):
+    """The loss became non-finite; the last good checkpoint is kept (exit 1 from the CLI)."""

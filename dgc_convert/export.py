@@ -19,15 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dgc_convert.errors import DGCConvertError
+from dgc_convert.errors import ExportError
 from dgc_convert.nn.modes import dgc_mode
 from dgc_convert.zoo import model_info
 
 __all__ = ["ExportReport", "export_onnx", "ExportError"]
-
-
-class ExportError(DGCConvertError):
-    """Export failed, or the exported model does not match PyTorch."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from dgc_convert import __version__
-from dgc_convert.errors import DGCConvertError, UnknownModelError
+from dgc_convert.errors import DGCConvertError, LoadError, UnknownModelError
 from dgc_convert.surgery import LayerSettings, apply_conversion, dgc_layers
 from dgc_convert.zoo import Library, ModelInfo, attach_model_info, create_model, model_info
 
@@ -30,10 +30,6 @@ __all__ = ["MODEL_FORMAT", "LoadError", "model_metadata", "save", "load", "read_
 
 MODEL_FORMAT = "dgc-convert-model/1"
 _FORMAT_NAME, _FORMAT_VERSION = MODEL_FORMAT.rsplit("/", 1)
-
-
-class LoadError(DGCConvertError):
-    """A model file that cannot be loaded; the message names the file and the reason."""
 
 
 def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = None) -> dict[str, str]:

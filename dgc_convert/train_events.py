@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol
 
 from torch import nn
 
-from dgc_convert.errors import DGCConvertError
+from dgc_convert.errors import TrainingDiverged
 
 __all__ = [
     "EpochMetrics",
@@ -26,10 +26,6 @@ __all__ = [
     "TrainingDiverged",
     "notify",
 ]
-
-
-class TrainingDiverged(DGCConvertError):
-    """The loss became non-finite; the last good checkpoint is kept."""
 
 
 @dataclass
