@@ -13,11 +13,16 @@ except PackageNotFoundError:  # a source tree on sys.path, never installed
     __version__ = "0+unknown"
 
 from dgc_convert.errors import (
+    CheckpointError,
     ConversionError,
+    DataError,
     DGCConvertError,
+    ExportError,
     IdentityCheckError,
+    LoadError,
     RecipeError,
     SettingsError,
+    TrainingDiverged,
     UnknownModelError,
 )
 from dgc_convert.macs import LayerMacs, MacReport, count_macs
@@ -51,14 +56,12 @@ _LAZY = {
     "train": "trainer",
     "TrainResult": "trainer",
     "EpochMetrics": "trainer",
-    "TrainingDiverged": "trainer",
     "prepare_for_inference": "prepare",
     "InferenceReport": "prepare",
     "benchmark": "bench",
     "BenchResult": "bench",
     "save": "serialize",
     "load": "serialize",
-    "LoadError": "serialize",
 }
 
 
@@ -68,8 +71,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from dgc_convert.prepare import InferenceReport, prepare_for_inference
     from dgc_convert.recipe import ConvertSection, ModelSection, Recipe, load_recipe
     from dgc_convert.schedule import Schedule
-    from dgc_convert.serialize import LoadError, load, save
-    from dgc_convert.trainer import EpochMetrics, TrainingDiverged, TrainResult, train
+    from dgc_convert.serialize import load, save
+    from dgc_convert.trainer import EpochMetrics, TrainResult, train
 
 
 def __getattr__(name: str) -> Any:
@@ -112,6 +115,9 @@ __all__ = [
     "ModelInfo",
     "DGCConvertError",
     "SettingsError",
+    "CheckpointError",
+    "DataError",
+    "ExportError",
     "ConversionError",
     "IdentityCheckError",
     "RecipeError",

@@ -356,9 +356,14 @@ class Checkpoint:
         self._check_id(path)
         try:
             tensors = load_file(str(path), device="cpu")
-        except (OSError, SafetensorError) as error:
+            state = unflatten_tensors(skeleton, tensors)
+        except (OSError, SafetensorError, KeyError, TypeError) as error:
             raise CheckpointError(f"{path}: cannot read: {error}") from None
-        return unflatten_tensors(skeleton, tensors)
+        missing = [key for key in ("optimizer", "rng") if not isinstance(state, dict) or key not in state]
+        if missing:
+            raise CheckpointError(f"{self.directory / STATE_FILE}: training state lacks {missing[0]!r}")
+        result: dict[str, Any] = state
+        return result
 
     def _check_id(self, path: Path) -> None:
         if not path.is_file():

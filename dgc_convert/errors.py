@@ -20,7 +20,8 @@ class IdentityCheckError(DGCConvertError):
 
 
 class SettingsError(DGCConvertError):
-    """A model or conversion setting outside what the recipe schema allows."""
+    """A model, data or other setting outside what the recipe schema or the model library allows
+    (conversion settings raise ``ConversionError``)."""
 
 
 class RecipeError(DGCConvertError):
@@ -32,7 +33,7 @@ class LoadError(DGCConvertError):
 
 
 class ExportError(DGCConvertError):
-    """Export failed, or the exported model does not match PyTorch (exit 1 from the CLI)."""
+    """Export failed, or a missing export dependency."""
 
 
 class DataError(DGCConvertError):

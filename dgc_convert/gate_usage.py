@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from dgc_convert.errors import DGCConvertError
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import watch_scores
 from dgc_convert.surgery import dgc_layers
@@ -86,7 +87,10 @@ def channel_usage(model: nn.Module, dataset: Dataset, *, batch_size: int = 64) -
 
 def write_heatmaps(usage: list[LayerChannelUsage], directory: str | Path) -> list[Path]:
     """One PNG per layer: heads x input channels, colour = keep frequency. Returns the paths."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise DGCConvertError("heat maps need matplotlib: pip install 'dgc-convert[inspect]'") from None
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt

@@ -6,7 +6,8 @@ Products (convolutions, linear layers, matrix products and attention, whether
 called through a module or functionally) are counted by torch's
 ``FlopCounterMode`` at the operator level, as MACs = FLOPs / 2 (bias not
 counted). Normalization and average pooling modules have rules of their own,
-following the convention of thop: a normalization layer costs 2 per input
+following the convention of ultralytics-thop, which this project used before
+(so reported totals did not move): a normalization layer costs 2 per input
 element, doubled when it has an affine part (so an affine ``BatchNorm2d``
 costs 4 per element); average pooling costs one add per pooled input and one
 divide per output. Everything else (activations, max pooling, the residual

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,6 +39,12 @@ __all__ = [
 SectionT = TypeVar("SectionT", bound="_Section")
 
 
+# The bounds of a DGC layer's settings, shared by the convert section and its per-layer overrides.
+Heads = Annotated[int, Field(strict=True, ge=1)]
+Zeta = Annotated[float, Field(ge=0.0, lt=1.0)]
+SqueezeRatio = Annotated[float, Field(ge=1.0)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -47,9 +54,9 @@ class ModelSection(_Section):
 
     name: str
     source: Literal["auto", "timm", "torchvision"] = "auto"
-    num_classes: int | None = Field(default=None, ge=1)
+    num_classes: int | None = Field(strict=True, default=None, ge=1)
     input_size: int | None = Field(
-        default=None, ge=8, description="square input side in pixels; model default when unset"
+        strict=True, default=None, ge=8, description="square input side in pixels; model default when unset"
     )
     pretrained: bool = Field(default=False, description="download the library's default weights (needs the network)")
 
@@ -62,9 +69,9 @@ class OverrideSection(_Section):
     0.7}}`` keeps ``layer4.0.conv1`` skipped; ``skip: false`` un-skips.
     """
 
-    heads: int | None = Field(default=None, ge=1)
-    zeta: float | None = Field(default=None, ge=0.0, lt=1.0)
-    squeeze_ratio: float | None = Field(default=None, ge=1.0)
+    heads: Heads | None = None
+    zeta: Zeta | None = None
+    squeeze_ratio: SqueezeRatio | None = None
     skip: bool | None = None
 
 
@@ -77,24 +84,20 @@ class ConvertSection(_Section):
     """
 
     enabled: bool = True
-    heads: int = Field(default=DEFAULT_HEADS, ge=1, description="heads per converted layer")
-    squeeze_ratio: float = Field(
-        default=DEFAULT_SQUEEZE_RATIO, ge=1.0, description="saliency generator squeeze ratio d"
-    )
-    zeta: float = Field(
-        default=DEFAULT_ZETA, ge=0.0, lt=1.0, description="pruning ratio: fraction of input channels each head drops"
-    )
+    heads: Heads = Field(default=DEFAULT_HEADS, description="heads per converted layer")
+    squeeze_ratio: SqueezeRatio = Field(default=DEFAULT_SQUEEZE_RATIO, description="saliency generator squeeze ratio d")
+    zeta: Zeta = Field(default=DEFAULT_ZETA, description="pruning ratio: fraction of input channels each head drops")
     include: list[str] = Field(default_factory=list, description="glob over module names; only matching convs convert")
     exclude: list[str] = Field(default_factory=list, description="glob over module names to leave dense")
-    min_channels: int = Field(default=16, ge=1, description="fewest input channels worth gating")
+    min_channels: int = Field(strict=True, default=16, ge=1, description="fewest input channels worth gating")
     overrides: dict[str, OverrideSection] = Field(default_factory=dict)
 
 
 class TrainSection(_Section):
     """The training run: the paper's three-stage schedule under a cosine learning rate."""
 
-    epochs: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=64, ge=1)
+    epochs: int = Field(strict=True, default=1, ge=1)
+    batch_size: int = Field(strict=True, default=64, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.1, gt=0.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
@@ -109,8 +112,8 @@ class TrainSection(_Section):
     channels_last: bool = False
     seed: int = 0
     deterministic: bool = False
-    num_workers: int = Field(default=0, ge=0)
-    checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints")
+    num_workers: int = Field(strict=True, default=0, ge=0)
+    checkpoint_every: int = Field(strict=True, default=1, ge=1, description="epochs between checkpoints")
     sync_batchnorm: bool = False
 
     @model_validator(mode="after")
@@ -129,13 +132,13 @@ class DataSection(_Section):
     dataset: Literal["cifar10", "cifar100", "imagefolder", "digits", "synthetic"] = "digits"
     root: str | None = None
     download: bool = False
-    image_size: int | None = Field(default=None, ge=8)
+    image_size: int | None = Field(strict=True, default=None, ge=8)
     augmentation: Literal["none", "flip", "crop_flip", "standard"] = Field(
         default="standard",
         description="standard is the data set's usual one: crop+flip for CIFAR, random-resized crop+flip "
         "for image folders, a small random shift for digits (not mirror-symmetric), none for synthetic",
     )
-    synthetic_size: int = Field(default=256, ge=1, description="samples per split of the synthetic set")
+    synthetic_size: int = Field(strict=True, default=256, ge=1, description="samples per split of the synthetic set")
 
     @model_validator(mode="after")
     def _root_where_needed(self) -> DataSection:
@@ -205,39 +208,42 @@ def _allowed_keys(loc: tuple) -> list[str]:
 LayerOverride = OverrideSection  # the API's name for one override
 
 
-def _allowed(field_info: Any) -> str:
-    """What a field accepts, read off its annotation and bounds: 'in [0, 1)', 'a positive integer', ..."""
-    annotation = field_info.annotation
-    choices = getattr(annotation, "__args__", ())
-    literal = [c for c in choices if isinstance(c, str)]
-    if getattr(annotation, "__origin__", None) is Literal or (literal and len(literal) == len(choices)):
-        return "one of " + ", ".join(literal)
-    lower = upper = None
-    lower_open = upper_open = False
-    for bound in field_info.metadata:
-        for attr, is_lower, is_open in (
-            ("ge", True, False),
-            ("gt", True, True),
-            ("le", False, False),
-            ("lt", False, True),
-        ):
-            value = getattr(bound, attr, None)
-            if value is not None:
-                if is_lower:
-                    lower, lower_open = value, is_open
-                else:
-                    upper, upper_open = value, is_open
-    integer = int in (annotation, *choices)
-    if integer and lower == 1 and not lower_open and upper is None:
+def _constraints(field_info: Any) -> tuple[Any, list[Any]]:
+    """(base type, bound objects) of a field, looking through ``X | None`` and ``Annotated``."""
+    annotation, metadata = field_info.annotation, list(field_info.metadata)
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        annotation = args[0]
+    if get_origin(annotation) is Annotated:
+        annotation, *extra = get_args(annotation)
+        for item in extra:
+            metadata += list(getattr(item, "metadata", [item]))
+    return annotation, metadata
+
+
+def _allowed(field_info: Any, *, with_kind: bool = True) -> str:
+    """What a field accepts, read off its annotation and bounds: 'in [0, 1)', 'a positive integer',
+    'a number > 0' ('> 0' without ``with_kind``: a value of the right type out of bounds)."""
+    annotation, metadata = _constraints(field_info)
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(str(c) for c in get_args(annotation))
+    bounds: dict[str, Any] = {}
+    for bound in metadata:
+        for attr in ("ge", "gt", "le", "lt"):
+            if getattr(bound, attr, None) is not None:
+                bounds[attr] = getattr(bound, attr)
+    lower = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    upper = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(annotation)
+    shown_kind = f"{kind} " if kind and with_kind else ""
+    if annotation is int and bounds == {"ge": 1}:
         return "a positive integer"
-    if lower is not None and upper is not None:
-        return f"in {'(' if lower_open else '['}{lower:g}, {upper:g}{')' if upper_open else ']'}"
-    kind = "an integer " if integer else ""
-    if lower is not None:
-        return f"{kind}{'>' if lower_open else '>='} {lower:g}"
-    if upper is not None:
-        return f"{kind}{'<' if upper_open else '<='} {upper:g}"
-    return f"of type {getattr(annotation, '__name__', annotation)}"
+    if lower and upper:
+        return f"in {lower[0]}{lower[1]:g}, {upper[1]:g}{upper[0]}"
+    if lower or upper:
+        sign = {"[": ">=", "(": ">", "]": "<=", ")": "<"}[(lower or upper)[0]]  # type: ignore[index]
+        return f"{shown_kind}{sign} {(lower or upper)[1]:g}"  # type: ignore[index]
+    return kind or f"of type {getattr(annotation, '__name__', annotation)}"
 
 
 def _settings_message(error: ValidationError, section: type[BaseModel]) -> str:
@@ -250,22 +256,25 @@ def _settings_message(error: ValidationError, section: type[BaseModel]) -> str:
     if loc[:1] == ["overrides"] and len(loc) >= 2:
         prefix, model, loc = f"layer {loc[1]}: ", OverrideSection, loc[2:]
         if detail["type"] == "extra_forbidden":
-            return f"override {detail['loc'][1]!r}: unknown key {loc[0]!r}; allowed: {', '.join(model.model_fields)}"
+            return f"{prefix}unknown key {loc[0]!r}; allowed: {', '.join(model.model_fields)}"
     if not loc:
         return prefix + detail["msg"].removeprefix("Value error, ")
     if detail["type"] == "extra_forbidden":
         return f"unknown setting {loc[0]!r}; allowed: {', '.join(model.model_fields)}"
+    if detail["type"] == "missing":
+        return f"{prefix}{'.'.join(loc)} is required"
     field_info = model.model_fields.get(loc[0])
     if field_info is None or len(loc) > 1:
         return f"{prefix}{'.'.join(loc)}={detail.get('input')!r}: {detail['msg'].removeprefix('Value error, ')}"
-    return f"{prefix}{loc[0]} must be {_allowed(field_info)}, got {detail.get('input')!r}"
+    out_of_bounds = detail["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+    return f"{prefix}{loc[0]} must be {_allowed(field_info, with_kind=not out_of_bounds)}, got {detail.get('input')!r}"
 
 
 def build_section(
     section: type[SectionT],
     values: Mapping[str, Any],
     *,
-    base: SectionT | None = None,
+    base: SectionT | Mapping[str, Any] | None = None,
     error: type[DGCConvertError] = SettingsError,
 ) -> SectionT:
     """``base`` (or the schema's defaults) updated with the non-None ``values``, validated.
@@ -274,7 +283,12 @@ def build_section(
     defaults: a bad value raises ``error`` with one line such as ``zeta must
     be in [0, 1), got 1.5``.
     """
-    data = base.model_dump(exclude_unset=True) if base is not None else {}
+    if base is None:
+        data: dict[str, Any] = {}
+    elif isinstance(base, Mapping):  # plain data, e.g. a recipe's section before validation
+        data = dict(base)
+    else:
+        data = base.model_dump(exclude_unset=True)
     data.update({key: value for key, value in values.items() if value is not None})
     try:
         return section.model_validate(data)
@@ -282,7 +296,7 @@ def build_section(
         raise error(_settings_message(caught, section)) from None
 
 
-def convert_settings(base: ConvertSection | None = None, **values: Any) -> ConvertSection:
+def convert_settings(base: ConvertSection | Mapping[str, Any] | None = None, **values: Any) -> ConvertSection:
     """A validated ``ConvertSection``: ``base`` (or the defaults) with the non-None ``values`` applied.
 
     Raises ``ConversionError`` naming the bad setting and what it allows.
@@ -290,7 +304,7 @@ def convert_settings(base: ConvertSection | None = None, **values: Any) -> Conve
     return build_section(ConvertSection, values, base=base, error=ConversionError)
 
 
-def model_settings(base: ModelSection | None = None, **values: Any) -> ModelSection:
+def model_settings(base: ModelSection | Mapping[str, Any] | None = None, **values: Any) -> ModelSection:
     """A validated ``ModelSection``: ``base`` with the non-None ``values`` applied; ``SettingsError`` when bad."""
     return build_section(ModelSection, values, base=base, error=SettingsError)
 

@@ -140,7 +140,7 @@ def test_console_script_and_top_level_cli_forward_to_the_app():
 def test_options_get_the_recipe_schema_bounds_and_messages():
     # The recipe schema refuses input_size < 8; the command line used to accept it.
     result = invoke("resnet18", "--input-size", "4")
-    assert result.exit_code == 2 and result.stderr.strip() == "error: input_size must be an integer >= 8, got 4"
+    assert result.exit_code == 2 and result.stderr.strip() == "error: input_size must be >= 8, got 4"
     api = pytest.raises(Exception, match=r"zeta must be in \[0, 1\), got 1.5")
     from dgc_convert import convert, create_model
 
@@ -183,3 +183,29 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(monkeypatch)
     written = Path(lines[0].rsplit(" ", 1)[1])
     assert "Traceback" in written.read_text() and "an internal bug" in written.read_text()
     written.unlink()
+
+
+def test_library_refusals_and_unwritable_paths_are_one_line_not_internal_errors(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    # torchvision refuses pretrained weights with another class count, before any download.
+    recipe.write_text("model: {name: resnet18, pretrained: true, num_classes: 10}\n")
+    result = invoke("--recipe", str(recipe))
+    assert result.exit_code == 2 and "internal error" not in result.stderr
+    assert "torchvision cannot build resnet18 with num_classes=10, pretrained weights" in result.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = invoke("resnet18", "--input-size", "32", "--save", str(blocker / "sub" / "m.safetensors"))
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert str(blocker) in result.stderr and "internal error" not in result.stderr
+
+
+def test_settings_refuse_booleans_for_counts_and_accept_plain_mappings():
+    from dgc_convert import ConversionError, convert, create_model
+    from dgc_convert.recipe import model_settings
+
+    with pytest.raises(ConversionError, match=r"^heads must be a positive integer, got True$"):
+        convert(create_model("resnet18"), heads=True)
+    with pytest.raises(Exception, match=r"^name is required$"):
+        model_settings()
+    report = convert(create_model("resnet18"), {"heads": 2, "zeta": 0.25})
+    assert {(d.heads, d.zeta) for d in report.converted} == {(2, 0.25)}
