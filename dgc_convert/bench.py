@@ -1,13 +1,38 @@
-"""Measured speed: the dense model, the DGC model computed densely, and the DGC inference path.
+"""Measured speed: the fastest dense model against the DGC inference path.
 
-``benchmark(dense, dgc, ...)`` prepares both models the same way
-(``prepare_for_inference``: BatchNorm folded), times the dense model in its
-faster memory layout (channels-last or not), the DGC model with every layer on
-the masked (training) computation, and the DGC model on its sparse inference
-path, with warm-up and interleaved repeats, and reports medians in
-milliseconds per batch, the speedup over dense, the MAC ratio, and the
-fraction of the theoretical saving that became real. A per-layer breakdown
-times each convolution with forward hooks.
+``benchmark(dense, dgc, ...)`` deep-copies and prepares both models
+(``prepare_for_inference``: BatchNorm folded) and times, with warm-up and
+interleaved repeats (medians, milliseconds per batch):
+
+- dense, eager: NCHW, channels-last, and channels-last with weights packed
+  once for oneDNN (``PackedConv2d``); the fastest is ``dense_eager_ms``;
+- dense, compiled (engine ``"compile"``): ``torch.compile`` with inductor
+  freezing (weights constant and prepacked, ReLU/add fused), under
+  ``torch.no_grad()``;
+- the DGC model computed densely (every layer on the masked, training
+  computation; eager, NCHW, as before) and the DGC model on its inference path, eager and,
+  with engine ``"compile"``, compiled.
+
+The dense baseline (``dense_ms``) is the fastest dense variant: eager in
+whichever layout wins, or compiled with the same engine as the DGC model;
+``speedup`` is ``dense_ms / dgc_ms``. ``dense_engine``/``dgc_engine`` name
+them. Engine ``"compile"`` reports the compiled DGC model; ``"auto"`` (the
+default) compiles when it works (otherwise measures eager, with a note) and
+reports the faster of the eager and compiled DGC model, as the dense side
+gets its fastest. Compiling runs in the warm-up (it is not timed;
+``*_compile_s`` report it).
+
+A per-layer breakdown times each convolution of the eager models with
+forward hooks; for DGC layers it also times ``layer.saliency(x)`` and
+``layer.select(scores)`` separately, on the same input as the layer saw
+(captured in one pass), so ``conv_ms`` (the rest: layout, gathers,
+convolution, bias) = ``dgc_ms - saliency_ms - select_ms``.
+
+``threads`` is set once for the whole measurement (compiling included) and
+restored afterwards. Thread pools that spin between calls distort small
+timings: on a shared or oversubscribed machine run with
+``OMP_WAIT_POLICY=PASSIVE`` (an environment variable, read when the process
+starts), and compare figures at the same setting.
 """
 
 from __future__ import annotations
@@ -16,6 +41,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,9 +51,11 @@ from torch import nn
 from dgc_convert.macs import MacReport, count_macs, normalize_input_size
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import find_dgc_layers
-from dgc_convert.prepare import prepare_for_inference
+from dgc_convert.prepare import InferenceReport, prepare_for_inference
 
-__all__ = ["BenchResult", "LayerTiming", "benchmark", "realized_fraction"]
+__all__ = ["BENCH_ENGINES", "BenchResult", "LayerTiming", "benchmark", "realized_fraction"]
+
+BENCH_ENGINES: tuple[str, ...] = ("auto", "eager", "compile")
 
 
 def realized_fraction(dense_ms: float, dgc_ms: float, mac_ratio: float) -> float | None:
@@ -39,7 +67,8 @@ def realized_fraction(dense_ms: float, dgc_ms: float, mac_ratio: float) -> float
 
 @dataclass
 class LayerTiming:
-    """One convolution: median milliseconds per batch in each variant, MACs per sample, and the algorithm used."""
+    """One convolution of the eager models: median milliseconds per batch in each variant, MACs per sample,
+    the algorithm used, and for DGC layers the saliency / top-k / rest split of ``dgc_ms``."""
 
     name: str
     dense_ms: float
@@ -51,6 +80,9 @@ class LayerTiming:
     speedup: float = 0.0
     mac_ratio: float = 1.0
     realized_fraction: float | None = None
+    saliency_ms: float | None = None
+    select_ms: float | None = None
+    conv_ms: float | None = None
 
 
 @dataclass
@@ -71,6 +103,16 @@ class BenchResult:
     realized_fraction: float | None
     dense_macs: int
     dgc_macs: int
+    dense_engine: str = "eager"
+    dgc_engine: str = "eager"
+    dense_eager_ms: float = 0.0
+    dense_compiled_ms: float | None = None
+    dgc_eager_ms: float = 0.0
+    dgc_compiled_ms: float | None = None
+    dense_compile_s: float | None = None
+    dgc_compile_s: float | None = None
+    dgc_in_graph: str | None = None
+    notes: list[str] = field(default_factory=list)
     layers: list[LayerTiming] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +158,12 @@ def _set_algorithm(model: nn.Module, algorithm: str) -> None:
         layer.inference_algorithm = algorithm
 
 
+def _prepared(model: nn.Module, **options: Any) -> tuple[nn.Module, InferenceReport]:
+    copied = copy.deepcopy(model)
+    report = prepare_for_inference(copied, **options)
+    return copied, report
+
+
 def benchmark(
     dense: nn.Module,
     dgc: nn.Module,
@@ -127,45 +175,72 @@ def benchmark(
     warmup: int = 3,
     threads: int | None = None,
     layers: bool = True,
+    engine: str = "auto",
 ) -> BenchResult:
     """Time ``dense`` against ``dgc`` (a converted copy) on random input of ``batch_size``.
 
     Both models are deep-copied and prepared; the originals are untouched.
     Returns medians of ``repeats`` interleaved runs after ``warmup`` runs each.
+    ``engine``: ``"eager"``, ``"compile"`` (an error if compiling fails) or
+    ``"auto"`` (compile, else eager with a note). See the module docstring.
     """
+    if engine not in BENCH_ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(BENCH_ENGINES)}, not {engine!r}")
     previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
     size = normalize_input_size(input_size)
-    x = torch.randn(batch_size, *size)
-    with torch.no_grad():  # ordinary tensors: the weight caches track their versions
-        dense_nchw = copy.deepcopy(dense)
-        prepare_for_inference(dense_nchw)
-        masked = copy.deepcopy(dgc)
-        prepare_for_inference(masked)
-        _set_algorithm(masked, "masked")
-        sparse = copy.deepcopy(masked)
-        _set_algorithm(sparse, "auto")
-        runs = _Runs(
-            x=x,
-            x_cl=x.contiguous(memory_format=torch.channels_last),
-            dense_nchw=dense_nchw,
-            dense_cl=copy.deepcopy(dense_nchw).to(memory_format=torch.channels_last),
-            masked=masked,
-            sparse=sparse,
-            dense_macs=count_macs(dense, size),
-            dgc_macs=count_macs(dgc, size),
-        )
-    # Untrained weights can produce denormal floats, which slow CPUs down and
-    # would favour whichever variant meets fewer of them. Process-wide
-    # setting: switched back off (torch's default) afterwards.
-    torch.set_flush_denormal(True)
     try:
-        with torch.inference_mode():
-            return _measure(runs, name, repeats, warmup, layers)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        x = torch.randn(batch_size, *size)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        notes: list[str] = []
+        with torch.no_grad():  # ordinary tensors: the weight caches track their versions
+            dense_nchw, _ = _prepared(dense, channels_last=False, pack=False)
+            dense_cl, _ = _prepared(dense, pack=False)
+            dense_packed, _ = _prepared(dense)
+            masked, _ = _prepared(dgc, channels_last=False, pack=False)
+            _set_algorithm(masked, "masked")
+            sparse, _ = _prepared(dgc)
+            _set_algorithm(sparse, "auto")
+            runs = _Runs(
+                x=x,
+                x_cl=x_cl,
+                dense_eager={"nchw": dense_nchw, "channels_last": dense_cl, "channels_last+packed": dense_packed},
+                masked=masked,
+                sparse=sparse,
+                dense_macs=count_macs(dense, size),
+                dgc_macs=count_macs(dgc, size),
+            )
+        # Untrained weights can produce denormal floats, which slow CPUs down and
+        # would favour whichever variant meets fewer of them. Process-wide
+        # setting: switched back off (torch's default) afterwards.
+        torch.set_flush_denormal(True)
+        if engine != "eager":
+            _compile_variants(dense, dgc, runs, engine, notes)
+        result = _measure(runs, name, repeats, warmup, layers, fastest_dgc=engine == "auto")
+        result.notes = notes + result.notes
+        return result
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(previous_threads)
+
+
+def _compile_variants(dense: nn.Module, dgc: nn.Module, runs: _Runs, engine: str, notes: list[str]) -> None:
+    """Compile both models (the first call compiles; timed as ``*_compile_s``), or note why not."""
+    try:
+        dense_compiled, dense_report = _prepared(dense, engine="compile", example_input=runs.x_cl)
+        dgc_compiled, dgc_report = _prepared(dgc, engine="compile", example_input=runs.x_cl)
+    except Exception as error:  # torch.compile fails in many ways (no compiler, unsupported ops)
+        if engine == "compile":
+            raise
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        notes.append(f"torch.compile failed ({type(error).__name__}: {first[:200]}); measured eager only")
+        return
+    runs.dense_compiled, runs.dgc_compiled = dense_report.model, dgc_report.model
+    runs.dense_compile_s, runs.dgc_compile_s = dense_report.compile_seconds, dgc_report.compile_seconds
+    runs.dgc_in_graph = dgc_report.dgc_in_graph
+    runs.keep = [dense_compiled, dgc_compiled]
 
 
 @dataclass
@@ -174,21 +249,41 @@ class _Runs:
 
     x: torch.Tensor
     x_cl: torch.Tensor
-    dense_nchw: nn.Module
-    dense_cl: nn.Module
+    dense_eager: dict[str, nn.Module]  # by layout
     masked: nn.Module
     sparse: nn.Module
     dense_macs: MacReport
     dgc_macs: MacReport
+    dense_compiled: Callable[..., Any] | None = None
+    dgc_compiled: Callable[..., Any] | None = None
+    dense_compile_s: float | None = None
+    dgc_compile_s: float | None = None
+    dgc_in_graph: str | None = None
+    keep: list[nn.Module] = field(default_factory=list)
 
 
-def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool) -> BenchResult:
+def _in(
+    context: Callable[[], AbstractContextManager[Any]], model: Callable[..., Any], x: torch.Tensor
+) -> Callable[[], Any]:
+    def run() -> Any:
+        with context():
+            return model(x)
+
+    return run
+
+
+def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool, fastest_dgc: bool) -> BenchResult:
+    # Eager models run under inference_mode (what serving code would use);
+    # compiled ones under no_grad (inference_mode makes dynamo recompile).
     variants = {
-        "dense_nchw": lambda: runs.dense_nchw(runs.x),
-        "dense_cl": lambda: runs.dense_cl(runs.x_cl),
-        "masked": lambda: runs.masked(runs.x),
-        "sparse": lambda: runs.sparse(runs.x),
+        f"dense:{layout}": _in(torch.inference_mode, model, runs.x if layout == "nchw" else runs.x_cl)
+        for layout, model in runs.dense_eager.items()
     }
+    variants["masked"] = _in(torch.inference_mode, runs.masked, runs.x)
+    variants["sparse"] = _in(torch.inference_mode, runs.sparse, runs.x_cl)
+    if runs.dense_compiled is not None and runs.dgc_compiled is not None:
+        variants["dense:compiled"] = _in(torch.no_grad, runs.dense_compiled, runs.x_cl)
+        variants["dgc:compiled"] = _in(torch.no_grad, runs.dgc_compiled, runs.x_cl)
     for run in variants.values():
         for _ in range(warmup):
             run()  # the sparse path times its algorithms on its first call per shape
@@ -197,8 +292,14 @@ def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool) ->
         for key, run in variants.items():
             times[key].append(_time(run))
     medians = {key: statistics.median(values) for key, values in times.items()}
-    channels_last = medians["dense_cl"] < medians["dense_nchw"]
-    dense_ms = min(medians["dense_cl"], medians["dense_nchw"])
+    layout = min(runs.dense_eager, key=lambda name: medians[f"dense:{name}"])
+    dense_eager_ms = medians[f"dense:{layout}"]
+    dense_compiled_ms = medians.get("dense:compiled")
+    compiled = dense_compiled_ms is not None
+    dense_ms = dense_eager_ms if dense_compiled_ms is None else min(dense_eager_ms, dense_compiled_ms)
+    dense_engine = "eager" if dense_ms == dense_eager_ms else "compile"
+    dgc_compiled = compiled and (not fastest_dgc or medians["dgc:compiled"] < medians["sparse"])
+    dgc_ms = medians["dgc:compiled"] if dgc_compiled else medians["sparse"]
     dense_macs, dgc_macs = runs.dense_macs.total_macs, runs.dgc_macs.total_macs
     mac_ratio = dgc_macs / dense_macs if dense_macs else 1.0
     result = BenchResult(
@@ -207,26 +308,68 @@ def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool) ->
         input_size=runs.dense_macs.input_size,
         threads=torch.get_num_threads(),
         repeats=repeats,
-        dense_layout="channels_last" if channels_last else "nchw",
+        dense_layout=layout,
         dense_ms=dense_ms,
         dgc_masked_ms=medians["masked"],
-        dgc_ms=medians["sparse"],
-        speedup=dense_ms / medians["sparse"],
+        dgc_ms=dgc_ms,
+        speedup=dense_ms / dgc_ms,
         mac_ratio=mac_ratio,
-        realized_fraction=realized_fraction(dense_ms, medians["sparse"], mac_ratio),
+        realized_fraction=realized_fraction(dense_ms, dgc_ms, mac_ratio),
         dense_macs=dense_macs,
         dgc_macs=dgc_macs,
+        dense_engine=dense_engine,
+        dgc_engine="compile" if dgc_compiled else "eager",
+        dense_eager_ms=dense_eager_ms,
+        dense_compiled_ms=dense_compiled_ms,
+        dgc_eager_ms=medians["sparse"],
+        dgc_compiled_ms=medians.get("dgc:compiled"),
+        dense_compile_s=runs.dense_compile_s,
+        dgc_compile_s=runs.dgc_compile_s,
+        dgc_in_graph=runs.dgc_in_graph,
     )
     if layers:
-        dense_run = (runs.dense_cl, runs.x_cl) if channels_last else (runs.dense_nchw, runs.x)
-        result.layers = _per_layer(runs, *dense_run, max(3, repeats // 2))
+        dense_x = runs.x if layout == "nchw" else runs.x_cl
+        with torch.inference_mode():
+            result.layers = _per_layer(runs, runs.dense_eager[layout], dense_x, max(3, repeats // 2))
     return result
+
+
+def _dgc_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input every DGC layer sees in one forward pass."""
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
+        for name, module in model.named_modules()
+        if isinstance(module, DGCConv2d)
+    ]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
+def _split_times(layer: DGCConv2d, x: torch.Tensor, passes: int) -> tuple[float, float]:
+    """Median milliseconds of ``saliency`` and of ``select`` (top-k) on the input the layer saw."""
+    x = x.contiguous()  # as the inference path does before scoring
+    saliency, select = [], []
+    for _ in range(passes + 1):  # the first pass warms up
+        start = time.perf_counter()
+        scores = layer.saliency(x)
+        middle = time.perf_counter()
+        layer.select(scores)
+        end = time.perf_counter()
+        saliency.append((middle - start) * 1e3)
+        select.append((end - middle) * 1e3)
+    return statistics.median(saliency[1:]), statistics.median(select[1:])
 
 
 def _per_layer(runs: _Runs, dense_model: nn.Module, dense_x: torch.Tensor, passes: int) -> list[LayerTiming]:
     dense_t = _layer_times(dense_model, dense_x, passes)
     masked_t = _layer_times(runs.masked, runs.x, passes)
-    sparse_t = _layer_times(runs.sparse, runs.x, passes)
+    sparse_t = _layer_times(runs.sparse, runs.x_cl, passes)
+    dgc_inputs = _dgc_inputs(runs.sparse, runs.x_cl)
     dense_macs, dgc_macs = runs.dense_macs.by_name(), runs.dgc_macs.by_name()
     sparse_modules = dict(runs.sparse.named_modules())
     rows = []
@@ -234,7 +377,6 @@ def _per_layer(runs: _Runs, dense_model: nn.Module, dense_x: torch.Tensor, passe
         if name not in sparse_t:
             continue
         module = sparse_modules.get(name)
-        dgc_layer = isinstance(module, DGCConv2d)
         row = LayerTiming(
             name=name,
             dense_ms=d,
@@ -242,10 +384,14 @@ def _per_layer(runs: _Runs, dense_model: nn.Module, dense_x: torch.Tensor, passe
             dgc_ms=sparse_t[name],
             dense_macs=dense_macs[name].macs if name in dense_macs else 0,
             dgc_macs=dgc_macs[name].macs if name in dgc_macs else 0,
-            algorithm=getattr(module, "last_algorithm", None) if dgc_layer else None,
+            algorithm=getattr(module, "last_algorithm", None) if isinstance(module, DGCConv2d) else None,
         )
         row.speedup = row.dense_ms / row.dgc_ms if row.dgc_ms else 0.0
         row.mac_ratio = row.dgc_macs / row.dense_macs if row.dense_macs else 1.0
-        row.realized_fraction = realized_fraction(row.dense_ms, row.dgc_ms, row.mac_ratio) if dgc_layer else None
+        if isinstance(module, DGCConv2d):
+            row.realized_fraction = realized_fraction(row.dense_ms, row.dgc_ms, row.mac_ratio)
+            if name in dgc_inputs:
+                row.saliency_ms, row.select_ms = _split_times(module, dgc_inputs[name], passes)
+                row.conv_ms = max(0.0, row.dgc_ms - row.saliency_ms - row.select_ms)
         rows.append(row)
     return rows

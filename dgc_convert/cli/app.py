@@ -20,7 +20,7 @@ from typer.core import TyperGroup
 
 from dgc_convert import __version__
 from dgc_convert.cli.render import error_console, output_console, print_conversion, print_json, print_model_list
-from dgc_convert.errors import DGCConvertError
+from dgc_convert.errors import DGCConvertError, TrainingDiverged
 from dgc_convert.recipe import ConvertSection, DataSection, ModelSection
 from dgc_convert.zoo import require_model_info
 
@@ -133,8 +133,6 @@ def handles_errors(command: Command) -> Command:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from dgc_convert.trainer import TrainingDiverged
-
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own exits and usage errors
@@ -143,6 +141,9 @@ def handles_errors(command: Command) -> Command:
             _fail(str(error), EXIT_RUN_FAILED)
         except DGCConvertError as error:
             _fail(str(error))
+        except OSError as error:  # a path the user gave: unwritable, missing, disk full
+            where = f"{error.filename}: " if error.filename else ""
+            _fail(f"{where}{error.strerror or error}")
         except KeyboardInterrupt:
             _fail("interrupted", EXIT_INTERRUPTED)
         except Exception as error:
@@ -225,7 +226,8 @@ def convert_command(
     )
     summary = summarize_conversion(model_spec, settings, check=check)
     saved = None
-    if save_path is not None and summary.converted_model is not None:
+    if save_path is not None:
+        assert summary.converted_model is not None  # summarize_conversion always returns it
         from dgc_convert.serialize import save
 
         saved = save(summary.converted_model, save_path, input_size=summary.input_size)
@@ -369,12 +371,22 @@ def bench_command(
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs per variant (median reported)."),
     warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed runs per variant first."),
     layers: int = typer.Option(15, "--layers", min=0, help="Slowest dense layers to list (0: none)."),
+    engine: str = typer.Option(
+        "auto",
+        "--engine",
+        help="eager, compile (torch.compile with inductor freezing), or auto: compile when it works, the faster DGC engine.",
+    ),
     json_output: bool = typer.Option(
         False,
         "--json",
-        help="Print JSON on stdout: dense_ms, dgc_masked_ms, dgc_ms, speedup, mac_ratio, realized_fraction, layers.",
+        help="Print JSON on stdout: dense_ms, dense_eager_ms, dense_engine, dgc_engine, dgc_masked_ms, dgc_ms, "
+        "speedup, mac_ratio, realized_fraction, layers.",
     ),
 ) -> None:
+    from dgc_convert.bench import BENCH_ENGINES
+
+    if engine not in BENCH_ENGINES:
+        raise typer.BadParameter(f"must be one of {', '.join(BENCH_ENGINES)}", param_hint="--engine")
     from dgc_convert.bench import benchmark
     from dgc_convert.cli.render import print_bench
     from dgc_convert.cli.sources import models_for_bench
@@ -393,6 +405,7 @@ def bench_command(
         warmup=warmup,
         threads=threads,
         layers=json_output or layers > 0,
+        engine=engine,
     )
     if json_output:
         print_json(result.to_dict())

@@ -300,8 +300,10 @@ def print_bench(result: BenchResult, console: Console | None = None, layer_rows:
         highlight=False,
     )
     if result.layers:
+        console.print("per layer, eager models (saliency, top-k: timed apart on the layer's input)", highlight=False)
         table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-        for column in ("layer", "dense ms", "DGC masked ms", "DGC ms", "speedup", "MAC ratio", "realised", "algorithm"):
+        columns = ("layer", "dense ms", "DGC masked ms", "DGC ms", "saliency", "top-k", "conv", "speedup")
+        for column in (*columns, "MAC ratio", "realised", "algorithm"):
             table.add_column(column, justify="left" if column in ("layer", "algorithm") else "right")
         rows = result.layers if layer_rows is None else sorted(result.layers, key=lambda r: -r.dense_ms)[:layer_rows]
         for row in rows:
@@ -310,20 +312,43 @@ def print_bench(result: BenchResult, console: Console | None = None, layer_rows:
                 f"{row.dense_ms:.3f}",
                 f"{row.dgc_masked_ms:.3f}",
                 f"{row.dgc_ms:.3f}",
+                "-" if row.saliency_ms is None else f"{row.saliency_ms:.3f}",
+                "-" if row.select_ms is None else f"{row.select_ms:.3f}",
+                "-" if row.conv_ms is None else f"{row.conv_ms:.3f}",
                 f"{row.speedup:.2f}",
                 f"{row.mac_ratio:.2f}",
                 _ratio(row.realized_fraction),
                 row.algorithm or "dense",
             )
         console.print(table)
-    realised = "-" if result.realized_fraction is None else f"{result.realized_fraction * 100:.0f}%"
+    compiled = "" if result.dense_compiled_ms is None else f", compiled {result.dense_compiled_ms:.2f} ms"
+    dgc_other = ""
+    if result.dgc_compiled_ms is not None:
+        dgc_other = f" (eager {result.dgc_eager_ms:.2f} ms, compiled {result.dgc_compiled_ms:.2f} ms)"
     console.print(
-        f"dense {result.dense_ms:.2f} ms ({result.dense_layout}), DGC computed densely {result.dgc_masked_ms:.2f} ms, "
-        f"DGC inference path {result.dgc_ms:.2f} ms: [bold]{result.speedup:.2f}x[/bold] dense speed at "
-        f"{result.mac_ratio:.2f} of its MACs ({format_macs(result.dgc_macs)} vs {format_macs(result.dense_macs)} "
-        f"per sample); {realised} of the theoretical saving realised",
+        f"dense: eager {result.dense_eager_ms:.2f} ms ({result.dense_layout}){compiled}; "
+        f"DGC computed densely {result.dgc_masked_ms:.2f} ms{dgc_other}",
         highlight=False,
     )
+    if result.dense_compile_s is not None and result.dgc_compile_s is not None:
+        console.print(
+            f"first call (compiling): dense {result.dense_compile_s:.1f} s, DGC {result.dgc_compile_s:.1f} s; "
+            f"DGC layers in the compiled model: {result.dgc_in_graph}",
+            highlight=False,
+        )
+    realised = "-" if result.realized_fraction is None else f"{result.realized_fraction * 100:.0f}%"
+    console.print(
+        f"fastest dense {result.dense_ms:.2f} ms ({result.dense_engine}), DGC inference path {result.dgc_ms:.2f} ms "
+        f"({result.dgc_engine}): [bold]{result.speedup:.2f}x[/bold] dense speed at {result.mac_ratio:.2f} of its MACs",
+        highlight=False,
+    )
+    console.print(
+        f"{realised} of the theoretical saving realised ({format_macs(result.dgc_macs)} vs "
+        f"{format_macs(result.dense_macs)} MACs per sample)",
+        highlight=False,
+    )
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
 
 
 def print_evaluation(report: EvalReport, name: str, dataset: str, console: Console | None = None) -> None:
