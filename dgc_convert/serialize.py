@@ -3,11 +3,16 @@
 ``save(model, path)`` writes the weights (``zeta_t`` buffers included) and,
 in the file's metadata, everything needed to rebuild the model: its name and
 library, class count, input size, the conversion of every DGC layer (heads,
-squeeze ratio, zeta, zeta_t), and the dgc-convert and torch versions.
+squeeze ratio, zeta, zeta_t, layout), and the dgc-convert and torch versions.
 ``load(path)`` rebuilds the model from timm or torchvision by name,
 applies the saved per-layer conversion to the named modules, loads the weights and checks that every tensor
 matched. The trainer's ``last``/``best`` checkpoints carry the same metadata,
 so ``load`` opens them too (a checkpoint directory or its ``model.safetensors``).
+
+Layout: every layer records ``"layout": "blocked"`` (head i owns a contiguous
+block of output channels) or ``"interleaved"`` (head i owns channels i::H).
+Files written before the key existed were all interleaved, so an entry without
+it loads as an interleaved layer and computes exactly what it did.
 """
 
 from __future__ import annotations
@@ -26,10 +31,22 @@ from dgc_convert.errors import DGCConvertError, LoadError, UnknownModelError
 from dgc_convert.surgery import LayerSettings, apply_conversion, dgc_layers
 from dgc_convert.zoo import Library, ModelInfo, attach_model_info, create_model, model_info
 
-__all__ = ["MODEL_FORMAT", "LoadError", "model_metadata", "save", "load", "read_metadata"]
+__all__ = [
+    "MODEL_FORMAT",
+    "LoadError",
+    "model_metadata",
+    "save",
+    "load",
+    "read_metadata",
+    "saved_layouts",
+    "apply_saved_layouts",
+]
 
 MODEL_FORMAT = "dgc-convert-model/1"
 _FORMAT_NAME, _FORMAT_VERSION = MODEL_FORMAT.rsplit("/", 1)
+# A conversion entry's "layout"; entries written before the key existed are interleaved.
+_LAYOUTS = {"blocked": False, "interleaved": True}  # name -> DGCConv2d.interleaved
+_LAYOUT_BEFORE_THE_KEY = "interleaved"
 
 
 def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = None) -> dict[str, str]:
@@ -50,6 +67,7 @@ def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = 
             "squeeze_ratio": layer.squeeze_ratio,
             "zeta": layer.zeta,
             "zeta_t": layer.zeta_t_value,
+            "layout": "interleaved" if layer.interleaved else "blocked",
         }
         for name, layer in dgc_layers(model)
     ]
@@ -124,6 +142,43 @@ def _field(metadata: dict[str, str], key: str, file: Path) -> Any:
         raise LoadError(f"{file}: metadata field {key!r} is missing or not valid JSON") from None
 
 
+def _interleaved(entry: Any) -> bool:
+    """Whether a saved conversion entry is an interleaved layer (no "layout": written before it existed)."""
+    layout = entry.get("layout", _LAYOUT_BEFORE_THE_KEY)
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layer {entry.get('name')!r}: unknown layout {layout!r} (expected blocked or interleaved)")
+    return _LAYOUTS[layout]
+
+
+def saved_layouts(metadata: dict[str, str]) -> dict[str, bool]:
+    """Module name -> ``interleaved`` for every DGC layer a file's metadata records
+    (``read_metadata``); entries without a "layout" are interleaved."""
+    try:
+        return {str(entry["name"]): _interleaved(entry) for entry in json.loads(metadata["conversion"])}
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
+        raise LoadError(f"metadata field 'conversion' is missing or malformed ({error})") from None
+    except ValueError as error:
+        raise LoadError(f"metadata field 'conversion': {error}") from None
+
+
+def apply_saved_layouts(model: nn.Module, metadata: dict[str, str]) -> None:
+    """Give every DGC layer of ``model`` the layout its saved entry records, in place.
+
+    For loading a file's weights into a model built some other way (a trainer
+    resuming from a checkpoint rebuilds it from the recipe): a file written
+    before blocked ownership holds interleaved layers, and its weights mean
+    what they meant only in that layout. Raises ``LoadError`` when the saved
+    layers are not the model's DGC layers.
+    """
+    layouts = saved_layouts(metadata)
+    layers = dict(dgc_layers(model))
+    if set(layouts) != set(layers):
+        differ = sorted(set(layouts) ^ set(layers))
+        raise LoadError(f"the saved DGC layers are not the model's: {differ[0]} ({len(differ)} names differ)")
+    for name, layer in layers.items():
+        layer.interleaved = layouts[name]
+
+
 def load(path: str | Path) -> nn.Module:
     """Rebuild and load a model saved by ``save`` or by the trainer, in eval mode.
 
@@ -151,12 +206,15 @@ def load(path: str | Path) -> nn.Module:
                 model,
                 {
                     layer["name"]: LayerSettings(
-                        int(layer["heads"]), float(layer["squeeze_ratio"]), float(layer["zeta"])
+                        int(layer["heads"]),
+                        float(layer["squeeze_ratio"]),
+                        float(layer["zeta"]),
+                        interleaved=_interleaved(layer),
                     )
                     for layer in layers
                 },
             )
-        except (DGCConvertError, KeyError, TypeError, ValueError) as error:
+        except (DGCConvertError, AttributeError, KeyError, TypeError, ValueError) as error:
             raise LoadError(f"{file}: the saved conversion does not apply to {name}: {error}") from None
     try:
         missing_keys, unexpected = load_model(model, str(file), strict=False)

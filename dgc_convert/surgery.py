@@ -43,11 +43,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LayerSettings:
-    """The DGC settings of one converted layer: what ``apply_conversion`` needs, and what a saved model records."""
+    """The DGC settings of one converted layer: what ``apply_conversion`` needs, and what a saved model records.
+
+    ``interleaved``: the head-ownership layout of models saved before blocked
+    ownership (``DGCConv2d``); every new conversion is blocked.
+    """
 
     heads: int
     squeeze_ratio: float
     zeta: float
+    interleaved: bool = False
 
 
 @dataclass
@@ -236,7 +241,11 @@ def apply_conversion(model: nn.Module, layers: Mapping[str, LayerSettings]) -> N
             raise ConversionError(f"layer {name}: a {type(conv).__name__}, not an nn.Conv2d")
         try:
             replacements[id(conv)] = DGCConv2d.from_conv(
-                conv, heads=layer.heads, squeeze_ratio=layer.squeeze_ratio, zeta=layer.zeta
+                conv,
+                heads=layer.heads,
+                squeeze_ratio=layer.squeeze_ratio,
+                zeta=layer.zeta,
+                interleaved=layer.interleaved,
             )
         except ValueError as error:
             raise ConversionError(f"layer {name}: {error}") from None

@@ -34,6 +34,23 @@ def test_export_parity_with_gating_kept(tmp_path, name):
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch dimension stays dynamic
 
 
+def test_blocked_layers_export_without_the_channel_shuffle(tmp_path):
+    """Blocked layers need no Reshape/Transpose shuffle; interleaved ones (older files) keep it, and both match."""
+    model = _trained_like("resnet18")
+    transposes = {}
+    for interleaved in (False, True):
+        for _, layer in dgc_layers(model):
+            layer.interleaved = interleaved
+        report = export_onnx(model, tmp_path / f"r18-{interleaved}.onnx", input_size=(3, 32, 32))
+        assert report.passed, report.max_abs_diff
+        graph = onnx.load(str(report.path)).graph
+        transposes[interleaved] = sum(node.op_type == "Transpose" for node in graph.node)
+    # Blocked: one Transpose per layer, the saliency generator's (heads, batch) -> (batch, heads).
+    # Interleaved layers add at least the shuffle's.
+    layers = len(dgc_layers(model))
+    assert transposes[False] == layers and transposes[True] >= 2 * layers
+
+
 def test_export_command(tmp_path):
     saved = save(_trained_like("resnet18"), tmp_path / "r18.safetensors", input_size=32)
     result = CliRunner().invoke(app, ["export", str(saved), "--onnx", str(tmp_path / "r18.onnx")])

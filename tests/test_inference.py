@@ -26,27 +26,62 @@ CASES = [
 ]
 
 
+LAYOUTS = pytest.mark.parametrize("interleaved", [False, True], ids=["blocked", "interleaved"])
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[0]}-{c[1]}k{c[2]}s{c[3]}d{c[5]}h{c[6]}z{c[7]}")
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_every_algorithm_equals_the_training_computation(case, batch, channels_last):
+@LAYOUTS
+def test_every_algorithm_equals_the_training_computation(case, batch, channels_last, interleaved):
     c_in, c_out, kernel, stride, padding, dilation, heads, zeta, size = case
     torch.manual_seed(batch)
-    layer = DGCConv2d(c_in, c_out, kernel, stride, padding, dilation, bias=True, heads=heads, zeta=zeta)
+    layer = DGCConv2d(
+        c_in, c_out, kernel, stride, padding, dilation, bias=True, heads=heads, zeta=zeta, interleaved=interleaved
+    )
     x = torch.randn(batch, c_in, size, size + 1)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     reference = layer(x).detach()  # training mode: the masked computation
     layer.eval()
     with torch.no_grad():
-        for algorithm in [*ALGORITHMS, "auto"]:
+        for algorithm in [*ALGORITHMS, "auto", "export"]:
             if algorithm == "gather_pointwise" and (kernel != 1 or padding != 0):
                 continue
             layer.inference_algorithm = algorithm
             out = layer(x)
             assert out.shape == reference.shape
             torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5, msg=f"{algorithm}")
-            assert layer.last_algorithm in ALGORITHMS
+            if algorithm != "export":
+                assert layer.last_algorithm in ALGORITHMS
+                # A standard memory format; gather_conv's channels-last convolution comes back NCHW.
+                assert out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last), algorithm
+                assert out.is_contiguous() or algorithm != "gather_conv"
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_the_weight_cache_and_the_timed_choice_follow_the_layout(algorithm):
+    torch.manual_seed(0)
+    layer = DGCConv2d(24, 12, 1, heads=3, zeta=0.5)
+    x = torch.randn(2, 24, 5, 5)
+    expected = {}
+    for interleaved in (False, True):
+        layer.interleaved = interleaved
+        expected[interleaved] = layer(x).detach()
+    assert not torch.allclose(expected[False], expected[True])  # the layout matters to the result
+    layer.eval()
+    layer.inference_algorithm = algorithm
+    with torch.no_grad():
+        for interleaved in (False, True, False):  # flipping the plain attribute re-arranges the weight
+            layer.interleaved = interleaved
+            torch.testing.assert_close(layer(x), expected[interleaved], rtol=1e-5, atol=1e-5)
+    clear_algorithm_cache()
+    layer.inference_algorithm = "auto"
+    with torch.no_grad():
+        for interleaved in (False, True):
+            layer.interleaved = interleaved
+            layer(x)
+    assert len(algorithm_cache()) == 2  # timed once per layout
 
 
 def test_auto_times_once_per_case_and_caches_the_choice():
@@ -133,8 +168,15 @@ def test_benchmark_reports_the_documented_figures():
     dense = create_model("resnet18", num_classes=10)
     dgc = copy.deepcopy(dense)
     convert(dgc, zeta=0.75)
-    result = benchmark(dense, dgc, name="resnet18", batch_size=1, input_size=32, repeats=2, warmup=1)
+    threads = torch.get_num_threads()
+    result = benchmark(
+        dense, dgc, name="resnet18", batch_size=1, input_size=32, repeats=2, warmup=1, engine="eager", threads=1
+    )
+    assert torch.get_num_threads() == threads and result.threads == 1  # set for the measurement, then restored
     assert result.dense_ms > 0 and result.dgc_ms > 0 and result.dgc_masked_ms > 0
+    assert result.dense_engine == result.dgc_engine == "eager" and result.dense_compiled_ms is None
+    assert result.dense_ms == result.dense_eager_ms and result.dgc_ms == result.dgc_eager_ms
+    assert result.dense_layout in ("nchw", "channels_last", "channels_last+packed")
     assert result.speedup == pytest.approx(result.dense_ms / result.dgc_ms)
     assert 0.2 < result.mac_ratio < 0.5
     assert result.realized_fraction == pytest.approx(
@@ -144,28 +186,56 @@ def test_benchmark_reports_the_documented_figures():
     assert "conv1" in names and "layer1.0.conv1" in names
     converted = next(row for row in result.layers if row.name == "layer1.0.conv1")
     assert converted.algorithm in ALGORITHMS and converted.mac_ratio < 0.5
+    assert converted.saliency_ms is not None and converted.select_ms is not None and converted.conv_ms is not None
+    assert converted.saliency_ms + converted.select_ms > 0
+    stem = next(row for row in result.layers if row.name == "conv1")
+    assert stem.saliency_ms is None and stem.algorithm is None
 
 
 def test_bench_command_json_has_the_fields():
     result = CliRunner().invoke(
-        app, ["bench", "resnet18", "--input-size", "32", "--repeats", "2", "--warmup", "1", "--json"]
+        app,
+        ["bench", "resnet18", "--input-size", "32", "--repeats", "2", "--warmup", "1", "--engine", "compile", "--json"],
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     for key in ("dense_ms", "dgc_masked_ms", "dgc_ms", "speedup", "mac_ratio", "realized_fraction", "layers"):
         assert key in data
+    assert data["dgc_engine"] == "compile" and data["dense_engine"] in ("eager", "compile")
+    assert data["dense_ms"] == min(data["dense_eager_ms"], data["dense_compiled_ms"])
+    assert data["dgc_ms"] == data["dgc_compiled_ms"] and data["dgc_eager_ms"] > 0
+    assert data["speedup"] == pytest.approx(data["dense_ms"] / data["dgc_ms"])
+    assert data["dense_compile_s"] > 0 and data["dgc_compile_s"] > 0 and data["dgc_in_graph"]
     layer = data["layers"][1]
     for key in ("name", "dense_ms", "dgc_masked_ms", "dgc_ms", "speedup", "mac_ratio", "realized_fraction"):
+        assert key in layer
+    for key in ("saliency_ms", "select_ms", "conv_ms"):
         assert key in layer
 
 
 def test_bench_command_table_and_bad_input(tmp_path):
     runner = CliRunner()
     shown = runner.invoke(
-        app, ["bench", "resnet18", "--input-size", "32", "--repeats", "2", "--warmup", "1", "--layers", "3"]
+        app,
+        [
+            "bench",
+            "resnet18",
+            "--input-size",
+            "32",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--layers",
+            "3",
+            "--engine",
+            "eager",
+        ],
     )
     assert shown.exit_code == 0 and "of the theoretical saving realised" in shown.stdout
-    assert "DGC masked ms" in shown.stdout
+    assert "DGC masked ms" in shown.stdout and "(eager)" in shown.stdout and "top-k" in shown.stdout
+    engine = runner.invoke(app, ["bench", "resnet18", "--engine", "jit"])
+    assert engine.exit_code == 2 and "--engine" in engine.stderr
     bad = runner.invoke(app, ["bench", "resnt18"])
     assert bad.exit_code == 2 and "did you mean resnet18" in bad.stderr
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
@@ -189,7 +259,9 @@ def test_bench_opens_a_trainer_checkpoint(tmp_path):
     train(recipe)
     runner = CliRunner()
     for target in (tmp_path / "run" / "best", tmp_path / "run" / "last" / "model.safetensors"):
-        result = runner.invoke(app, ["bench", str(target), "--repeats", "2", "--warmup", "1", "--json"])
+        result = runner.invoke(
+            app, ["bench", str(target), "--repeats", "2", "--warmup", "1", "--engine", "eager", "--json"]
+        )
         assert result.exit_code == 0, result.output
         data = json.loads(result.stdout)
         assert data["input_size"] == [3, 32, 32] and data["mac_ratio"] < 0.6
@@ -197,8 +269,9 @@ def test_bench_opens_a_trainer_checkpoint(tmp_path):
     assert refused.exit_code == 2 and "applies to model names" in refused.stderr
 
 
-def test_ties_are_broken_towards_the_lower_channel_in_every_path():
-    layer = DGCConv2d(16, 8, 3, padding=1, heads=2, zeta=0.5)
+@LAYOUTS
+def test_ties_are_broken_towards_the_lower_channel_in_every_path(interleaved):
+    layer = DGCConv2d(16, 8, 3, padding=1, heads=2, zeta=0.5, interleaved=interleaved)
     with torch.no_grad():
         layer.saliency_generator.reduce.zero_()  # hidden units all zero: every score equals beta = 1
     x = torch.randn(3, 16, 6, 6)

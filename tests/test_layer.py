@@ -12,36 +12,54 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dgc_convert import DGCConv2d, kept_channel_count
-from dgc_convert.nn.functional import gated_conv2d
+from dgc_convert.nn.functional import dense_weights, gated_conv2d, head_major_to_dense, head_weights
+
+LAYOUTS = pytest.mark.parametrize("interleaved", [False, True], ids=["blocked", "interleaved"])
+
+
+def owned_rows(out_channels: int, heads: int, head: int, interleaved: bool) -> slice:
+    """The output channels (rows of the dense weight) ``head`` owns, written out independently of the code:
+    the contiguous block ``head*n : (head+1)*n`` (blocked) or ``head::heads`` (interleaved)."""
+    per_head = out_channels // heads
+    return slice(head, None, heads) if interleaved else slice(head * per_head, (head + 1) * per_head)
 
 
 def reference_forward(layer: DGCConv2d, x: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
     """Per sample, per head: index_select the kept channels, scale them,
-    conv2d with the head's filters, place at output channels ``i::heads``."""
+    conv2d with the head's filters. Blocked: head ``i``'s filters are
+    ``weight[i*n:(i+1)*n]`` and the heads' outputs are concatenated.
+    Interleaved: its filters are ``weight[i::heads]``, placed at output
+    channels ``i::heads``."""
     if scores is None:
         scores = layer.saliency(x)
     k = kept_channel_count(layer.in_channels, float(layer.zeta_t))
+    per_head = layer.out_channels // layer.heads
     rows = []
     for b in range(x.shape[0]):
         out_b = [None] * layer.out_channels
+        heads_out = []
         for i in range(layer.heads):
             # The k largest; equal scores go to the lower channel (stable sort).
             keep = scores[b, i].detach().sort(descending=True, stable=True).indices[:k]
             y = x[b].index_select(0, keep) * scores[b, i].index_select(0, keep)[:, None, None]
-            w = layer.weight[i :: layer.heads].index_select(1, keep)
-            o = F.conv2d(y[None], w, None, layer.stride, layer.padding, layer.dilation)[0]
+            if layer.interleaved:
+                filters = layer.weight[i :: layer.heads]
+            else:
+                filters = layer.weight[i * per_head : (i + 1) * per_head]
+            o = F.conv2d(y[None], filters.index_select(1, keep), None, layer.stride, layer.padding, layer.dilation)[0]
+            heads_out.append(o)
             for j in range(o.shape[0]):
                 out_b[j * layer.heads + i] = o[j]
-        rows.append(torch.stack(out_b))
+        rows.append(torch.stack(out_b) if layer.interleaved else torch.cat(heads_out))
     out = torch.stack(rows)
     if layer.bias is not None:
         out = out + layer.bias.view(1, -1, 1, 1)
     return out
 
 
-def make_layer(c_in=8, c_out=8, kernel=3, heads=4, zeta=0.5, dtype=torch.float64, **conv_kwargs):
+def make_layer(c_in=8, c_out=8, kernel=3, heads=4, zeta=0.5, dtype=torch.float64, interleaved=False, **conv_kwargs):
     conv = nn.Conv2d(c_in, c_out, kernel, **conv_kwargs).to(dtype)
-    return DGCConv2d.from_conv(conv, heads=heads, squeeze_ratio=2, zeta=zeta)
+    return DGCConv2d.from_conv(conv, heads=heads, squeeze_ratio=2, zeta=zeta, interleaved=interleaved)
 
 
 # -- identity -----------------------------------------------------------------
@@ -60,10 +78,11 @@ IDENTITY_CASES = [
 @pytest.mark.parametrize("geometry", IDENTITY_CASES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("size", [(9, 13), (16, 16), (3, 4)])
-def test_identity_with_unit_scores_and_no_pruning(geometry, bias, size):
+@LAYOUTS
+def test_identity_with_unit_scores_and_no_pruning(geometry, bias, size, interleaved):
     torch.manual_seed(0)
     conv = nn.Conv2d(12, 8, bias=bias, **geometry).double()
-    layer = DGCConv2d.from_conv(conv, heads=4, zeta=0.5)
+    layer = DGCConv2d.from_conv(conv, heads=4, zeta=0.5, interleaved=interleaved)
     layer.set_zeta_t(0.0)
     layer.unit_scores = True
     x = torch.randn(3, 12, *size, dtype=torch.float64)
@@ -88,29 +107,95 @@ def test_from_conv_copies_rather_than_shares():
 @pytest.mark.parametrize("heads", [1, 2, 4, 8])
 @pytest.mark.parametrize("zeta", [0.0, 0.25, 0.5, 0.9])
 @pytest.mark.parametrize("size", [(5, 6), (12, 12)])  # small maps run head by head, larger per sample
-def test_forward_matches_reference_loop(heads, zeta, size):
+@LAYOUTS
+def test_forward_matches_reference_loop(heads, zeta, size, interleaved):
     torch.manual_seed(heads)
-    layer = make_layer(c_in=10, c_out=8, heads=heads, zeta=zeta, padding=1, bias=True)
+    layer = make_layer(c_in=10, c_out=8, heads=heads, zeta=zeta, padding=1, bias=True, interleaved=interleaved)
     x = torch.randn(3, 10, *size, dtype=torch.float64)
     torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("algorithm", ["per_head", "per_sample", "stacked"])
-def test_every_algorithm_agrees_with_plain_autograd(algorithm):
+@LAYOUTS
+def test_every_algorithm_agrees_with_plain_autograd(algorithm, interleaved):
     torch.manual_seed(1)
     x = torch.randn(4, 6, 7, 9, dtype=torch.float64, requires_grad=True)
     gate = torch.rand(4, 3, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(9, 6, 3, 3, dtype=torch.float64, requires_grad=True)
     args = ((2, 1), (1, 2), (1, 2))
-    out = gated_conv2d(x, gate, weight, *args, algorithm=algorithm)
+    out = gated_conv2d(x, gate, weight, *args, algorithm=algorithm, interleaved=interleaved)
     grads = torch.autograd.grad(out.square().sum(), (x, gate, weight))
     # Plain autograd through one explicit masked copy per head is the baseline.
-    copies = [F.conv2d(x * gate[:, h, :, None, None], weight[h::3], None, *args) for h in range(3)]
-    expected = torch.stack(copies, 2).flatten(1, 2)
+    if interleaved:
+        copies = [F.conv2d(x * gate[:, h, :, None, None], weight[h::3], None, *args) for h in range(3)]
+        expected = torch.stack(copies, 2).flatten(1, 2)
+    else:
+        copies = [F.conv2d(x * gate[:, h, :, None, None], weight[3 * h : 3 * h + 3], None, *args) for h in range(3)]
+        expected = torch.cat(copies, 1)
     expected_grads = torch.autograd.grad(expected.square().sum(), (x, gate, weight))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("algorithm", ["per_head", "per_sample", "stacked"])
+def test_channels_last_input_trains_in_both_layouts(algorithm):
+    torch.manual_seed(2)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    gate = torch.rand(2, 3, 6, dtype=torch.float64)
+    weight = torch.randn(9, 6, 3, 3, dtype=torch.float64)
+    for interleaved in (False, True):
+        inputs = [t.clone().requires_grad_() for t in (x, gate, weight)]
+        plain = [t.contiguous().clone().requires_grad_() for t in (x, gate, weight)]
+        out = gated_conv2d(*inputs, padding=(1, 1), algorithm=algorithm, interleaved=interleaved)
+        want = gated_conv2d(*plain, padding=(1, 1), algorithm="per_head", interleaved=interleaved)
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-10)
+        grad_out = torch.randn_like(want).contiguous(memory_format=torch.channels_last)
+        for got, expected in zip(
+            torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(want, plain, grad_out)
+        ):
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_blocked_head_weights_are_a_view_and_the_mappings_invert():
+    weight = torch.randn(12, 5, 3, 3)
+    blocked = head_weights(weight, 4, interleaved=False)
+    assert blocked.shape == (4, 3, 5, 3, 3) and blocked.data_ptr() == weight.data_ptr() and blocked._base is weight
+    assert torch.equal(blocked[2], weight[6:9])
+    interleaved = head_weights(weight, 4, interleaved=True)
+    assert torch.equal(interleaved[2], weight[2::4])
+    for layout, head_major in ((False, blocked), (True, interleaved)):
+        assert torch.equal(dense_weights(head_major, interleaved=layout), weight)
+    out = torch.arange(2 * 12 * 2 * 2.0).view(2, 12, 2, 2)  # head-major: channel h*3 + j is head h's j-th
+    assert head_major_to_dense(out, 4, interleaved=False) is out
+    shuffled = head_major_to_dense(out, 4, interleaved=True)
+    assert torch.equal(shuffled[:, 1 * 4 + 2], out[:, 2 * 3 + 1])  # dense channel j*H + h
+
+
+@pytest.mark.parametrize("algorithm", ["eval", "per_head", "per_sample", "stacked"])
+def test_the_layouts_are_a_relabelling_of_output_channels(algorithm):
+    """An interleaved layer equals the blocked layer whose filters are the same
+    heads' filters in blocked order, with the outputs relabelled alike."""
+    torch.manual_seed(4)
+    interleaved = make_layer(c_in=10, c_out=12, heads=4, zeta=0.5, padding=1, bias=True, interleaved=True)
+    blocked = make_layer(c_in=10, c_out=12, heads=4, zeta=0.5, padding=1, bias=True)
+    # blocked row h*n + j holds the interleaved row j*H + h (n = 3, H = 4)
+    order = torch.arange(12).view(3, 4).t().flatten()
+    state = interleaved.state_dict()
+    state["weight"], state["bias"] = state["weight"][order], state["bias"][order]
+    blocked.load_state_dict(state)
+    x = torch.randn(3, 10, 6, 6, dtype=torch.float64)
+    if algorithm == "eval":
+        interleaved.eval(), blocked.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(blocked(x), interleaved(x)[:, order], rtol=0, atol=1e-12)
+        return
+    with torch.no_grad():
+        gate = blocked.gates(x)
+    weights = (blocked.weight, interleaved.weight)
+    got = gated_conv2d(x, gate.scores * gate.mask, weights[0], padding=(1, 1), algorithm=algorithm)
+    want = gated_conv2d(x, gate.scores * gate.mask, weights[1], padding=(1, 1), algorithm=algorithm, interleaved=True)
+    torch.testing.assert_close(got, want[:, order], rtol=0, atol=1e-12)
 
 
 def test_unknown_algorithm_is_refused():
@@ -152,15 +237,16 @@ def test_kept_channel_count_rounds_and_keeps_one():
 
 
 @pytest.mark.parametrize("size", [(5, 5), (16, 16)])
-def test_weight_gradient_is_zero_on_channels_a_head_dropped(size):
+@LAYOUTS
+def test_weight_gradient_is_zero_on_channels_a_head_dropped(size, interleaved):
     torch.manual_seed(3)
-    layer = make_layer(c_in=12, c_out=8, heads=4, zeta=0.5, padding=1)
+    layer = make_layer(c_in=12, c_out=8, heads=4, zeta=0.5, padding=1, interleaved=interleaved)
     x = torch.randn(1, 12, *size, dtype=torch.float64)
     mask = layer.gates(x).mask[0]  # (heads, C)
     layer(x).square().sum().backward()
     grad = layer.weight.grad
     for i in range(layer.heads):
-        head_grad = grad[i :: layer.heads]  # (C'/H, C, k, k)
+        head_grad = grad[owned_rows(layer.out_channels, layer.heads, i, interleaved)]  # (C'/H, C, k, k)
         dropped = ~mask[i]
         assert head_grad[:, dropped].abs().max() == 0
         assert head_grad[:, mask[i]].abs().sum() > 0
@@ -197,9 +283,10 @@ def test_saliency_parameters_learn_from_task_loss_and_sparsity_term():
     width=st.integers(4, 12),
     batch=st.integers(1, 3),
     bias=st.booleans(),
+    interleaved=st.booleans(),
 )
 def test_gradients_match_reference_loop(
-    c_in, per_head, heads, zeta, kernel, stride, dilation, height, width, batch, bias
+    c_in, per_head, heads, zeta, kernel, stride, dilation, height, width, batch, bias, interleaved
 ):
     torch.manual_seed(0)
     padding = dilation * (kernel // 2)
@@ -213,6 +300,7 @@ def test_gradients_match_reference_loop(
         dilation=dilation,
         padding=padding,
         bias=bias,
+        interleaved=interleaved,
     )
     x = torch.randn(batch, c_in, height, width, dtype=torch.float64, requires_grad=True)
     target = torch.randn_like(layer(x))
@@ -326,3 +414,7 @@ def test_hidden_width_and_repr():
     assert DGCConv2d(256, 32, 3, squeeze_ratio=16).saliency_generator.hidden == 16
     assert "heads=4" in repr(layer) and "zeta_t=0.5" in repr(layer)
     assert layer.sparsity_loss is None
+    assert layer.interleaved is False and "interleaved" not in repr(layer)
+    assert DGCConv2d.from_conv(nn.Conv2d(8, 8, 3)).interleaved is False
+    old = DGCConv2d(64, 32, 3, interleaved=True)
+    assert old.interleaved is True and "zeta_t=0.5, interleaved=True" in repr(old)

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from dgc_convert import convert, create_model, set_zeta
+from dgc_convert import convert, create_model, dgc_layers, set_zeta
 from dgc_convert.cli import app
-from dgc_convert.serialize import LoadError, load, save
+from dgc_convert.serialize import LoadError, apply_saved_layouts, load, model_metadata, read_metadata, save
 
 
 def _round_trip(tmp_path, name, size, **settings):
@@ -48,9 +48,81 @@ def test_round_trip_gives_the_same_outputs(tmp_path, name, size, settings):
         metadata = handle.metadata()
     assert metadata["format"] == "dgc-convert-model/1" and metadata["torch_version"] == torch.__version__
     assert all(
-        {"name", "heads", "squeeze_ratio", "zeta", "zeta_t"} <= set(layer)
+        {"name", "heads", "squeeze_ratio", "zeta", "zeta_t", "layout"} <= set(layer)
         for layer in json.loads(metadata["conversion"])
     )
+    # A new conversion is blocked, and loads blocked.
+    assert {layer["layout"] for layer in json.loads(metadata["conversion"])} == {"blocked"}
+    assert not any(layer.interleaved for _, layer in dgc_layers(load(path)))
+
+
+def _interleaved_model(name="resnet18", size=32, **settings):
+    """A model as dgc-convert built them before blocked ownership: every DGC layer interleaved."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7)
+    convert(model, **settings)
+    for _, layer in dgc_layers(model):
+        layer.interleaved = True
+    model.train()
+    with torch.no_grad():  # BatchNorm statistics worth keeping
+        for _ in range(2):
+            model(torch.randn(4, 3, size, size))
+    set_zeta(model, fraction=0.6)
+    return model.eval()
+
+
+def _save_in_the_old_format(model, path, size):
+    """What ``save`` wrote before blocked ownership: the same metadata, no "layout" in the conversion entries."""
+    from safetensors.torch import save_model
+
+    metadata = model_metadata(model, size)
+    layers = json.loads(metadata["conversion"])
+    assert {layer.pop("layout") for layer in layers} == {"interleaved"}
+    metadata["conversion"] = json.dumps(layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("target", ["old.safetensors", "checkpoint/model.safetensors"])
+def test_a_file_saved_before_blocked_ownership_loads_interleaved_with_the_same_outputs(tmp_path, target):
+    model = _interleaved_model()
+    path = _save_in_the_old_format(model, tmp_path / target, 32)
+    loaded = load(path.parent if target.startswith("checkpoint/") else path)
+    assert len(dgc_layers(loaded)) == len(dgc_layers(model)) > 0
+    assert all(layer.interleaved for _, layer in dgc_layers(loaded))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # The same weights read as blocked layers compute something else: the layout is what keeps them right.
+    for _, layer in dgc_layers(loaded):
+        layer.interleaved = False
+    with torch.no_grad():
+        assert not torch.allclose(loaded(x), model(x))
+    # Saved again, the file says so; loading it again gives the same outputs.
+    for _, layer in dgc_layers(loaded):
+        layer.interleaved = True
+    again = save(loaded, tmp_path / "again.safetensors")
+    assert {layer["layout"] for layer in json.loads(read_metadata(again)["conversion"])} == {"interleaved"}
+    with torch.no_grad():
+        torch.testing.assert_close(load(again)(x), model(x), rtol=0, atol=0)
+
+
+def test_saved_layouts_apply_to_a_model_built_from_settings(tmp_path):
+    """A trainer resuming from an old checkpoint builds blocked layers from its recipe; the file's layouts fix that."""
+    from safetensors.torch import load_model
+
+    model = _interleaved_model(zeta=0.5)
+    path = _save_in_the_old_format(model, tmp_path / "old.safetensors", 32)
+    rebuilt = create_model("resnet18", num_classes=7)
+    convert(rebuilt, zeta=0.5)
+    apply_saved_layouts(rebuilt, read_metadata(path))
+    load_model(rebuilt, str(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), model(x), rtol=0, atol=0)
+    with pytest.raises(LoadError, match="not the model's"):
+        apply_saved_layouts(create_model("resnet18", num_classes=7), read_metadata(path))
 
 
 def test_trainer_checkpoints_load(tmp_path):
@@ -125,6 +197,16 @@ def test_each_load_error_is_one_clear_line(tmp_path, saved):
             "tensors do not match the rebuilt resnet18",
         ),
         (_rewrite(saved, tmp_path / "nojson.safetensors", conversion="[oops"), "metadata field 'conversion'"),
+        (
+            _rewrite(
+                saved,
+                tmp_path / "layout.safetensors",
+                conversion=json.dumps(
+                    [{"name": "layer1.0.conv1", "heads": 4, "squeeze_ratio": 16, "zeta": 0.5, "layout": "diagonal"}]
+                ),
+            ),
+            "unknown layout 'diagonal'",
+        ),
     ]
     runner = CliRunner()
     for path, message in cases:

@@ -1,7 +1,7 @@
 """The Dynamic Group Convolution layer (Su et al., ECCV 2020).
 
 `DGCConv2d` replaces one ``groups=1`` convolution. Its output channels are
-split into ``heads`` groups; each head owns a small saliency generator that
+split into ``heads`` contiguous blocks; each head owns a small saliency generator that
 scores every input channel per sample, keeps the ``k`` highest-scoring
 channels, scales them by their scores and convolves them with the head's
 filters. The method is stated in ``docs/method.md``; this module holds
@@ -145,8 +145,10 @@ class DGCConv2d(nn.Module):
 
     Same input and output shapes as the convolution it replaces. ``weight``
     keeps the dense layout ``(out_channels, in_channels, kh, kw)``; head ``i``
-    owns the filters ``weight[i::heads]``, so the method's channel shuffle puts
-    every output channel where the dense convolution had it.
+    owns the contiguous block of filters ``weight[i*n:(i+1)*n]`` with
+    ``n = out_channels // heads``, so its outputs land where the dense
+    convolution had them and no channel shuffle is needed. Output channel o is
+    always computed with filter ``weight[o]``.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias:
@@ -157,6 +159,11 @@ class DGCConv2d(nn.Module):
         zeta: target pruning ratio, the fraction of input channels each head
             drops per sample, in [0, 1). The layer starts at ``zeta_t = zeta``;
             a trainer moves ``zeta_t`` along its schedule with ``set_zeta_t``.
+        interleaved: the layout of models saved before blocked ownership:
+            head ``i`` owns ``weight[i::heads]`` and its outputs are put back
+            in dense order by a channel shuffle (the authors' layout).
+            ``dgc_convert.load`` sets it for layers of such files; new layers
+            are blocked.
 
     Attributes:
         zeta_t: persistent buffer (saved in ``state_dict``) holding the ratio
@@ -170,6 +177,7 @@ class DGCConv2d(nn.Module):
             "gather_conv", "gather_bmm", or "masked" (the training
             computation, dense in cost). Training mode always uses the
             training computation.
+        interleaved: the head-ownership layout (plain attribute, see Args).
     """
 
     # A registered buffer: ``nn.Module.__getattr__`` returns it, typed there as
@@ -189,6 +197,7 @@ class DGCConv2d(nn.Module):
         heads: int = DEFAULT_HEADS,
         squeeze_ratio: float = DEFAULT_SQUEEZE_RATIO,
         zeta: float = DEFAULT_ZETA,
+        interleaved: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
@@ -211,6 +220,7 @@ class DGCConv2d(nn.Module):
         self.heads = heads
         self.squeeze_ratio = squeeze_ratio
         self.zeta = _check_zeta("zeta", zeta)
+        self.interleaved = bool(interleaved)
         self.unit_scores = False
         self._inference_algorithm = "auto"
         self.last_algorithm: str | None = None  # what the last eval-mode forward ran
@@ -235,13 +245,16 @@ class DGCConv2d(nn.Module):
         heads: int = DEFAULT_HEADS,
         squeeze_ratio: float = DEFAULT_SQUEEZE_RATIO,
         zeta: float = DEFAULT_ZETA,
+        interleaved: bool = False,
     ) -> DGCConv2d:
         """Build a DGC layer with ``conv``'s geometry, weight and bias.
 
         The new layer lives on ``conv``'s device and dtype; the weight and bias
-        are copied, not shared. String padding ('valid', symmetric 'same')
-        becomes its numeric equivalent. Raises ``ValueError`` for a grouped
-        conv, a padding mode other than zeros or an asymmetric 'same'.
+        are copied, not shared, in the dense layout: which output channels a
+        head owns is a fixed relabelling, so the conversion is exact in either
+        layout. String padding ('valid', symmetric 'same') becomes its numeric
+        equivalent. Raises ``ValueError`` for a grouped conv, a padding mode
+        other than zeros or an asymmetric 'same'.
         """
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -265,6 +278,7 @@ class DGCConv2d(nn.Module):
                 heads=heads,
                 squeeze_ratio=squeeze_ratio,
                 zeta=zeta,
+                interleaved=interleaved,
             )
         layer = layer.to_empty(device=conv.weight.device).to(dtype=conv.weight.dtype)
         layer.saliency_generator.reset_parameters()
@@ -390,25 +404,26 @@ class DGCConv2d(nn.Module):
         scores, mask = self.gates(x)
         self._last_sparsity = scores.mean(dim=(0, 2)).sum()
         gate = scores * mask if self.kept_channels < self.in_channels else scores
-        out = gated_conv2d(x, gate, self.weight, self.stride, self.padding, self.dilation)
+        out = gated_conv2d(x, gate, self.weight, self.stride, self.padding, self.dilation, interleaved=self.interleaved)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out
 
     def _export_forward(self, x: Tensor) -> Tensor:
         """Graph-friendly eval computation for ONNX and torch.export: TopK on the
-        scores, ScatterElements into per-head gates, one grouped Conv over the
-        heads' gated copies, and the channel shuffle as Reshape/Transpose. No
+        scores, ScatterElements into per-head gates and one grouped Conv over the
+        heads' gated copies, whose output is already in dense channel order
+        (interleaved layers add the channel shuffle as Reshape/Transpose). No
         Python loops, no timing, no cached weight arrangements; equal to the
         other paths."""
         scores = self.saliency(x)
         index = self.select(scores)
         gate = torch.zeros_like(scores).scatter(2, index, scores.gather(2, index))
-        grouped = head_weights(self.weight, self.heads).flatten(0, 1)
+        grouped = head_weights(self.weight, self.heads, interleaved=self.interleaved).flatten(0, 1)
         out = torch.nn.functional.conv2d(
             gated_copies(x, gate), grouped, None, self.stride, self.padding, self.dilation, self.heads
         )
-        out = head_major_to_dense(out, self.heads)
+        out = head_major_to_dense(out, self.heads, interleaved=self.interleaved)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out
@@ -433,12 +448,17 @@ class DGCConv2d(nn.Module):
         )
         algorithm = self.inference_algorithm
         if algorithm == "auto":
-            algorithm = pick_algorithm(*args)
+            algorithm = pick_algorithm(*args, interleaved=self.interleaved)
         self.last_algorithm = algorithm
-        out = sparse_conv2d(*args, algorithm)
+        out = sparse_conv2d(*args, algorithm, interleaved=self.interleaved)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out
+
+    def prepare_weights(self) -> None:
+        """Arrange the weight for the sparse inference path now rather than at
+        the first eval forward (it is rearranged again whenever it changes)."""
+        self._weight_cache.get(self.weight, self.heads, self.interleaved)
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -448,7 +468,9 @@ class DGCConv2d(nn.Module):
             text += f", dilation={self.dilation}"
         if self.bias is None:
             text += ", bias=False"
-        return (
-            text
-            + f", heads={self.heads}, squeeze_ratio={self.squeeze_ratio}, zeta={self.zeta}, zeta_t={self._zeta_t_value:g}"
+        text += (
+            f", heads={self.heads}, squeeze_ratio={self.squeeze_ratio}, zeta={self.zeta}, zeta_t={self._zeta_t_value:g}"
         )
+        if self.interleaved:
+            text += ", interleaved=True"
+        return text
