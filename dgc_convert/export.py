@@ -1,9 +1,10 @@
 """ONNX export with the dynamic gating kept, checked with onnxruntime.
 
 Every DGC layer exports as its graph-friendly computation: the saliency
-generator, TopK over the scores, ScatterElements into per-head gates, one
-grouped Conv over the heads' gated copies and the channel shuffle
-(Reshape/Transpose). The batch dimension stays dynamic. After export the
+generator, TopK over the scores, ScatterElements into per-head gates and one
+grouped Conv over the heads' gated copies, whose output is already in dense
+order (layers from older files with interleaved heads add the channel
+shuffle as Reshape/Transpose). The batch dimension stays dynamic. After export the
 file is run with onnxruntime on random inputs of batch 1 and 4 and compared
 with PyTorch.
 """

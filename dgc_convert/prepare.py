@@ -329,7 +329,7 @@ def prepare_for_inference(
         model.to(memory_format=torch.channels_last)
     for module in model.modules():
         if isinstance(module, DGCConv2d):
-            module._weight_cache.get(module.weight, module.heads)
+            module.prepare_weights()
             report.dgc_layers += 1
     model.dgc_prepared_for_inference = True  # type: ignore[assignment]  # ``save`` refuses: folded BatchNorms cannot be rebuilt by name
     if example_input is not None and channels_last:

@@ -43,6 +43,7 @@ import yaml
 from timm.utils import distribute_bn
 
 from dgc_convert.checkpoint import (
+    MODEL_FILE,
     TRAINING_FILE,
     Checkpoint,
     CheckpointError,
@@ -56,6 +57,7 @@ from dgc_convert.checkpoint import (
 from dgc_convert.distributed import Processes
 from dgc_convert.macs import count_macs
 from dgc_convert.recipe import Recipe, recipe_from_dict
+from dgc_convert.serialize import apply_saved_layouts, read_metadata
 from dgc_convert.stop_signals import StopSignals
 from dgc_convert.surgery import dgc_layers, set_zeta
 from dgc_convert.train_events import (
@@ -244,6 +246,9 @@ def _restore(
             f"{checkpoint.directory}: saved with {state.iterations_per_epoch} iterations per epoch, now "
             f"{setup.schedule.iterations_per_epoch} (different data or process count); cannot resume exactly"
         )
+    # A checkpoint written before blocked head ownership holds interleaved layers: give the
+    # rebuilt layers the layout their weights were trained in before loading them.
+    apply_saved_layouts(setup.model, read_metadata(checkpoint.directory / MODEL_FILE))
     checkpoint.load_weights(setup.model, device="cpu")
     setup.model.to(setup.processes.device)
     training = checkpoint.training_state()

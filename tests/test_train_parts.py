@@ -275,3 +275,40 @@ def test_kept_metrics_skips_damaged_lines_and_leaves_the_file_alone_when_asked(t
     assert [m.epoch for m in _kept_metrics(path, 2, rewrite=False)] == [1]
     assert path.read_text() == text
     assert _kept_metrics(tmp_path / "missing.jsonl", 2, rewrite=True) == []
+
+
+def test_resuming_a_checkpoint_from_before_blocked_heads_keeps_its_interleaved_layers(tmp_path):
+    """A checkpoint written before blocked head ownership: its weights are read in the layout they were trained in."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    recipe = make_recipe(tmp_path)
+    processes = Processes.single()
+    torch.manual_seed(0)
+    setup = build_training(recipe, processes)
+    state = RunState(
+        status="running", recipe=recipe.model_dump(mode="json"), epochs_completed=0, iteration=0, epoch_iteration=0,
+        iterations_per_epoch=4, total_iterations=8, progress=0.0, zeta_fraction=0.0, zeta_t={}, image_size=32,
+        num_classes=10, world_size=1, best_top1=None, metrics=None, wall_seconds=0.0,
+    )  # fmt: skip
+    training = {
+        "optimizer": setup.optimizer.state_dict(),
+        "scaler": setup.scaler.state_dict(),
+        "rng": _gather_rng(processes),
+    }
+    directory = save_checkpoint(tmp_path / "last", model=setup.model, state=state, training_state=training)
+    # Rewrite the weights file as the old trainer wrote it: no layout in the per-layer entries.
+    path = directory / "model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no iterator
+    entries = json.loads(metadata["conversion"])
+    assert entries and all(entry.pop("layout") == "blocked" for entry in entries)
+    save_file(tensors, str(path), metadata={**metadata, "conversion": json.dumps(entries)})
+
+    torch.manual_seed(0)
+    resumed = build_training(recipe, processes)
+    assert not any(layer.interleaved for layer in resumed.dgc)
+    checkpoint = read_checkpoint(directory)
+    _restore(resumed, checkpoint, checkpoint.run_state(), tmp_path, None, started=0.0)
+    assert resumed.dgc and all(layer.interleaved for layer in resumed.dgc)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -330,9 +330,9 @@ class DGCConv2d(nn.Module):
         """k: input channels each head keeps per sample at the current ``zeta_t``."""
         return kept_channel_count(self.in_channels, self._zeta_t_value)
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Self:
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> DGCConv2d:
         # torch leaves Module._apply unannotated; it returns self.
-        module: Self = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        module: DGCConv2d = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         # ``model.half()`` / ``.to(bfloat16)`` would round the ratio (0.55 ->
         # 0.5498) and could change k; keep it exact in float64 on the new device.
         if self.zeta_t.dtype != torch.float64:
