@@ -241,10 +241,9 @@ def _pack_convolutions(model: nn.Module, report: InferenceReport) -> None:
 
 def dgc_custom_op_available() -> bool:
     """Whether ``torch.ops.dgc_convert.dgc_conv2d`` (one opaque call per DGC layer) is registered."""
-    try:
-        return hasattr(torch.ops.dgc_convert, "dgc_conv2d")
-    except (AttributeError, RuntimeError):
-        return False
+    from dgc_convert.nn import compiled
+
+    return compiled.available()
 
 
 _EAGER_DGC_CLASS: type[DGCConv2d] | None = None

@@ -1,5 +1,6 @@
 """Sparse inference: every algorithm equals the training computation; prepare and bench."""
 
+import contextlib
 import copy
 import json
 
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from dgc_convert import DGCConv2d, convert, create_model
 from dgc_convert.bench import benchmark, realized_fraction
 from dgc_convert.cli import app
+from dgc_convert.nn import compiled
 from dgc_convert.nn.sparse import ALGORITHMS, WeightCache, algorithm_cache, clear_algorithm_cache, sparse_conv2d
 from dgc_convert.prepare import prepare_for_inference
 
@@ -45,14 +47,17 @@ def test_every_algorithm_equals_the_training_computation(case, batch, channels_l
     reference = layer(x).detach()  # training mode: the masked computation
     layer.eval()
     with torch.no_grad():
-        for algorithm in [*ALGORITHMS, "auto", "export"]:
+        for algorithm in [*ALGORITHMS, "auto", "export", *(["compiled"] if compiled.available() else [])]:
             if algorithm == "gather_pointwise" and (kernel != 1 or padding != 0):
                 continue
             layer.inference_algorithm = algorithm
-            out = layer(x)
+            with compiled.paused() if algorithm == "auto" else contextlib.nullcontext():  # auto: the timed PyTorch path
+                out = layer(x)
             assert out.shape == reference.shape
             torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5, msg=f"{algorithm}")
-            if algorithm != "export":
+            if algorithm == "compiled":
+                assert layer.last_algorithm == "compiled" and out.is_contiguous(memory_format=torch.channels_last)
+            elif algorithm != "export":
                 assert layer.last_algorithm in ALGORITHMS
                 # A standard memory format; gather_conv's channels-last convolution comes back NCHW.
                 assert out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last), algorithm
@@ -77,7 +82,7 @@ def test_the_weight_cache_and_the_timed_choice_follow_the_layout(algorithm):
             torch.testing.assert_close(layer(x), expected[interleaved], rtol=1e-5, atol=1e-5)
     clear_algorithm_cache()
     layer.inference_algorithm = "auto"
-    with torch.no_grad():
+    with torch.no_grad(), compiled.paused():
         for interleaved in (False, True):
             layer.interleaved = interleaved
             layer(x)
@@ -87,7 +92,7 @@ def test_the_weight_cache_and_the_timed_choice_follow_the_layout(algorithm):
 def test_auto_times_once_per_case_and_caches_the_choice():
     clear_algorithm_cache()
     layer = DGCConv2d(32, 32, 3, padding=1, heads=4, zeta=0.5).eval()
-    with torch.no_grad():
+    with torch.no_grad(), compiled.paused():
         layer(torch.randn(1, 32, 8, 8))
         layer(torch.randn(1, 32, 8, 8))
         layer(torch.randn(2, 32, 8, 8))
@@ -185,7 +190,7 @@ def test_benchmark_reports_the_documented_figures():
     names = {row.name for row in result.layers}
     assert "conv1" in names and "layer1.0.conv1" in names
     converted = next(row for row in result.layers if row.name == "layer1.0.conv1")
-    assert converted.algorithm in ALGORITHMS and converted.mac_ratio < 0.5
+    assert converted.algorithm in (*ALGORITHMS, "compiled") and converted.mac_ratio < 0.5
     assert converted.saliency_ms is not None and converted.select_ms is not None and converted.conv_ms is not None
     assert converted.saliency_ms + converted.select_ms > 0
     stem = next(row for row in result.layers if row.name == "conv1")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from dgc_convert.nn import compiled
 from dgc_convert.nn.functional import gated_conv2d, gated_copies, head_major_to_dense, head_weights
 from dgc_convert.nn.sparse import ALGORITHMS as SPARSE_ALGORITHMS
 from dgc_convert.nn.sparse import WeightCache, pick_algorithm, sparse_conv2d
@@ -34,10 +35,11 @@ __all__ = [
     "INFERENCE_ALGORITHMS",
 ]
 
-# How eval mode may compute: "auto" (the fastest exact sparse algorithm for
-# the case, timed once), one sparse algorithm by name ("masked" is the
-# training computation), or "export" (the graph form ONNX and MAC counting use).
-INFERENCE_ALGORITHMS: tuple[str, ...] = ("auto", "export", *SPARSE_ALGORITHMS)
+# How eval mode may compute: "auto" (the compiled CPU op where it runs, else
+# the fastest exact sparse algorithm for the case, timed once), "compiled"
+# (the op or an error), one sparse algorithm by name ("masked" is the training
+# computation), or "export" (the graph form ONNX and MAC counting use).
+INFERENCE_ALGORITHMS: tuple[str, ...] = ("auto", "compiled", "export", *SPARSE_ALGORITHMS)
 
 # The layer's defaults, which the recipe schema (``ConvertSection``) uses too:
 # a layer built by hand and one converted with default settings agree.
@@ -172,9 +174,12 @@ class DGCConv2d(nn.Module):
         unit_scores: when True every saliency score is 1 (not persistent);
             with ``zeta_t = 0`` the layer then equals its dense convolution.
         inference_algorithm: how eval mode computes (not persistent):
-            "auto" (default: the fastest exact sparse algorithm for the case,
-            timed once and cached; see ``dgc_convert.nn.sparse``),
-            "gather_conv", "gather_bmm", or "masked" (the training
+            "auto" (default: the compiled CPU op ``dgc_convert::dgc_conv2d``
+            for float32 on CPU when it could be built, see
+            ``dgc_convert.nn.compiled``; else the fastest exact sparse
+            algorithm for the case, timed once and cached, see
+            ``dgc_convert.nn.sparse``), "compiled" (the op, or an error),
+            "gather_conv", "gather_bmm", ..., or "masked" (the training
             computation, dense in cost). Training mode always uses the
             training computation.
         interleaved: the head-ownership layout (plain attribute, see Args).
@@ -183,6 +188,7 @@ class DGCConv2d(nn.Module):
     # A registered buffer: ``nn.Module.__getattr__`` returns it, typed there as
     # ``Tensor | Module``; declared here so reads are typed as what it is.
     zeta_t: Tensor
+    packed_weight: Tensor | None
 
     def __init__(
         self,
@@ -225,6 +231,11 @@ class DGCConv2d(nn.Module):
         self._inference_algorithm = "auto"
         self.last_algorithm: str | None = None  # what the last eval-mode forward ran
         self._weight_cache = WeightCache()
+        # The compiled op's prepacked weight, flat (``model.to(memory_format=...)``
+        # would try to restride a 5-d buffer), and the weight state it was packed
+        # from; a non-persistent buffer, so torch.compile's freezing sees a constant.
+        self.register_buffer("packed_weight", None, persistent=False)
+        self._packed_key: tuple[object, ...] | None = None
 
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
@@ -399,6 +410,14 @@ class DGCConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training and (self.inference_algorithm == "export" or _exporting()):
             return self._export_forward(x)
+        if not self.training and self.inference_algorithm in ("auto", "compiled"):
+            out = self._compiled_forward(x)
+            if out is not None:
+                return out
+            if self.inference_algorithm == "compiled":
+                raise ValueError(
+                    f"inference_algorithm 'compiled' cannot run here: {compiled.unavailable_reason() or 'needs float32 on CPU'}"
+                )
         if not self.training and self.inference_algorithm != "masked":
             return self._sparse_forward(x)
         scores, mask = self.gates(x)
@@ -455,10 +474,50 @@ class DGCConv2d(nn.Module):
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out
 
+    def _compiled_forward(self, x: Tensor) -> Tensor | None:
+        """Eval mode through the compiled op (one call: saliency, selection, convolution);
+        None where it cannot run (not float32 on CPU, or the op could not be built)."""
+        if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            return None
+        if torch.compiler.is_compiling():
+            # Traced once, frozen as a constant: ``prepare_weights`` packed it beforehand.
+            flat = self.packed_weight
+            if flat is None:
+                return None
+        elif self._compiled_ready():
+            flat = self._current_packed_weight()
+        else:
+            return None
+        self.last_algorithm = "compiled"
+        kh, kw = self.kernel_size
+        packed = flat.view(self.heads, self.in_channels, kh, kw, self.out_channels // self.heads)
+        return compiled.dgc_conv2d_for_layer(self, x, packed)
+
+    def _compiled_ready(self) -> bool:
+        return compiled.in_use()
+
+    def _weight_key(self) -> tuple[object, ...]:
+        weight = self.weight
+        version = None if weight.is_inference() else weight._version
+        return (weight.data_ptr(), version, tuple(weight.shape), self.heads, self.interleaved)
+
+    def _current_packed_weight(self) -> Tensor:
+        """The prepacked weight (flat), packed again whenever the weight (or the layout) changed."""
+        key = self._weight_key()
+        if self.packed_weight is None or self._packed_key != key:
+            with torch.no_grad():
+                self.packed_weight = compiled.pack_weight(self.weight, self.heads, self.interleaved).reshape(-1)
+            self._packed_key = key
+        return self.packed_weight
+
     def prepare_weights(self) -> None:
-        """Arrange the weight for the sparse inference path now rather than at
-        the first eval forward (it is rearranged again whenever it changes)."""
-        self._weight_cache.get(self.weight, self.heads, self.interleaved)
+        """Arrange the weight for eval now rather than at the first eval forward
+        (it is arranged again whenever it changes): packed for the compiled op
+        where it runs, else arranged for the sparse algorithms."""
+        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and self._compiled_ready():
+            self._current_packed_weight()
+        else:
+            self._weight_cache.get(self.weight, self.heads, self.interleaved)
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
