@@ -14,7 +14,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dgc_convert.errors import ConversionError, DGCConvertError, RecipeError, SettingsError
 from dgc_convert.nn.layer import DEFAULT_HEADS, DEFAULT_SQUEEZE_RATIO, DEFAULT_ZETA
@@ -39,8 +39,18 @@ __all__ = [
 SectionT = TypeVar("SectionT", bound="_Section")
 
 
+def _not_a_boolean(value: Any) -> Any:
+    # YAML's `yes` and Python's True are ints to pydantic; a count is never a boolean.
+    if isinstance(value, bool):
+        raise ValueError("Input should be a valid integer, not a boolean")
+    return value
+
+
+# A whole number that is not a boolean (otherwise pydantic's lax int parsing, and its messages).
+Count = Annotated[int, BeforeValidator(_not_a_boolean)]
+
 # The bounds of a DGC layer's settings, shared by the convert section and its per-layer overrides.
-Heads = Annotated[int, Field(strict=True, ge=1)]
+Heads = Annotated[Count, Field(ge=1)]
 Zeta = Annotated[float, Field(ge=0.0, lt=1.0)]
 SqueezeRatio = Annotated[float, Field(ge=1.0)]
 
@@ -54,7 +64,7 @@ class ModelSection(_Section):
 
     name: str
     source: Literal["auto", "timm", "torchvision"] = "auto"
-    num_classes: int | None = Field(strict=True, default=None, ge=1)
+    num_classes: Count | None = Field(default=None, ge=1)
     input_size: int | None = Field(
         strict=True, default=None, ge=8, description="square input side in pixels; model default when unset"
     )
@@ -89,15 +99,15 @@ class ConvertSection(_Section):
     zeta: Zeta = Field(default=DEFAULT_ZETA, description="pruning ratio: fraction of input channels each head drops")
     include: list[str] = Field(default_factory=list, description="glob over module names; only matching convs convert")
     exclude: list[str] = Field(default_factory=list, description="glob over module names to leave dense")
-    min_channels: int = Field(strict=True, default=16, ge=1, description="fewest input channels worth gating")
+    min_channels: Count = Field(default=16, ge=1, description="fewest input channels worth gating")
     overrides: dict[str, OverrideSection] = Field(default_factory=dict)
 
 
 class TrainSection(_Section):
     """The training run: the paper's three-stage schedule under a cosine learning rate."""
 
-    epochs: int = Field(strict=True, default=1, ge=1)
-    batch_size: int = Field(strict=True, default=64, ge=1)
+    epochs: Count = Field(default=1, ge=1)
+    batch_size: Count = Field(default=64, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.1, gt=0.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
@@ -112,8 +122,8 @@ class TrainSection(_Section):
     channels_last: bool = False
     seed: int = 0
     deterministic: bool = False
-    num_workers: int = Field(strict=True, default=0, ge=0)
-    checkpoint_every: int = Field(strict=True, default=1, ge=1, description="epochs between checkpoints")
+    num_workers: Count = Field(default=0, ge=0)
+    checkpoint_every: Count = Field(default=1, ge=1, description="epochs between checkpoints")
     sync_batchnorm: bool = False
 
     @model_validator(mode="after")
@@ -132,13 +142,13 @@ class DataSection(_Section):
     dataset: Literal["cifar10", "cifar100", "imagefolder", "digits", "synthetic"] = "digits"
     root: str | None = None
     download: bool = False
-    image_size: int | None = Field(strict=True, default=None, ge=8)
+    image_size: Count | None = Field(default=None, ge=8)
     augmentation: Literal["none", "flip", "crop_flip", "standard"] = Field(
         default="standard",
         description="standard is the data set's usual one: crop+flip for CIFAR, random-resized crop+flip "
         "for image folders, a small random shift for digits (not mirror-symmetric), none for synthetic",
     )
-    synthetic_size: int = Field(strict=True, default=256, ge=1, description="samples per split of the synthetic set")
+    synthetic_size: Count = Field(default=256, ge=1, description="samples per split of the synthetic set")
 
     @model_validator(mode="after")
     def _root_where_needed(self) -> DataSection:

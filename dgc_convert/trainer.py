@@ -252,6 +252,9 @@ def _restore(
     checkpoint.load_weights(setup.model, device="cpu")
     setup.model.to(setup.processes.device)
     training = checkpoint.training_state()
+    missing = [key for key in ("optimizer", "rng") if key not in training]
+    if missing:
+        raise CheckpointError(f"{checkpoint.directory / TRAINING_FILE}: the training state lacks {missing[0]!r}")
     load_optimizer_state(setup.optimizer, training["optimizer"], checkpoint.directory / TRAINING_FILE)
     if training.get("scaler"):
         setup.scaler.load_state_dict(training["scaler"])
