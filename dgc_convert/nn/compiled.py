@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import threading
 import warnings
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -263,25 +262,14 @@ def dgc_conv2d(
     return out
 
 
-# layer -> (key of the weight it was packed from, packed weight)
-_packed: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[object, ...], Tensor]] = weakref.WeakKeyDictionary()
-
-
 def _interleaved(layer: Any) -> bool:
     return bool(getattr(layer, "interleaved", True))
 
 
 def packed_weight_for(layer: Any) -> Tensor:
-    """``layer``'s prepacked weight, packed once and repacked whenever the weight changes."""
-    weight: Tensor = layer.weight
-    version = None if weight.is_inference() else weight._version
-    key = (weight.data_ptr(), version, tuple(weight.shape), weight.dtype, layer.heads, _interleaved(layer))
-    entry = _packed.get(layer)
-    if entry is None or entry[0] != key:
-        with torch.no_grad():
-            entry = (key, pack_weight(weight, layer.heads, _interleaved(layer)))
-        _packed[layer] = entry
-    return entry[1]
+    """``layer``'s prepacked weight (a ``DGCConv2d`` keeps it, repacked whenever the weight changes)."""
+    packed: Tensor = layer.compiled_weight()
+    return packed
 
 
 def supports(layer: Any, x: Tensor) -> bool:

@@ -489,9 +489,16 @@ class DGCConv2d(nn.Module):
         else:
             return None
         self.last_algorithm = "compiled"
+        return compiled.dgc_conv2d_for_layer(self, x, self._packed_view(flat))
+
+    def _packed_view(self, flat: Tensor) -> Tensor:
         kh, kw = self.kernel_size
-        packed = flat.view(self.heads, self.in_channels, kh, kw, self.out_channels // self.heads)
-        return compiled.dgc_conv2d_for_layer(self, x, packed)
+        return flat.view(self.heads, self.in_channels, kh, kw, self.out_channels // self.heads)
+
+    def compiled_weight(self) -> Tensor:
+        """The compiled op's prepacked weight (heads, C, kh, kw, C'/heads), packed
+        once and again whenever the weight or the layout changes."""
+        return self._packed_view(self._current_packed_weight())
 
     def _compiled_ready(self) -> bool:
         return compiled.in_use()
