@@ -288,3 +288,17 @@ def test_ties_are_broken_towards_the_lower_channel_in_every_path(interleaved):
         for algorithm in ("gather_conv", "gather_bmm", "stacked", "masked", "export"):
             layer.inference_algorithm = algorithm
             torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5, msg=algorithm)
+
+
+def test_equal_zero_scores_go_to_the_lower_channels_too():
+    layer = DGCConv2d(16, 8, 3, padding=1, heads=2, zeta=0.5)
+    scores = torch.zeros(3, 2, 16)
+    scores[0, 0, 13] = 0.5  # one positive score: kept first, then the lowest zero-score channels
+    index = layer.select(scores).sort(dim=2).values
+    assert index[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 13]
+    assert (index[1:] == torch.arange(8)).all() and (index[0, 1] == torch.arange(8)).all()
+    with torch.no_grad():
+        layer.saliency_generator.beta.fill_(-1.0)  # every score relu(negative) = 0: all tied at zero
+    x = torch.randn(2, 16, 5, 5)
+    mask = layer.gates(x).mask
+    assert mask[..., :8].all() and not mask[..., 8:].any()

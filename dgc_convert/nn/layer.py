@@ -384,10 +384,14 @@ class DGCConv2d(nn.Module):
         TopK's rule; ``torch.topk`` leaves ties unspecified). The key is the
         score in float64 scaled by ``1 - c * 2**-40``, which orders equal
         scores by channel and never reorders distinct float32/bf16 ones (they
-        differ by at least 2**-24 relatively). Uses the detached scores.
+        differ by at least 2**-24 relatively); a zero score (scores are >= 0)
+        gets the key ``-c``, below every positive score, so equal zeros are
+        ordered by channel too (a scale cannot order them: it keeps them 0).
+        Uses the detached scores.
         """
         channel = torch.arange(scores.shape[2], device=scores.device, dtype=torch.float64)
-        key = scores.detach().double() * (1.0 - channel * 2.0**-40)
+        detached = scores.detach().double()
+        key = torch.where(detached > 0, detached * (1.0 - channel * 2.0**-40), -channel)
         return key.topk(self.kept_channels, dim=2, sorted=False).indices
 
     def selection_mask(self, scores: Tensor) -> Tensor:
