@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dgc_convert.macs import count_macs
+from dgc_convert.macs import count_macs, dgc_layer_costs
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import watch_scores
 from dgc_convert.surgery import dgc_layers
@@ -43,10 +43,8 @@ def realised_layer_macs(
     ``kept nonzero channels * C'/heads * kh * kw * H' * W'``. ``kept``, when
     given, is ``kept_nonzero(layer, scores)`` already computed.
     """
-    kh, kw = layer.kernel_size
     kept = kept_nonzero(layer, scores) if kept is None else kept  # (B, H)
-    per_channel = (layer.out_channels // layer.heads) * kh * kw * output_height * output_width
-    saliency = 2 * layer.heads * layer.in_channels * layer.saliency_generator.hidden
+    saliency, per_channel = dgc_layer_costs(layer, output_height, output_width)
     return kept.sum(dim=1).double() * per_channel + saliency
 
 

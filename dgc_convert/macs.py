@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import dgc_mode
 
-__all__ = ["LayerMacs", "MacReport", "count_macs", "dgc_layer_macs", "normalize_input_size"]
+__all__ = ["LayerMacs", "MacReport", "count_macs", "dgc_layer_macs", "dgc_layer_costs", "normalize_input_size"]
 
 
 def dgc_layer_macs(layer: DGCConv2d, output_height: int, output_width: int) -> int:
@@ -38,10 +38,18 @@ def dgc_layer_macs(layer: DGCConv2d, output_height: int, output_width: int) -> i
     convolution over the ``k`` kept channels (``kh * kw * k * C'/H * H' * W'``),
     summed over heads. Pooling, scaling and ReLU (O(C*H*W)) are not counted,
     as they are not counted for dense layers either."""
+    saliency, per_kept_channel = dgc_layer_costs(layer, output_height, output_width)
+    return saliency + layer.heads * layer.kept_channels * per_kept_channel
+
+
+def dgc_layer_costs(layer: DGCConv2d, output_height: int, output_width: int) -> tuple[int, int]:
+    """The two parts of the method's cost formula, MACs per sample: all heads'
+    saliency FCs (``H * 2 * C * hidden``), and one head's convolution over one
+    kept channel (``kh * kw * C'/H * H' * W'``). Static and realised counts both
+    build on these."""
     kh, kw = layer.kernel_size
-    saliency = 2 * layer.in_channels * layer.saliency_generator.hidden
-    conv = kh * kw * layer.kept_channels * (layer.out_channels // layer.heads) * output_height * output_width
-    return layer.heads * (saliency + conv)
+    saliency = layer.heads * 2 * layer.in_channels * layer.saliency_generator.hidden
+    return saliency, kh * kw * (layer.out_channels // layer.heads) * output_height * output_width
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from dgc_convert.errors import ConversionError, DGCConvertError, RecipeError, SettingsError
 from dgc_convert.nn.layer import DEFAULT_HEADS, DEFAULT_SQUEEZE_RATIO, DEFAULT_ZETA
+from dgc_convert.schedule import DEFAULT_FINETUNE_FRACTION, DEFAULT_WARMUP_FRACTION
 
 __all__ = [
     "Recipe",
@@ -113,8 +114,8 @@ class TrainSection(_Section):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     nesterov: bool = True
     weight_decay: float = Field(default=1e-4, ge=0.0)
-    warmup_fraction: float = Field(default=1 / 12, ge=0.0, lt=1.0)
-    finetune_fraction: float = Field(default=1 / 4, ge=0.0, le=1.0)
+    warmup_fraction: float = Field(default=DEFAULT_WARMUP_FRACTION, ge=0.0, lt=1.0)
+    finetune_fraction: float = Field(default=DEFAULT_FINETUNE_FRACTION, ge=0.0, le=1.0)
     zeta_ramp: Literal["linear", "cosine"] = "linear"
     sparsity_lambda: float = Field(default=1e-5, ge=0.0)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["Stage", "StageRange", "Schedule", "zeta_fraction", "cosine_lr", "stage_at"]
 
@@ -77,6 +77,11 @@ class StageRange:
         return self.end_iteration - self.start_iteration
 
 
+# The paper's stage lengths, as fractions of the run (the recipe's defaults).
+DEFAULT_WARMUP_FRACTION = 1 / 12
+DEFAULT_FINETUNE_FRACTION = 1 / 4
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The schedule of one run: its length and the recipe's schedule settings."""
@@ -84,9 +89,21 @@ class Schedule:
     epochs: int
     iterations_per_epoch: int
     base_lr: float
-    warmup_fraction: float = 1 / 12
-    finetune_fraction: float = 1 / 4
+    warmup_fraction: float = DEFAULT_WARMUP_FRACTION
+    finetune_fraction: float = DEFAULT_FINETUNE_FRACTION
     zeta_ramp: Ramp = "linear"
+
+    @classmethod
+    def from_train(cls, train: Any, iterations_per_epoch: int) -> Schedule:
+        """The schedule a recipe's ``train`` section describes, at ``iterations_per_epoch``."""
+        return cls(
+            train.epochs,
+            iterations_per_epoch,
+            train.lr,
+            train.warmup_fraction,
+            train.finetune_fraction,
+            train.zeta_ramp,
+        )
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.iterations_per_epoch < 1:

@@ -27,6 +27,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from dgc_convert import __version__
+from dgc_convert.checkpoint import MODEL_FILE
 from dgc_convert.errors import DGCConvertError, LoadError, UnknownModelError
 from dgc_convert.surgery import LayerSettings, apply_conversion, dgc_layers
 from dgc_convert.zoo import Library, ModelInfo, attach_model_info, create_model, model_info
@@ -102,7 +103,7 @@ def save(model: nn.Module, path: str | Path, *, input_size: int | tuple[int, ...
 
 def _weights_file(path: Path) -> Path:
     if path.is_dir():
-        candidate = path / "model.safetensors"
+        candidate = path / MODEL_FILE
         if not candidate.is_file():
             raise LoadError(f"{path}: a directory without model.safetensors")
         return candidate

@@ -330,12 +330,16 @@ def set_zeta(
 
     Pass ``zeta_t`` to set one ratio everywhere, or ``fraction`` in [0, 1] to
     set each layer to that fraction of its own target ``zeta`` (how the
-    training schedule moves layers with per-layer targets together).
+    training schedule moves layers with per-layer targets together). A layer
+    already at its ratio is left alone: a training loop calls this every
+    iteration, and the write would otherwise touch every buffer each step.
     """
     if (zeta_t is None) == (fraction is None):
         raise ValueError("pass exactly one of zeta_t or fraction")
     for layer in find_dgc_layers(model):
-        layer.set_zeta_t(zeta_t if zeta_t is not None else layer.zeta * (fraction or 0.0))
+        value = zeta_t if zeta_t is not None else layer.zeta * (fraction or 0.0)
+        if layer.zeta_t_value != value:
+            layer.set_zeta_t(value)
 
 
 def sparsity_loss(model: nn.Module | Iterable[DGCConv2d]) -> Tensor:

@@ -24,7 +24,7 @@ from dgc_convert.distributed import Processes
 from dgc_convert.evaluate import Scores, move_batch, score
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.schedule import Schedule
-from dgc_convert.surgery import sparsity_loss
+from dgc_convert.surgery import set_zeta, sparsity_loss
 from dgc_convert.train_events import IterationStats, TrainControl, TrainingDiverged, TrainReporter, notify
 
 __all__ = ["CHECK_EVERY", "EpochFigures", "apply_schedule", "mean_zeta_t", "train_one_epoch", "validate"]
@@ -75,11 +75,7 @@ def apply_schedule(
 ) -> float:
     """Set every layer's ``zeta_t`` and every parameter group's learning rate for global
     ``iteration``; returns the learning rate. Layers already at their ratio are left alone."""
-    fraction = schedule.zeta_fraction(iteration)
-    for layer in layers:
-        value = layer.zeta * fraction
-        if layer.zeta_t_value != value:
-            layer.set_zeta_t(value)
+    set_zeta(layers, fraction=schedule.zeta_fraction(iteration))
     lr = schedule.lr(iteration)
     for group in optimizer.param_groups:
         group["lr"] = lr

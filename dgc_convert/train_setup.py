@@ -235,5 +235,5 @@ def build_training(recipe: Recipe, processes: Processes) -> TrainingSetup:
             seed=t.seed,
             drop_last=True,
         ),
-        schedule=Schedule(t.epochs, per_epoch, t.lr, t.warmup_fraction, t.finetune_fraction, t.zeta_ramp),
+        schedule=Schedule.from_train(t, per_epoch),
     )

@@ -56,6 +56,7 @@ from dgc_convert.checkpoint import (
 )
 from dgc_convert.distributed import Processes
 from dgc_convert.macs import count_macs
+from dgc_convert.nn.modes import dgc_mode
 from dgc_convert.recipe import Recipe, recipe_from_dict
 from dgc_convert.serialize import apply_saved_layouts, read_metadata
 from dgc_convert.stop_signals import StopSignals
@@ -87,6 +88,7 @@ __all__ = [
     "train",
 ]
 
+METRICS_FILE = "metrics.jsonl"  # one JSON line per epoch, in the output directory
 # Keys that may differ between a run and its resumption without changing the result.
 _RESUME_MAY_DIFFER = {("output", "directory"), ("train", "num_workers"), ("train", "checkpoint_every")}
 # Reseeding after a resume on another process count: a stream per (rank, iteration).
@@ -275,7 +277,7 @@ def _restore(
         best_top1=state.best_top1,
         wall_before=state.wall_seconds,
         started=started,
-        metrics=_kept_metrics(output / "metrics.jsonl", state.epochs_completed, rewrite=p.main),
+        metrics=_kept_metrics(output / METRICS_FILE, state.epochs_completed, rewrite=p.main),
     )
 
 
@@ -331,8 +333,8 @@ class _Run:
 
     def _info(self) -> RunInfo:
         setup, recipe = self.setup, self.setup.recipe
-        set_zeta(setup.dgc, fraction=1.0)
-        target_macs = count_macs(setup.model, setup.image_size).total_macs
+        with dgc_mode(setup.dgc, zeta_fraction=1.0):
+            target_macs = count_macs(setup.model, setup.image_size).total_macs
         return RunInfo(
             model=recipe.model.name,
             dataset=recipe.data.dataset,
@@ -395,7 +397,7 @@ class _Run:
         metrics = self._metrics(figures, epoch_start)
         progress.metrics.append(metrics)
         if p.main:
-            with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            with open(self.output / METRICS_FILE, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(asdict(metrics)) + "\n")
         notify(self.reporter, "on_epoch", metrics)
         at_target = setup.schedule.zeta_fraction(progress.iteration) >= 1.0

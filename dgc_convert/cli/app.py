@@ -304,7 +304,7 @@ def recipe_show_command(
     per_epoch = iterations_per_epoch(samples, t.batch_size) if samples is not None else 10_000
     if per_epoch < 1:
         _fail(f"{file}: train.batch_size={t.batch_size} is larger than the {samples} training samples")
-    schedule = Schedule(t.epochs, per_epoch, t.lr, t.warmup_fraction, t.finetune_fraction, t.zeta_ramp)
+    schedule = Schedule.from_train(t, per_epoch)
     stages = [asdict(s) for s in schedule.stages()]
     shown_per_epoch: int | None = per_epoch
     if samples is None:
@@ -453,8 +453,7 @@ def eval_command(
     from dgc_convert.evaluate import evaluate
 
     model, section, bundle = _model_and_held_out(file, data, root)
-    info = require_model_info(model)
-    report = evaluate(model, bundle.val, batch_size=batch_size, input_size=info.input_size)
+    report = evaluate(model, bundle.val, batch_size=batch_size, input_size=require_model_info(model).input_size)
     if json_output:
         print_json({"model": str(file), "data": section.dataset, **report.to_dict()})
     else:

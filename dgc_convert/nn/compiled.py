@@ -44,7 +44,6 @@ __all__ = [
     "dgc_conv2d",
     "packed_weight_for",
     "dgc_conv2d_for_layer",
-    "supports",
 ]
 
 _SOURCE = Path(__file__).with_name("csrc") / "dgc_conv.cpp"
@@ -220,7 +219,7 @@ def _require() -> None:
         raise RuntimeError(f"the compiled DGC op is unavailable: {_reason}")
 
 
-def pack_weight(weight: Tensor, heads: int, interleaved: bool = True) -> Tensor:
+def pack_weight(weight: Tensor, heads: int, interleaved: bool = False) -> Tensor:
     """The one-time prepacked weight: (C', C, kh, kw) -> (heads, C, kh, kw, C'/heads), float32.
 
     Entry [h, c, ky, kx, j] is head h's j-th filter over input channel c:
@@ -244,7 +243,7 @@ def dgc_conv2d(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
-    interleaved: bool = True,
+    interleaved: bool = False,
     unit_scores: bool = False,
 ) -> Tensor:
     """One DGC layer's eval forward: (B, C, H, W) -> (B, C', H', W'), channels-last, float32.
@@ -262,25 +261,10 @@ def dgc_conv2d(
     return out
 
 
-def _interleaved(layer: Any) -> bool:
-    return bool(getattr(layer, "interleaved", True))
-
-
 def packed_weight_for(layer: Any) -> Tensor:
     """``layer``'s prepacked weight (a ``DGCConv2d`` keeps it, repacked whenever the weight changes)."""
     packed: Tensor = layer.compiled_weight()
     return packed
-
-
-def supports(layer: Any, x: Tensor) -> bool:
-    """Whether the op can compute ``layer(x)``: the op is available, and x and the layer are float32 on CPU."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and layer.weight.dtype == torch.float32
-        and x.dim() == 4
-        and available()
-    )
 
 
 def dgc_conv2d_for_layer(layer: Any, x: Tensor, packed: Tensor | None = None) -> Tensor:
@@ -304,6 +288,6 @@ def dgc_conv2d_for_layer(layer: Any, x: Tensor, packed: Tensor | None = None) ->
         layer.stride,
         layer.padding,
         layer.dilation,
-        _interleaved(layer),
+        layer.interleaved,
         bool(layer.unit_scores),
     )

@@ -488,7 +488,7 @@ class DGCConv2d(nn.Module):
             flat = self.packed_weight
             if flat is None:
                 return None
-        elif self._compiled_ready():
+        elif compiled.in_use():
             flat = self._current_packed_weight()
         else:
             return None
@@ -503,9 +503,6 @@ class DGCConv2d(nn.Module):
         """The compiled op's prepacked weight (heads, C, kh, kw, C'/heads), packed
         once and again whenever the weight or the layout changes."""
         return self._packed_view(self._current_packed_weight())
-
-    def _compiled_ready(self) -> bool:
-        return compiled.in_use()
 
     def _weight_key(self) -> tuple[object, ...]:
         weight = self.weight
@@ -525,7 +522,7 @@ class DGCConv2d(nn.Module):
         """Arrange the weight for eval now rather than at the first eval forward
         (it is arranged again whenever it changes): packed for the compiled op
         where it runs, else arranged for the sparse algorithms."""
-        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and self._compiled_ready():
+        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and compiled.in_use():
             self._current_packed_weight()
         else:
             self._weight_cache.get(self.weight, self.heads, self.interleaved)

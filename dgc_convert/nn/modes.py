@@ -32,9 +32,12 @@ def dgc_mode(
     algorithm: str | None = None,
     unit_scores: bool | None = None,
     zeta_t: float | None = None,
+    zeta_fraction: float | None = None,
 ) -> Iterator[list[DGCConv2d]]:
     """Set every DGC layer's ``inference_algorithm``, ``unit_scores`` and/or
     ``zeta_t`` for the ``with`` block; None leaves that setting alone.
+    ``zeta_fraction`` sets each layer's ``zeta_t`` to that fraction of its own
+    target ``zeta`` instead (layers with per-layer targets move together).
 
     Yields the layers. On exit each layer gets back its own previous values.
     A bad algorithm name raises ``ValueError`` before any layer changes.
@@ -49,6 +52,8 @@ def dgc_mode(
                 layer.unit_scores = unit_scores
             if zeta_t is not None:
                 layer.set_zeta_t(zeta_t)
+            elif zeta_fraction is not None:
+                layer.set_zeta_t(layer.zeta * zeta_fraction)
         yield layers
     finally:
         for layer, (old_algorithm, old_unit, old_zeta_t) in zip(layers, saved):
