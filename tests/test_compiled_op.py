@@ -333,3 +333,14 @@ def test_missing_compiler_warns_once_and_is_unavailable():
     lines = result.stdout.splitlines()
     assert lines[0] == "False False 1"
     assert "compiler" in lines[1]
+
+
+def test_torch_export_keeps_the_op_as_one_node(op):
+    layer = _layer(16, 32, 3, 1, 1, 1, 4, 0.5)
+    module = _Op(layer).eval()
+    x = _input(layer, 2, 8, True, seed=17)
+    exported = torch.export.export(module, (x,))
+    calls = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert calls.count(torch.ops.dgc_convert.dgc_conv2d.default) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), module(x), **TOL)
