@@ -142,6 +142,7 @@ def _register_fakes() -> None:
         dilation: Sequence[int],
         interleaved: bool,
         unit_scores: bool,
+        threshold: float | None = None,
     ) -> Tensor:
         batch, _, height, width = x.shape
         heads, _, kh, kw, per_head = packed_weight.shape
@@ -245,18 +246,34 @@ def dgc_conv2d(
     dilation: Sequence[int],
     interleaved: bool = False,
     unit_scores: bool = False,
+    threshold: float | None = None,
 ) -> Tensor:
     """One DGC layer's eval forward: (B, C, H, W) -> (B, C', H', W'), channels-last, float32.
 
     ``reduce`` (heads, hidden, C), ``expand`` (heads, C, hidden) and ``beta``
     (heads, C) are the saliency generator's parameters (unused when
     ``unit_scores``: every score is then 1); ``packed_weight`` comes from
-    ``pack_weight`` with the same ``interleaved``; ``kept`` is k.
+    ``pack_weight`` with the same ``interleaved``; ``kept`` is k. With a
+    ``threshold`` (network gating) each (sample, head) keeps every channel
+    scoring above it, at least its top one, and ``kept`` only bounds the
+    scratch space (pass C).
     """
     if _state is not True:
         _require()
     out: Tensor = torch.ops.dgc_convert.dgc_conv2d.default(
-        x, reduce, expand, beta, packed_weight, bias, kept, stride, padding, dilation, interleaved, unit_scores
+        x,
+        reduce,
+        expand,
+        beta,
+        packed_weight,
+        bias,
+        kept,
+        stride,
+        padding,
+        dilation,
+        interleaved,
+        unit_scores,
+        threshold,
     )
     return out
 
@@ -270,13 +287,15 @@ def packed_weight_for(layer: Any) -> Tensor:
 def dgc_conv2d_for_layer(layer: Any, x: Tensor, packed: Tensor | None = None) -> Tensor:
     """``layer``'s eval forward (a ``DGCConv2d``) through the compiled op; channels-last output.
 
-    ``packed``: the layer's prepacked weight (``pack_weight`` with the layer's
-    heads and layout); taken from ``packed_weight_for(layer)`` when None.
-    Equal to the layer's other inference paths up to float rounding.
+    ``x`` is what the convolution sees (after the layer's pre-activation, if
+    any). ``packed``: the layer's prepacked weight (``pack_weight`` with the
+    layer's heads and layout); taken from ``packed_weight_for(layer)`` when
+    None. Equal to the layer's other inference paths up to float rounding.
     """
     if packed is None:
         packed = packed_weight_for(layer)
     generator = layer.saliency_generator
+    thresholded = bool(layer.thresholded)
     return dgc_conv2d(
         x,
         generator.reduce.detach(),
@@ -284,10 +303,11 @@ def dgc_conv2d_for_layer(layer: Any, x: Tensor, packed: Tensor | None = None) ->
         generator.beta.detach(),
         packed,
         None if layer.bias is None else layer.bias.detach(),
-        layer.kept_channels,
+        layer.in_channels if thresholded else layer.kept_channels,
         layer.stride,
         layer.padding,
         layer.dilation,
         layer.interleaved,
         bool(layer.unit_scores),
+        layer.threshold_value if thresholded else None,
     )

@@ -32,7 +32,12 @@ __all__ = [
     "DEFAULT_HEADS",
     "DEFAULT_SQUEEZE_RATIO",
     "DEFAULT_ZETA",
+    "DEFAULT_GATING",
+    "DEFAULT_SQUEEZE_RULE",
+    "GATINGS",
+    "SQUEEZE_RULES",
     "INFERENCE_ALGORITHMS",
+    "saliency_hidden_width",
 ]
 
 # How eval mode may compute: "auto" (the compiled CPU op where it runs, else
@@ -47,6 +52,23 @@ DEFAULT_HEADS = 4
 DEFAULT_SQUEEZE_RATIO = 16
 DEFAULT_ZETA = 0.5
 
+# How a layer decides which channels a head keeps: "head", each head its top
+# k (the paper's head-wise DGC); "network", every channel whose score is above
+# one threshold shared by the whole model (DGC-G, see ``threshold``).
+GATINGS: tuple[str, ...] = ("head", "network")
+DEFAULT_GATING = "head"
+# The saliency generator's hidden width and initialisation ("squeeze rule"):
+# "standard", ``max(C // d, 4)`` hidden units and nn.Linear's uniform init;
+# "authors", the released code's rule: d halved below 80 input channels,
+# ``C // d`` units, kaiming-normal FC weights. Both start the bias beta at 1.
+SQUEEZE_RULES: tuple[str, ...] = ("standard", "authors")
+DEFAULT_SQUEEZE_RULE = "standard"
+# Below this many input channels the authors' generator halves d.
+_AUTHORS_HALVE_BELOW = 80
+# The standard rule's smallest hidden width: thin layers keep a generator
+# that can still express more than a couple of directions.
+_MIN_HIDDEN = 4
+
 
 def _exporting() -> bool:
     """True while torch.export / torch.onnx trace the model."""
@@ -60,6 +82,22 @@ def kept_channel_count(in_channels: int, zeta: float) -> int:
     ``k = C - round(zeta * C)``, never fewer than one channel.
     """
     return max(1, in_channels - round(zeta * in_channels))
+
+
+def saliency_hidden_width(in_channels: int, squeeze_ratio: float, rule: str = DEFAULT_SQUEEZE_RULE) -> int:
+    """Hidden units of each head's saliency generator for ``in_channels`` C and squeeze ratio d.
+
+    "standard": ``max(C // d, 4)``. "authors" (their ``HeadConv``): d is an
+    integer halved when C < 80, and the width is ``C // d`` (at least 1).
+    """
+    if rule == "authors":
+        ratio = int(squeeze_ratio)
+        if in_channels < _AUTHORS_HALVE_BELOW:
+            ratio //= 2
+        return max(in_channels // max(ratio, 1), 1)
+    if rule != "standard":
+        raise ValueError(f"squeeze_rule must be one of {', '.join(SQUEEZE_RULES)}, got {rule!r}")
+    return max(int(in_channels // squeeze_ratio), _MIN_HIDDEN)
 
 
 def _as_pair(values: tuple[int, ...]) -> tuple[int, int]:
@@ -111,20 +149,33 @@ class SaliencyGenerator(nn.Module):
     starts out close to a dense convolution.
     """
 
-    def __init__(self, in_channels: int, heads: int, hidden: int) -> None:
+    def __init__(self, in_channels: int, heads: int, hidden: int, init: str = DEFAULT_SQUEEZE_RULE) -> None:
         super().__init__()
+        if init not in SQUEEZE_RULES:
+            raise ValueError(f"init must be one of {', '.join(SQUEEZE_RULES)}, got {init!r}")
         self.in_channels = in_channels
         self.heads = heads
         self.hidden = hidden
+        self.init = init
         self.reduce = nn.Parameter(torch.empty(heads, hidden, in_channels))
         self.expand = nn.Parameter(torch.empty(heads, in_channels, hidden))
         self.beta = nn.Parameter(torch.empty(heads, in_channels))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise like ``nn.Linear`` (uniform in ±1/sqrt(fan_in)); beta to 1."""
-        nn.init.uniform_(self.reduce, -1.0 / math.sqrt(self.in_channels), 1.0 / math.sqrt(self.in_channels))
-        nn.init.uniform_(self.expand, -1.0 / math.sqrt(self.hidden), 1.0 / math.sqrt(self.hidden))
+        """Initialise the FC weights and set beta to 1.
+
+        "standard": like ``nn.Linear``, uniform in ±1/sqrt(fan_in): the scores
+        start close to beta, so a converted pretrained convolution starts
+        close to what it computed. "authors": ``kaiming_normal_`` per head
+        (normal, std sqrt(2 / fan_in)), as the released code does.
+        """
+        with torch.no_grad():
+            for weight, fan_in in ((self.reduce, self.in_channels), (self.expand, self.hidden)):
+                if self.init == "authors":
+                    weight.normal_(0.0, math.sqrt(2.0 / fan_in))
+                else:
+                    weight.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
         nn.init.ones_(self.beta)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -139,7 +190,8 @@ class SaliencyGenerator(nn.Module):
         return scores.transpose(0, 1)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, heads={self.heads}, hidden={self.hidden}"
+        text = f"in_channels={self.in_channels}, heads={self.heads}, hidden={self.hidden}"
+        return text + (f", init={self.init!r}" if self.init != DEFAULT_SQUEEZE_RULE else "")
 
 
 class DGCConv2d(nn.Module):
@@ -156,8 +208,8 @@ class DGCConv2d(nn.Module):
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias:
             as for ``nn.Conv2d`` (zeros padding, ``groups=1``).
         heads: number of heads H; must divide ``out_channels``.
-        squeeze_ratio: d; each saliency generator's hidden width is
-            ``max(in_channels // d, 4)``.
+        squeeze_ratio: d; each saliency generator's hidden width follows
+            ``squeeze_rule`` (``saliency_hidden_width``).
         zeta: target pruning ratio, the fraction of input channels each head
             drops per sample, in [0, 1). The layer starts at ``zeta_t = zeta``;
             a trainer moves ``zeta_t`` along its schedule with ``set_zeta_t``.
@@ -165,7 +217,15 @@ class DGCConv2d(nn.Module):
             head ``i`` owns ``weight[i::heads]`` and its outputs are put back
             in dense order by a channel shuffle (the authors' layout).
             ``dgc_convert.load`` sets it for layers of such files; new layers
-            are blocked.
+            are blocked. The authors' checkpoints are interleaved too.
+        gating: "head" (each head keeps its top k, the default) or "network"
+            (DGC-G: every channel whose score is above the model-wide
+            ``threshold``, at least one per head; k varies per sample and head).
+        preact: give the layer its own ``BatchNorm2d`` + ReLU in front of both
+            the saliency generator and the convolution (``norm``), as every
+            DGC layer of the authors' networks has.
+        squeeze_rule: "standard" or "authors": the saliency generator's
+            hidden width and initialisation (see ``SQUEEZE_RULES``).
 
     Attributes:
         zeta_t: persistent buffer (saved in ``state_dict``) holding the ratio
@@ -183,11 +243,17 @@ class DGCConv2d(nn.Module):
             computation, dense in cost). Training mode always uses the
             training computation.
         interleaved: the head-ownership layout (plain attribute, see Args).
+        threshold: network gating only, persistent buffer: the score T above
+            which a channel is kept. One value for the whole model, held by
+            every layer (``dgc_convert.nn.network_gate`` learns it in training
+            and writes it to all layers at once). 0 in a new layer.
+        norm: the pre-activation ``BatchNorm2d`` (None unless ``preact``).
     """
 
     # A registered buffer: ``nn.Module.__getattr__`` returns it, typed there as
     # ``Tensor | Module``; declared here so reads are typed as what it is.
     zeta_t: Tensor
+    threshold: Tensor
     packed_weight: Tensor | None
 
     def __init__(
@@ -204,6 +270,9 @@ class DGCConv2d(nn.Module):
         squeeze_ratio: float = DEFAULT_SQUEEZE_RATIO,
         zeta: float = DEFAULT_ZETA,
         interleaved: bool = False,
+        gating: str = DEFAULT_GATING,
+        preact: bool = False,
+        squeeze_rule: str = DEFAULT_SQUEEZE_RULE,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
@@ -217,6 +286,8 @@ class DGCConv2d(nn.Module):
             raise ValueError(f"squeeze_ratio must be >= 1, got {squeeze_ratio!r}")
         if isinstance(padding, str):
             raise ValueError(f"padding must be an int or a pair of ints, got {padding!r}")
+        if gating not in GATINGS:
+            raise ValueError(f"gating must be one of {', '.join(GATINGS)}, got {gating!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size: tuple[int, int] = _pair(kernel_size)
@@ -227,6 +298,9 @@ class DGCConv2d(nn.Module):
         self.squeeze_ratio = squeeze_ratio
         self.zeta = _check_zeta("zeta", zeta)
         self.interleaved = bool(interleaved)
+        self.gating = gating
+        self.preact = bool(preact)
+        self.squeeze_rule = squeeze_rule
         self.unit_scores = False
         self._inference_algorithm = "auto"
         self.last_algorithm: str | None = None  # what the last eval-mode forward ran
@@ -239,10 +313,18 @@ class DGCConv2d(nn.Module):
 
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        hidden = max(int(in_channels // squeeze_ratio), 4)
-        self.saliency_generator = SaliencyGenerator(in_channels, heads, hidden)
+        self.norm = nn.BatchNorm2d(in_channels) if self.preact else None
+        hidden = saliency_hidden_width(in_channels, squeeze_ratio, squeeze_rule)
+        self.saliency_generator = SaliencyGenerator(in_channels, heads, hidden, init=squeeze_rule)
         self.register_buffer("zeta_t", torch.tensor(self.zeta, dtype=torch.float64))
         self._zeta_t_value = self.zeta
+        # Only network-gated layers hold the threshold, so head-wise files keep their keys.
+        if gating == "network":
+            self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+        self._threshold_value = 0.0
+        # Network gating in training: the last forward's detached scores and
+        # output pixels, read by ``network_gate.update_threshold``.
+        self.last_gate_record: tuple[Tensor, int] | None = None
         self._last_sparsity: Tensor | None = None
         self.reset_parameters()
 
@@ -257,6 +339,9 @@ class DGCConv2d(nn.Module):
         squeeze_ratio: float = DEFAULT_SQUEEZE_RATIO,
         zeta: float = DEFAULT_ZETA,
         interleaved: bool = False,
+        gating: str = DEFAULT_GATING,
+        preact: bool = False,
+        squeeze_rule: str = DEFAULT_SQUEEZE_RULE,
     ) -> DGCConv2d:
         """Build a DGC layer with ``conv``'s geometry, weight and bias.
 
@@ -264,8 +349,10 @@ class DGCConv2d(nn.Module):
         are copied, not shared, in the dense layout: which output channels a
         head owns is a fixed relabelling, so the conversion is exact in either
         layout. String padding ('valid', symmetric 'same') becomes its numeric
-        equivalent. Raises ``ValueError`` for a grouped conv, a padding mode
-        other than zeros or an asymmetric 'same'.
+        equivalent. With ``preact`` the new ``norm`` starts as a fresh
+        ``BatchNorm2d`` (unit weight, zero bias, running mean 0 and variance 1).
+        Raises ``ValueError`` for a grouped conv, a padding mode other than
+        zeros or an asymmetric 'same'.
         """
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -290,9 +377,16 @@ class DGCConv2d(nn.Module):
                 squeeze_ratio=squeeze_ratio,
                 zeta=zeta,
                 interleaved=interleaved,
+                gating=gating,
+                preact=preact,
+                squeeze_rule=squeeze_rule,
             )
         layer = layer.to_empty(device=conv.weight.device).to(dtype=conv.weight.dtype)
         layer.saliency_generator.reset_parameters()
+        if layer.norm is not None:
+            layer.norm.reset_parameters()
+        if gating == "network":
+            layer.set_threshold(0.0)
         layer.set_zeta_t(zeta)
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
@@ -309,6 +403,8 @@ class DGCConv2d(nn.Module):
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
         self.saliency_generator.reset_parameters()
+        if self.norm is not None:
+            self.norm.reset_parameters()
 
     # -- modes --------------------------------------------------------------
 
@@ -338,8 +434,37 @@ class DGCConv2d(nn.Module):
 
     @property
     def kept_channels(self) -> int:
-        """k: input channels each head keeps per sample at the current ``zeta_t``."""
+        """k: input channels each head keeps per sample at the current ``zeta_t``.
+
+        Under network gating the number varies per sample and head; this is
+        then the count the threshold aims at on average (the target).
+        """
         return kept_channel_count(self.in_channels, self._zeta_t_value)
+
+    def set_threshold(self, value: float) -> None:
+        """Set the network-gating threshold T (network gating only), rounded to
+        float32 so every path (float32 scores, the compiled op) compares alike."""
+        if self.gating != "network":
+            raise ValueError("only a layer with gating='network' has a threshold")
+        value = float(torch.tensor(float(value), dtype=torch.float32))
+        if math.isnan(value):
+            raise ValueError("threshold must be a number, got nan")
+        self.threshold.fill_(value)
+        self._threshold_value = value
+
+    @property
+    def threshold_value(self) -> float:
+        """The network-gating threshold T as a Python float (0 for head-wise layers)."""
+        return self._threshold_value
+
+    @property
+    def thresholded(self) -> bool:
+        """True when the threshold, not a fixed k, selects: network gating at ``zeta_t > 0``.
+
+        At ``zeta_t = 0`` (warm-up, the identity check) every channel is kept
+        whatever the gating.
+        """
+        return self.gating == "network" and self._zeta_t_value > 0
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> DGCConv2d:
         # torch leaves Module._apply unannotated; it returns self.
@@ -348,6 +473,10 @@ class DGCConv2d(nn.Module):
         # 0.5498) and could change k; keep it exact in float64 on the new device.
         if self.zeta_t.dtype != torch.float64:
             self._buffers["zeta_t"] = torch.tensor(self._zeta_t_value, dtype=torch.float64, device=self.zeta_t.device)
+        if self.gating == "network" and self.threshold.dtype != torch.float64:
+            self._buffers["threshold"] = torch.tensor(
+                self._threshold_value, dtype=torch.float64, device=self.threshold.device
+            )
         return module
 
     def _load_from_state_dict(
@@ -363,45 +492,91 @@ class DGCConv2d(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        # The buffer was overwritten in place; keep the cached float in step so
-        # forward needs no device sync to read it.
+        # The buffers were overwritten in place; keep the cached floats in step
+        # so forward needs no device sync to read them.
         self._zeta_t_value = _check_zeta("zeta_t", float(self.zeta_t))
+        if self.gating == "network":
+            self._threshold_value = float(self.threshold)
 
     # -- the method -------------------------------------------------------
 
-    def saliency(self, x: Tensor) -> Tensor:
-        """Per-head, per-sample channel scores ``g``: shape (batch, heads, in_channels), >= 0."""
+    def preactivate(self, x: Tensor) -> Tensor:
+        """``relu(norm(x))`` with ``preact``, else ``x``: what the gates and the convolution see."""
+        if self.norm is None:
+            return x
+        return torch.relu(self.norm(x))
+
+    def _scores(self, x: Tensor) -> Tensor:
         if self.unit_scores:
             return x.new_ones(x.shape[0], self.heads, self.in_channels)
         scores: Tensor = self.saliency_generator(x)  # Module.__call__ is typed as returning Any
         return scores
 
-    def select(self, scores: Tensor) -> Tensor:
-        """Indices (batch, heads, k) of the ``k`` top-scoring channels per head.
+    def saliency(self, x: Tensor) -> Tensor:
+        """Per-head, per-sample channel scores ``g`` for the layer's input ``x``
+        (pre-activated first with ``preact``): shape (batch, heads, in_channels), >= 0."""
+        return self._scores(self.preactivate(x))
 
-        Exactly ``k``, and the same set in training, every inference algorithm
-        and ONNX: equal scores are broken towards the lower channel index (ONNX
-        TopK's rule; ``torch.topk`` leaves ties unspecified). The key is the
-        score in float64 scaled by ``1 - c * 2**-40``, which orders equal
-        scores by channel and never reorders distinct float32/bf16 ones (they
-        differ by at least 2**-24 relatively); a zero score (scores are >= 0)
-        gets the key ``-c``, below every positive score, so equal zeros are
-        ordered by channel too (a scale cannot order them: it keeps them 0).
-        Uses the detached scores.
+    def _keys(self, scores: Tensor) -> Tensor:
+        """Selection keys (float64, same shape as ``scores``): larger is kept first.
+
+        The score scaled by ``1 - c * 2**-40``, which orders equal scores by
+        channel c and never reorders distinct float32/bf16 ones (they differ by
+        at least 2**-24 relatively); a zero score (scores are >= 0) gets the
+        key ``-c``, below every positive score, so equal zeros are ordered by
+        channel too (a scale cannot order them: it keeps them 0).
         """
         channel = torch.arange(scores.shape[2], device=scores.device, dtype=torch.float64)
         detached = scores.detach().double()
-        key = torch.where(detached > 0, detached * (1.0 - channel * 2.0**-40), -channel)
-        return key.topk(self.kept_channels, dim=2, sorted=False).indices
+        return torch.where(detached > 0, detached * (1.0 - channel * 2.0**-40), -channel)
+
+    def _threshold_mask(self, scores: Tensor, keys: Tensor) -> Tensor:
+        """Network gating: scores above T, and each head's top channel (ties to the lower index)."""
+        # T is float32-representable (``set_threshold``), so this comparison
+        # agrees with the compiled op's float one.
+        above = scores.detach() > self.threshold.to(scores.dtype)
+        return above.scatter(2, keys.argmax(dim=2, keepdim=True), True)
+
+    def select(self, scores: Tensor) -> Tensor:
+        """Indices (batch, heads, k) of the channels each head keeps (uses the detached scores).
+
+        Head-wise: exactly ``k``, and the same set in training, every inference
+        algorithm and ONNX: equal scores, zero included, go to the lower
+        channel index (ONNX TopK's rule; ``torch.topk`` leaves ties
+        unspecified), see ``_keys``. Network gating (``thresholded``): every
+        channel scoring above T, at least the top one; heads that keep fewer
+        than the widest head are padded with channels they drop (their rank
+        below every kept one), which ``kept_scores`` gives score 0, and the
+        width is rounded up to a multiple of C/16 so the inference algorithms
+        meet few distinct shapes.
+        """
+        keys = self._keys(scores)
+        if not self.thresholded:
+            return keys.topk(self.kept_channels, dim=2, sorted=False).indices
+        # The kept channels are exactly each head's top ``count`` keys: T cuts
+        # the scores, and the keys order the scores.
+        widest = int(self._threshold_mask(scores, keys).sum(dim=2).max())
+        step = max(1, self.in_channels // 16)
+        width = min(self.in_channels, -(-widest // step) * step)
+        return keys.topk(width, dim=2, sorted=False).indices
+
+    def kept_scores(self, scores: Tensor, index: Tensor) -> Tensor:
+        """The scores of the channels ``select`` returned, 0 for network gating's padding."""
+        kept = scores.gather(2, index)
+        if self.thresholded:
+            kept = kept * self._threshold_mask(scores, self._keys(scores)).gather(2, index)
+        return kept
 
     def selection_mask(self, scores: Tensor) -> Tensor:
-        """Boolean mask (batch, heads, in_channels): the ``k`` channels ``select`` keeps per head."""
+        """Boolean mask (batch, heads, in_channels): the channels each head keeps."""
+        if self.thresholded:
+            return self._threshold_mask(scores, self._keys(scores))
         if self.kept_channels >= self.in_channels:
             return torch.ones_like(scores, dtype=torch.bool)
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(2, self.select(scores), True)
 
     def gates(self, x: Tensor) -> Gates:
-        """Scores and kept-channel mask for input ``x``."""
+        """Scores and kept-channel mask for the layer's input ``x``."""
         scores = self.saliency(x)
         return Gates(scores, self.selection_mask(scores))
 
@@ -414,6 +589,7 @@ class DGCConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training and (self.inference_algorithm == "export" or _exporting()):
             return self._export_forward(x)
+        x = self.preactivate(x)
         if not self.training and self.inference_algorithm in ("auto", "compiled"):
             out = self._compiled_forward(x)
             if out is not None:
@@ -424,24 +600,32 @@ class DGCConv2d(nn.Module):
                 )
         if not self.training and self.inference_algorithm != "masked":
             return self._sparse_forward(x)
-        scores, mask = self.gates(x)
+        scores = self._scores(x)
+        mask = self.selection_mask(scores)
         self._last_sparsity = scores.mean(dim=(0, 2)).sum()
-        gate = scores * mask if self.kept_channels < self.in_channels else scores
+        gate = scores * mask if self.kept_channels < self.in_channels or self.thresholded else scores
         out = gated_conv2d(x, gate, self.weight, self.stride, self.padding, self.dilation, interleaved=self.interleaved)
+        if self.training and self.gating == "network":
+            self.last_gate_record = (scores.detach(), out.shape[2] * out.shape[3])
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out
 
     def _export_forward(self, x: Tensor) -> Tensor:
-        """Graph-friendly eval computation for ONNX and torch.export: TopK on the
-        scores, ScatterElements into per-head gates and one grouped Conv over the
-        heads' gated copies, whose output is already in dense channel order
-        (interleaved layers add the channel shuffle as Reshape/Transpose). No
-        Python loops, no timing, no cached weight arrangements; equal to the
-        other paths."""
-        scores = self.saliency(x)
-        index = self.select(scores)
-        gate = torch.zeros_like(scores).scatter(2, index, scores.gather(2, index))
+        """Graph-friendly eval computation for ONNX and torch.export: the kept
+        channels as a gate (TopK + ScatterElements head-wise; a comparison with
+        T, and ArgMax for each head's top channel, under network gating) and
+        one grouped Conv over the heads' gated copies, whose output is already
+        in dense channel order (interleaved layers add the channel shuffle as
+        Reshape/Transpose). No Python loops, no data-dependent shapes, no
+        timing, no cached weight arrangements; equal to the other paths."""
+        x = self.preactivate(x)
+        scores = self._scores(x)
+        if self.thresholded:
+            gate = torch.where(self._threshold_mask(scores, self._keys(scores)), scores, torch.zeros_like(scores))
+        else:
+            index = self.select(scores)
+            gate = torch.zeros_like(scores).scatter(2, index, scores.gather(2, index))
         grouped = head_weights(self.weight, self.heads, interleaved=self.interleaved).flatten(0, 1)
         out = torch.nn.functional.conv2d(
             gated_copies(x, gate), grouped, None, self.stride, self.padding, self.dilation, self.heads
@@ -452,16 +636,17 @@ class DGCConv2d(nn.Module):
         return out
 
     def _sparse_forward(self, x: Tensor) -> Tensor:
-        """Eval mode: gather and convolve only the kept channels (equal to the training computation)."""
+        """Eval mode (``x`` pre-activated): gather and convolve only the kept
+        channels (equal to the training computation)."""
         # Every algorithm gathers channels as rows of an NCHW tensor: convert a
         # channels-last input once, here.
         x = x.contiguous()
-        scores = self.saliency(x)
+        scores = self._scores(x)
         self._last_sparsity = scores.mean(dim=(0, 2)).sum()
         index = self.select(scores)
         args = (
             x,
-            scores.gather(2, index),
+            self.kept_scores(scores, index),
             index,
             self.weight,
             self._weight_cache,
@@ -540,4 +725,10 @@ class DGCConv2d(nn.Module):
         )
         if self.interleaved:
             text += ", interleaved=True"
+        if self.gating != DEFAULT_GATING:
+            text += f", gating={self.gating!r}, threshold={self._threshold_value:.4g}"
+        if self.preact:
+            text += ", preact=True"
+        if self.squeeze_rule != DEFAULT_SQUEEZE_RULE:
+            text += f", squeeze_rule={self.squeeze_rule!r}"
         return text

@@ -5,7 +5,9 @@
 //   1. the saliency scores (mean over H*W, two small FCs, relus, beta) or
 //      all ones (unit_scores);
 //   2. the `kept` channels with the largest scores, ties to the lower channel
-//      index (the layer's rule), kept channels with score 0 skipped (they add 0);
+//      index (the layer's rule), or, given a threshold (network gating), every
+//      channel scoring above it and at least the top one; kept channels with
+//      score 0 skipped (they add 0);
 //   3. a per-(sample, head) weight: the kept rows of the prepacked weight,
 //      scaled by their scores, laid out [column block][tap][kept][block width]
 //      so the micro-kernel reads it as one contiguous stream;
@@ -288,6 +290,8 @@ struct Problem {
   int64_t kept;
   int64_t hidden;
   bool interleaved, unit_scores;
+  bool use_threshold;  // network gating: keep scores > threshold (at least the top one), not the top `kept`
+  float threshold;
   const float* x;        // (B, H, W, C) channels-last
   const float* packed;   // (heads, C, kh, kw, n)
   const float* bias;     // (C') or null
@@ -353,9 +357,37 @@ void batch_scores(const Problem& pr, int64_t h, float* squeezed, float* out) {
     }
 }
 
+inline float scores_at(const Problem& pr, const float* scores, int64_t c) { return pr.unit_scores ? 1.f : scores[c]; }
+
+// Network gating: every channel scoring above the threshold, or, when none
+// does, the top one (the first of equal scores); sorted by channel, zero
+// scores dropped. Returns k_eff.
+int64_t select_above(const Problem& pr, const float* scores, int32_t* idx, float* kept_scores) {
+  const int64_t C = pr.channels;
+  const float t = pr.threshold;
+  int64_t n = 0, best = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const float s = pr.unit_scores ? 1.f : scores[c];
+    if (s > scores_at(pr, scores, best)) best = c;
+    if (s > t && s != 0.f) {
+      idx[n] = static_cast<int32_t>(c);
+      kept_scores[n] = s;
+      ++n;
+    }
+  }
+  const float top = scores_at(pr, scores, best);
+  if (n == 0 && top != 0.f) {  // none above t: the top one
+    idx[0] = static_cast<int32_t>(best);
+    kept_scores[0] = top;
+    n = 1;
+  }
+  return n;
+}
+
 // Kept channels of one (sample, head): the `kept` largest scores, ties to the
 // lower channel, sorted by channel, zero scores dropped. Returns k_eff.
 int64_t select_channels(const Problem& pr, const float* scores, int32_t* idx, float* kept_scores) {
+  if (pr.use_threshold) return select_above(pr, scores, idx, kept_scores);
   const int64_t C = pr.channels, k = pr.kept;
   if (pr.unit_scores) {
     for (int64_t i = 0; i < k; ++i) {
@@ -591,7 +623,7 @@ int64_t out_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding, 
 at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const at::Tensor& expand_in,
                       const at::Tensor& beta_in, const at::Tensor& packed_in, const std::optional<at::Tensor>& bias_in,
                       int64_t kept, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                      bool interleaved, bool unit_scores) {
+                      bool interleaved, bool unit_scores, std::optional<double> threshold) {
   TORCH_CHECK(x_in.dim() == 4, "dgc_conv2d: x must be 4-d (B, C, H, W), got ", x_in.dim(), " dims");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && packed_in.scalar_type() == at::kFloat,
               "dgc_conv2d: float32 only, got x ", x_in.scalar_type(), " and weight ", packed_in.scalar_type());
@@ -625,6 +657,8 @@ at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const
   pr.pixels = pr.out_h * pr.out_w;
   pr.interleaved = interleaved;
   pr.unit_scores = unit_scores;
+  pr.use_threshold = threshold.has_value();
+  pr.threshold = threshold.has_value() ? static_cast<float>(*threshold) : 0.f;
   set_blocks(pr);
 
   at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -874,7 +908,8 @@ at::Tensor dgc_pack_weight(const at::Tensor& weight, int64_t heads, bool interle
 TORCH_LIBRARY(dgc_convert, m) {
   m.def(
       "dgc_conv2d(Tensor x, Tensor reduce, Tensor expand, Tensor beta, Tensor packed_weight, Tensor? bias, "
-      "int kept, int[2] stride, int[2] padding, int[2] dilation, bool interleaved, bool unit_scores) -> Tensor");
+      "int kept, int[2] stride, int[2] padding, int[2] dilation, bool interleaved, bool unit_scores, "
+      "float? threshold=None) -> Tensor");
   m.def("dgc_pack_weight(Tensor weight, int heads, bool interleaved) -> Tensor");
 }
 
