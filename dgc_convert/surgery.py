@@ -19,7 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from dgc_convert.errors import ConversionError, IdentityCheckError
-from dgc_convert.nn.layer import DGCConv2d, kept_channel_count, static_padding
+from dgc_convert.nn.layer import (
+    DEFAULT_GATING,
+    DEFAULT_SQUEEZE_RULE,
+    DGCConv2d,
+    kept_channel_count,
+    static_padding,
+)
 from dgc_convert.nn.modes import dgc_mode, find_dgc_layers
 from dgc_convert.recipe import ConvertSection, LayerOverride, convert_settings
 from dgc_convert.tracing import image_convolutions
@@ -46,13 +52,18 @@ class LayerSettings:
     """The DGC settings of one converted layer: what ``apply_conversion`` needs, and what a saved model records.
 
     ``interleaved``: the head-ownership layout of models saved before blocked
-    ownership (``DGCConv2d``); every new conversion is blocked.
+    ownership and of the authors' checkpoints (``DGCConv2d``); every new
+    conversion is blocked. ``gating``, ``preact`` and ``squeeze_rule``: as
+    ``DGCConv2d`` takes them.
     """
 
     heads: int
     squeeze_ratio: float
     zeta: float
     interleaved: bool = False
+    gating: str = DEFAULT_GATING
+    preact: bool = False
+    squeeze_rule: str = DEFAULT_SQUEEZE_RULE
 
 
 @dataclass
@@ -246,6 +257,9 @@ def apply_conversion(model: nn.Module, layers: Mapping[str, LayerSettings]) -> N
                 squeeze_ratio=layer.squeeze_ratio,
                 zeta=layer.zeta,
                 interleaved=layer.interleaved,
+                gating=layer.gating,
+                preact=layer.preact,
+                squeeze_rule=layer.squeeze_rule,
             )
         except ValueError as error:
             raise ConversionError(f"layer {name}: {error}") from None
