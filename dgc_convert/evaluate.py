@@ -1,11 +1,13 @@
 """Evaluate a model on a data set: accuracy, and the MACs it really spent.
 
-The static MAC count assumes every head keeps ``k`` channels. At run time a
-head whose saliency scores are zero for some of its kept channels multiplies
-those channels by zero: they cost nothing in a gathering implementation. The
+The static MAC count assumes every head keeps ``k`` channels (under network
+gating, DGC-G, that is the expected count at the target). At run time a head
+whose saliency scores are zero for some of its kept channels multiplies those
+channels by zero: they cost nothing in a gathering implementation. The
 realised count takes, per sample and head, the kept channels with a nonzero
-score (``min(k, #scores > 0)``), so it is at most the static count and equal
-to it when every head keeps ``k`` nonzero-score channels.
+score: ``min(k, #scores > 0)`` head-wise, so at most the static count; under
+network gating the channels above the threshold, which vary per sample and
+head and may exceed ``k``.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ _PERCENTILES = (5, 50, 95)
 
 
 def kept_nonzero(layer: DGCConv2d, scores: Tensor) -> Tensor:
-    """(batch, heads): kept channels with a nonzero score, ``min(k, #scores > 0)``."""
-    return scores.gt(0).sum(dim=2).clamp(max=layer.kept_channels)
+    """(batch, heads): kept channels with a nonzero score (head-wise ``min(k, #scores > 0)``)."""
+    return (layer.selection_mask(scores) & scores.gt(0)).sum(dim=2)
 
 
 def realised_layer_macs(

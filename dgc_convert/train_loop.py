@@ -4,7 +4,8 @@
 Each takes what it works on as arguments and returns the figures; neither
 writes files or keeps state between calls. ``train_one_epoch`` sets the
 schedule's learning rate and pruning ratio before every step, adds the
-sparsity term to the loss, calls callbacks, and every ``check_every``
+sparsity term to the loss, moves the network-wise threshold of DGC-G layers
+after every forward, calls callbacks, and every ``check_every``
 iterations lets the ranks agree on stop requests and non-finite losses.
 """
 
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from dgc_convert.distributed import Processes
 from dgc_convert.evaluate import Scores, move_batch, score
 from dgc_convert.nn.layer import DGCConv2d
+from dgc_convert.nn.network_gate import network_gated, update_threshold
 from dgc_convert.schedule import Schedule
 from dgc_convert.surgery import set_zeta, sparsity_loss
 from dgc_convert.train_events import IterationStats, TrainControl, TrainingDiverged, TrainReporter, notify
@@ -120,7 +122,9 @@ def train_one_epoch(
         optimizer, scaler, criterion: the step; ``scaler`` may be disabled.
         schedule: sets learning rate and pruning ratio of each global iteration.
         layers: the DGC layers inside ``model`` (the schedule moves their ``zeta_t``;
-            their sparsity terms times ``sparsity_lambda`` join the loss).
+            their sparsity terms times ``sparsity_lambda`` join the loss; the
+            threshold of network-gated ones follows each forward, see
+            ``dgc_convert.nn.network_gate``).
         epoch: 0-based epoch, for reports and the divergence message.
         start_iteration, start_epoch_iteration: global and in-epoch step counts before the first batch.
         processes: the run's processes (one CPU process when None).
@@ -152,6 +156,7 @@ def train_one_epoch(
     completed = True
     start = time.perf_counter()
     lr = schedule.lr(iteration)
+    thresholded = network_gated(layers)
     for batch in loader:
         lr = apply_schedule(schedule, iteration, layers, optimizer)
         images, labels = move_batch(batch, device, channels_last)
@@ -162,6 +167,8 @@ def train_one_epoch(
                 sparsity = sparsity_loss(layers)
                 loss = loss + sparsity_lambda * sparsity
                 sparsity_sum += sparsity.detach().double()
+        if thresholded:
+            update_threshold(thresholded)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

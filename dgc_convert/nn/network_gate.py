@@ -1,0 +1,146 @@
+"""DGC-G: learning the one network-wise threshold T.
+
+Under network gating (``DGCConv2d(gating="network")``) every head of every
+layer keeps the channels whose saliency score is above one threshold T, at
+least its top channel. Training learns T so that the network as a whole
+spends the MACs its pruning ratios allow, while each sample, layer and head
+may keep more or fewer channels than the head-wise rule would:
+
+1. Each training forward of a network-gated layer records its detached
+   scores (batch, heads, C) and its output size (``last_gate_record``).
+2. ``update_threshold`` gives each (sample, head, channel) entry the
+   convolution MACs it costs when kept, ``kh * kw * C'/H * H' * W'`` of its
+   layer, and finds the batch threshold ``T_batch``: the score at which the
+   kept MAC fraction over the batch and all layers equals the target
+   ``1 - zeta_t`` (the MAC-weighted mean of each layer's ``1 - zeta_t``, so
+   per-layer targets keep their weight). Entries are sorted by score; T_batch
+   lies midway between the last entry kept and the first dropped.
+3. Under torch.distributed the ranks average their ``T_batch`` (one
+   all-reduce of a scalar), so every rank takes the same step.
+4. T moves towards ``T_batch`` by ``THRESHOLD_MOMENTUM`` (an exponential
+   moving average, as BatchNorm's running statistics: one batch's quantile is
+   noisy, the threshold used at inference should not be), and every
+   network-gated layer receives the new T.
+
+While ``zeta_t`` is 0 (warm-up) every channel is kept and T is not updated;
+T starts at 0, and the ramp of ``zeta_t`` from 0 lets it follow from there.
+T is a buffer of each layer (the same value in all), saved with the weights,
+so evaluation and a resumed run use the learned value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dgc_convert.nn.layer import DGCConv2d
+from dgc_convert.nn.modes import find_dgc_layers
+
+__all__ = ["THRESHOLD_MOMENTUM", "network_gated", "batch_threshold", "update_threshold", "kept_mac_fraction"]
+
+# Weight of the newest batch in T's moving average (BatchNorm's default
+# momentum: about the last ten batches count).
+THRESHOLD_MOMENTUM = 0.1
+
+
+def network_gated(model_or_layers: nn.Module | Iterable[DGCConv2d]) -> list[DGCConv2d]:
+    """The network-gated DGC layers of a model (or of a list of layers), in module order."""
+    return [layer for layer in find_dgc_layers(model_or_layers) if layer.gating == "network"]
+
+
+def _entry_costs(layer: DGCConv2d, pixels: int) -> int:
+    """Convolution MACs one kept (sample, head, channel) entry of ``layer`` costs."""
+    kh, kw = layer.kernel_size
+    return kh * kw * (layer.out_channels // layer.heads) * pixels
+
+
+def _records(layers: list[DGCConv2d]) -> list[tuple[DGCConv2d, Tensor, int]]:
+    found = []
+    for layer in layers:
+        if layer.last_gate_record is None:
+            raise RuntimeError(
+                "update_threshold needs a training-mode forward of every network-gated layer first "
+                "(call it after the forward of each training step)"
+            )
+        scores, pixels = layer.last_gate_record
+        found.append((layer, scores, pixels))
+    return found
+
+
+def batch_threshold(records: Iterable[tuple[Tensor, int, float]]) -> float | None:
+    """The score at which the MAC-weighted kept fraction of these entries equals the target.
+
+    ``records``: per layer (scores of any shape, MACs each entry costs when
+    kept, the fraction of that layer's MACs to keep ``1 - zeta_t``). Returns
+    the threshold T such that keeping the entries with score > T keeps
+    ``sum(cost * keep) / sum(cost)`` of the MACs (up to one entry; ties at T
+    are all dropped). None when every fraction is 1 (nothing to drop).
+    """
+    scores, costs, wanted, total = [], [], 0.0, 0.0
+    for layer_scores, cost, keep in records:
+        flat = layer_scores.detach().reshape(-1).double()
+        scores.append(flat)
+        costs.append(torch.full_like(flat, float(cost)))
+        wanted += float(cost) * flat.numel() * keep
+        total += float(cost) * flat.numel()
+    if not scores or wanted >= total:
+        return None
+    all_scores, all_costs = torch.cat(scores), torch.cat(costs)
+    order = torch.argsort(all_scores, descending=True, stable=True)
+    ranked = all_scores[order]
+    kept_macs = torch.cumsum(all_costs[order], dim=0)
+    # The first rank at which the kept MACs reach the target: entries up to it are kept.
+    last = int(torch.searchsorted(kept_macs, torch.tensor(wanted, dtype=torch.float64)).clamp(max=ranked.numel() - 1))
+    if last + 1 >= ranked.numel():
+        return float(ranked[-1]) - 1.0
+    return float(ranked[last] + ranked[last + 1]) / 2.0
+
+
+@torch.no_grad()
+def update_threshold(
+    model_or_layers: nn.Module | Iterable[DGCConv2d], *, momentum: float = THRESHOLD_MOMENTUM
+) -> float | None:
+    """One step of T after a training forward (see the module docstring); returns the new T.
+
+    Call it once per training step, after the forward (the trainer does). A
+    no-op returning None for a model without network-gated layers or while
+    every ``zeta_t`` is 0. Under an initialised torch.distributed process
+    group it all-reduces the batch threshold, so every rank holds the same T.
+    """
+    if not 0.0 < momentum <= 1.0:
+        raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+    layers = network_gated(model_or_layers)
+    if not layers:
+        return None
+    records = _records(layers)
+    for layer in layers:
+        layer.last_gate_record = None
+    target = batch_threshold(
+        (scores, _entry_costs(layer, pixels), 1.0 - layer.zeta_t_value) for layer, scores, pixels in records
+    )
+    if target is None:
+        return None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = torch.tensor([target], dtype=torch.float64, device=records[0][1].device)
+        dist.all_reduce(value)  # SUM: the mean below (gloo has no AVG)
+        target = float(value) / dist.get_world_size()
+    current = layers[0].threshold_value
+    new = current + momentum * (target - current)
+    for layer in layers:
+        layer.set_threshold(new)
+    return layers[0].threshold_value
+
+
+def kept_mac_fraction(layer_scores: Iterable[tuple[DGCConv2d, Tensor, int]]) -> float:
+    """Fraction of the DGC convolutions' MACs the layers kept: per layer (layer,
+    scores (batch, heads, C), output pixels), each kept (sample, head, channel)
+    entry weighted by the MACs it costs (``kh * kw * C'/H * H' * W'``)."""
+    kept = total = 0.0
+    for layer, scores, pixels in layer_scores:
+        cost = _entry_costs(layer, pixels)
+        kept += float(layer.selection_mask(scores).sum()) * cost
+        total += scores.numel() * cost
+    return kept / total if total else 1.0
