@@ -255,8 +255,8 @@ def dgc_conv2d(
     ``unit_scores``: every score is then 1); ``packed_weight`` comes from
     ``pack_weight`` with the same ``interleaved``; ``kept`` is k. With a
     ``threshold`` (network gating) each (sample, head) keeps every channel
-    scoring above it, at least its top one, and ``kept`` only bounds the
-    scratch space (pass C).
+    scoring above it, at least its top one, and ``kept`` is not used (the
+    scratch space is sized for all C channels).
     """
     if _state is not True:
         _require()

@@ -553,12 +553,14 @@ class DGCConv2d(nn.Module):
         keys = self._keys(scores)
         if not self.thresholded:
             return keys.topk(self.kept_channels, dim=2, sorted=False).indices
-        # The kept channels are exactly each head's top ``count`` keys: T cuts
-        # the scores, and the keys order the scores.
-        widest = int(self._threshold_mask(scores, keys).sum(dim=2).max())
+        mask = self._threshold_mask(scores, keys)
+        widest = int(mask.sum(dim=2).max())
         step = max(1, self.in_channels // 16)
         width = min(self.in_channels, -(-widest // step) * step)
-        return keys.topk(width, dim=2, sorted=False).indices
+        # Kept channels rank first, then the padding. By key alone a dropped
+        # channel could outrank a kept one: in a float64 model, scores within
+        # about C * 2**-40 of each other are ordered by channel (section 1).
+        return keys.masked_fill(~mask, -math.inf).topk(width, dim=2, sorted=False).indices
 
     def kept_scores(self, scores: Tensor, index: Tensor) -> Tensor:
         """The scores of the channels ``select`` returned, 0 for network gating's padding."""

@@ -650,7 +650,6 @@ at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const
               "dgc_conv2d: bad stride/padding/dilation");
   TORCH_CHECK(kept >= 1 && kept <= pr.channels, "dgc_conv2d: kept must be in [1, ", pr.channels, "], got ", kept);
   TORCH_CHECK(pr.channels < (int64_t(1) << 31), "dgc_conv2d: too many channels");
-  pr.kept = kept;
   pr.out_h = out_size(pr.height, pr.kh, pr.sy, pr.py, pr.dy);
   pr.out_w = out_size(pr.width, pr.kw, pr.sx, pr.px, pr.dx);
   TORCH_CHECK(pr.out_h >= 1 && pr.out_w >= 1, "dgc_conv2d: the kernel does not fit the padded input");
@@ -659,6 +658,7 @@ at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const
   pr.unit_scores = unit_scores;
   pr.use_threshold = threshold.has_value();
   pr.threshold = threshold.has_value() ? static_cast<float>(*threshold) : 0.f;
+  pr.kept = pr.use_threshold ? pr.channels : kept;  // the scratch bound: a threshold may keep every channel
   set_blocks(pr);
 
   at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
