@@ -11,13 +11,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dgc_convert.errors import ConversionError, DGCConvertError, RecipeError, SettingsError
-from dgc_convert.nn.layer import DEFAULT_HEADS, DEFAULT_SQUEEZE_RATIO, DEFAULT_ZETA
+from dgc_convert.nn.layer import (
+    DEFAULT_GATING,
+    DEFAULT_HEADS,
+    DEFAULT_SQUEEZE_RATIO,
+    DEFAULT_SQUEEZE_RULE,
+    DEFAULT_ZETA,
+    GATINGS,
+    SQUEEZE_RULES,
+)
 from dgc_convert.schedule import DEFAULT_FINETUNE_FRACTION, DEFAULT_WARMUP_FRACTION
 
 __all__ = [
@@ -54,6 +62,10 @@ Count = Annotated[int, BeforeValidator(_not_a_boolean)]
 Heads = Annotated[Count, Field(ge=1)]
 Zeta = Annotated[float, Field(ge=0.0, lt=1.0)]
 SqueezeRatio = Annotated[float, Field(ge=1.0)]
+# The layer's choices, as the schema's types (the layer's constants name them; checked at import below).
+Gating = Literal["head", "network"]
+SqueezeRule = Literal["standard", "authors"]
+assert get_args(Gating) == GATINGS and get_args(SqueezeRule) == SQUEEZE_RULES, "schema and DGCConv2d disagree"
 
 
 class _Section(BaseModel):
@@ -84,20 +96,44 @@ class OverrideSection(_Section):
     zeta: Zeta | None = None
     squeeze_ratio: SqueezeRatio | None = None
     skip: bool | None = None
+    preact: bool | None = None
+    squeeze_rule: SqueezeRule | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gating_is_model_wide(cls, value: Any) -> Any:
+        # One threshold for the whole model: a layer cannot gate differently.
+        if isinstance(value, Mapping) and "gating" in value:
+            raise ValueError("gating is model-wide (one threshold for the whole model); set convert.gating instead")
+        return value
 
 
 class ConvertSection(_Section):
     """How to convert: the one settings object of a conversion (CLI, recipes and the API build it).
 
     ``enabled: false`` trains the dense model the same way (``surgery.convert``
-    itself ignores the flag). The layer defaults (heads, squeeze ratio, zeta)
-    are ``DGCConv2d``'s own, so a layer built by hand and one converted here agree.
+    itself ignores the flag). The layer defaults (heads, squeeze ratio, zeta,
+    gating, squeeze rule) are ``DGCConv2d``'s own, so a layer built by hand and
+    one converted here agree. ``gating`` is model-wide (DGC-G's threshold is
+    one value for the whole model): overrides may set ``preact`` and
+    ``squeeze_rule`` per layer, never ``gating``.
     """
 
     enabled: bool = True
     heads: Heads = Field(default=DEFAULT_HEADS, description="heads per converted layer")
     squeeze_ratio: SqueezeRatio = Field(default=DEFAULT_SQUEEZE_RATIO, description="saliency generator squeeze ratio d")
     zeta: Zeta = Field(default=DEFAULT_ZETA, description="pruning ratio: fraction of input channels each head drops")
+    gating: Gating = Field(
+        default=cast(Gating, DEFAULT_GATING),
+        description="head: each head keeps its top k; network (DGC-G): channels above one model-wide threshold",
+    )
+    preact: bool = Field(
+        default=False, description="give each DGC layer its own BatchNorm + ReLU in front (the authors' networks)"
+    )
+    squeeze_rule: SqueezeRule = Field(
+        default=cast(SqueezeRule, DEFAULT_SQUEEZE_RULE),
+        description="saliency generator width and init: standard max(C//d, 4), or the authors' code's rule",
+    )
     include: list[str] = Field(default_factory=list, description="glob over module names; only matching convs convert")
     exclude: list[str] = Field(default_factory=list, description="glob over module names to leave dense")
     min_channels: Count = Field(default=16, ge=1, description="fewest input channels worth gating")
