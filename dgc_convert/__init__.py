@@ -28,6 +28,7 @@ from dgc_convert.errors import (
 from dgc_convert.macs import LayerMacs, MacReport, count_macs
 from dgc_convert.nn.layer import DGCConv2d, Gates, SaliencyGenerator, kept_channel_count
 from dgc_convert.nn.modes import dgc_mode
+from dgc_convert.nn.network_gate import update_threshold
 from dgc_convert.surgery import (
     ConversionReport,
     LayerDecision,
@@ -96,6 +97,7 @@ __all__ = [
     "Gates",
     "SaliencyGenerator",
     "kept_channel_count",
+    "update_threshold",
     "convert",
     "plan_conversion",
     "apply_conversion",
