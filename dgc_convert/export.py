@@ -1,8 +1,9 @@
 """ONNX export with the dynamic gating kept, checked with onnxruntime.
 
 Every DGC layer exports as its graph-friendly computation: the saliency
-generator, TopK over the scores, ScatterElements into per-head gates and one
-grouped Conv over the heads' gated copies, whose output is already in dense
+generator, TopK over the scores, ScatterElements into per-head gates (under
+network gating, DGC-G: Greater against the threshold, ArgMax for each head's
+top channel, Where) and one grouped Conv over the heads' gated copies, whose output is already in dense
 order (layers from older files with interleaved heads add the channel
 shuffle as Reshape/Transpose). The batch dimension stays dynamic. After export the
 file is run with onnxruntime on random inputs of batch 1 and 4 and compared
@@ -25,6 +26,10 @@ from dgc_convert.nn.modes import dgc_mode
 from dgc_convert.zoo import model_info
 
 __all__ = ["ExportReport", "export_onnx", "ExportError"]
+
+
+# The operators that carry the per-sample choice of channels (head-wise and network gating).
+_GATING_OPS = ("TopK", "ScatterElements", "Gather", "GatherElements", "Greater", "ArgMax", "Where")
 
 
 @dataclass
@@ -102,7 +107,7 @@ def export_onnx(
     graph = onnx.load(str(path)).graph
     counts: dict[str, int] = {}
     for node in graph.node:
-        if node.op_type in ("TopK", "ScatterElements", "Gather", "GatherElements"):
+        if node.op_type in _GATING_OPS:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name

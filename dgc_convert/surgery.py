@@ -72,7 +72,9 @@ class LayerDecision:
 
     ``status`` is "converted" or "skipped"; ``reason`` says why it was
     skipped (empty when converted). ``kept`` is k, the input channels each
-    head keeps per sample at ``zeta``.
+    head keeps per sample at ``zeta`` (under network gating, the number the
+    model-wide threshold aims at on average). ``gating``, ``preact`` and
+    ``squeeze_rule`` are the converted layer's (None when skipped).
     """
 
     name: str
@@ -88,6 +90,9 @@ class LayerDecision:
     zeta: float | None = None
     squeeze_ratio: float | None = None
     kept: int | None = None
+    gating: str | None = None
+    preact: bool | None = None
+    squeeze_rule: str | None = None
 
     @property
     def converted(self) -> bool:
@@ -98,7 +103,14 @@ class LayerDecision:
         """The layer's DGC settings when converted, else None."""
         if not self.converted or self.heads is None or self.zeta is None or self.squeeze_ratio is None:
             return None
-        return LayerSettings(self.heads, self.squeeze_ratio, self.zeta)
+        return LayerSettings(
+            self.heads,
+            self.squeeze_ratio,
+            self.zeta,
+            gating=self.gating if self.gating is not None else DEFAULT_GATING,
+            preact=bool(self.preact),
+            squeeze_rule=self.squeeze_rule if self.squeeze_rule is not None else DEFAULT_SQUEEZE_RULE,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,7 +190,8 @@ def plan_conversion(model: nn.Module, settings: ConvertSection) -> ConversionRep
     it converts and with which settings, without changing the model.
 
     Later override patterns win key by key; a key an override leaves unset
-    (None) keeps the value set before it, ``skip`` included.
+    (None) keeps the value set before it, ``skip`` included. ``gating`` is
+    the section's for every layer (overrides cannot set it).
 
     Raises:
         ConversionError: an include, exclude or override pattern that matches
@@ -198,12 +211,15 @@ def plan_conversion(model: nn.Module, settings: ConvertSection) -> ConversionRep
     report = ConversionReport()
     for name, conv in convs:
         heads, zeta, ratio = settings.heads, settings.zeta, settings.squeeze_ratio
+        preact, rule = settings.preact, settings.squeeze_rule
         skip = ""
         for pattern, override in settings.overrides.items():
             if fnmatch.fnmatchcase(name, pattern):
                 heads = override.heads if override.heads is not None else heads
                 zeta = override.zeta if override.zeta is not None else zeta
                 ratio = override.squeeze_ratio if override.squeeze_ratio is not None else ratio
+                preact = override.preact if override.preact is not None else preact
+                rule = override.squeeze_rule if override.squeeze_rule is not None else rule
                 if override.skip is not None:
                     skip = f"override {pattern!r} says skip" if override.skip else ""
         if settings.include and not _matches(name, settings.include):
@@ -226,6 +242,7 @@ def plan_conversion(model: nn.Module, settings: ConvertSection) -> ConversionRep
         if not skip:
             decision.heads, decision.zeta, decision.squeeze_ratio = heads, float(zeta), ratio
             decision.kept = kept_channel_count(conv.in_channels, zeta)
+            decision.gating, decision.preact, decision.squeeze_rule = settings.gating, preact, rule
         report.layers.append(decision)
     return report
 
@@ -278,6 +295,9 @@ def convert(
     heads: int | None = None,
     zeta: float | None = None,
     squeeze_ratio: float | None = None,
+    gating: str | None = None,
+    preact: bool | None = None,
+    squeeze_rule: str | None = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     min_channels: int | None = None,
@@ -295,11 +315,16 @@ def convert(
     Args:
         settings: a ``ConvertSection`` (the recipe's ``convert`` section);
             the schema's defaults when None. ``enabled`` is not consulted.
-        heads, zeta, squeeze_ratio, include, exclude, min_channels, overrides:
+        heads, zeta, squeeze_ratio, gating, preact, squeeze_rule, include,
+        exclude, min_channels, overrides:
             convenience keywords applied on top of ``settings``; validated by
-            the same schema. ``overrides`` maps a glob pattern over module
-            names to a ``LayerOverride`` (or a mapping of heads / zeta /
-            squeeze_ratio / skip); later patterns win, key by key.
+            the same schema. ``gating`` ("head" or "network", DGC-G) is
+            model-wide; ``preact`` gives each layer its own BatchNorm + ReLU
+            in front; ``squeeze_rule`` ("standard" or "authors") sets the
+            saliency generators' width and init (see ``DGCConv2d``).
+            ``overrides`` maps a glob pattern over module names to a
+            ``LayerOverride`` (or a mapping of heads / zeta / squeeze_ratio /
+            skip / preact / squeeze_rule); later patterns win, key by key.
 
     Returns:
         A ``ConversionReport`` with one row per convolution, converted or the
@@ -318,6 +343,9 @@ def convert(
         heads=heads,
         zeta=zeta,
         squeeze_ratio=squeeze_ratio,
+        gating=gating,
+        preact=preact,
+        squeeze_rule=squeeze_rule,
         include=None if include is None else list(include),
         exclude=None if exclude is None else list(exclude),
         min_channels=min_channels,
