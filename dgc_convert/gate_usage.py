@@ -1,8 +1,9 @@
 """Which input channels each head keeps, over a data set: frequencies, heat maps, collapse flags.
 
 For every DGC layer and head, the fraction of samples in which each input
-channel is among the kept ``k`` (the paper's figure of pruning
-probabilities). A head whose gates have collapsed is flagged: one that keeps
+channel is kept (among the top ``k``, or above the threshold under network
+gating: the paper's figure of pruning probabilities), and the fraction of
+input channels the layer keeps on average. A head whose gates have collapsed is flagged: one that keeps
 the same channels for every sample (no dynamic choice left), or whose scores
 are all zero (it contributes nothing).
 """
@@ -28,7 +29,10 @@ __all__ = ["LayerChannelUsage", "channel_usage", "write_heatmaps", "write_summar
 
 @dataclass
 class LayerChannelUsage:
-    """One layer: ``frequency`` (heads, in_channels) in [0, 1], and the heads flagged as collapsed."""
+    """One layer: ``frequency`` (heads, in_channels) in [0, 1], and the heads flagged as collapsed.
+
+    ``kept`` is k (under network gating, the count the threshold aims at on average).
+    """
 
     name: str
     heads: int
@@ -37,6 +41,12 @@ class LayerChannelUsage:
     samples: int
     frequency: Tensor
     collapsed: list[tuple[int, str]] = field(default_factory=list)
+    gating: str = "head"
+
+    @property
+    def kept_fraction(self) -> float:
+        """Mean fraction of the input channels a head keeps per sample (``k / C`` head-wise)."""
+        return float(self.frequency.double().mean())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the JSON summary (frequencies rounded to 4 places)."""
@@ -45,6 +55,8 @@ class LayerChannelUsage:
             "heads": self.heads,
             "in_channels": self.in_channels,
             "kept": self.kept,
+            "gating": self.gating,
+            "kept_fraction": round(self.kept_fraction, 4),
             "samples": self.samples,
             "frequency": [[round(v, 4) for v in row] for row in self.frequency.tolist()],
             "collapsed": [{"head": h, "reason": r} for h, r in self.collapsed],
@@ -75,12 +87,21 @@ def channel_usage(model: nn.Module, dataset: Dataset, *, batch_size: int = 64) -
         for head in range(layer.heads):
             if not nonzero[name][head]:
                 collapsed.append((head, "scores all zero"))
-            elif layer.kept_channels < layer.in_channels and bool(
+            elif (layer.thresholded or layer.kept_channels < layer.in_channels) and bool(
                 ((frequency[head] == 0) | (frequency[head] == 1)).all()
             ):
                 collapsed.append((head, "keeps the same channels for every sample"))
         usage.append(
-            LayerChannelUsage(name, layer.heads, layer.in_channels, layer.kept_channels, samples, frequency, collapsed)
+            LayerChannelUsage(
+                name,
+                layer.heads,
+                layer.in_channels,
+                layer.kept_channels,
+                samples,
+                frequency,
+                collapsed,
+                layer.gating,
+            )
         )
     return usage
 
@@ -109,7 +130,8 @@ def write_heatmaps(usage: list[LayerChannelUsage], directory: str | Path) -> lis
         axis.set_yticks(range(layer.heads))
         flags = f"; collapsed heads {[h for h, _ in layer.collapsed]}" if layer.collapsed else ""
         axis.set_title(
-            f"{layer.name}: keep frequency over {layer.samples} samples (k={layer.kept} of {layer.in_channels}){flags}",
+            f"{layer.name}: keep frequency over {layer.samples} samples "
+            f"({_kept_text(layer)} of {layer.in_channels}){flags}",
             fontsize=9,
         )
         figure.colorbar(image, ax=axis, fraction=0.03, pad=0.01)
@@ -119,6 +141,12 @@ def write_heatmaps(usage: list[LayerChannelUsage], directory: str | Path) -> lis
         plt.close(figure)
         paths.append(path)
     return paths
+
+
+def _kept_text(layer: LayerChannelUsage) -> str:
+    if layer.gating == "network":
+        return f"mean kept {layer.kept_fraction * layer.in_channels:.1f}, target {layer.kept}"
+    return f"k={layer.kept}"
 
 
 def write_summary(usage: list[LayerChannelUsage], path: str | Path, **context: Any) -> Path:

@@ -473,6 +473,7 @@ def inspect_command(
     root: RootOption = None,
     batch_size: BatchSizeOption = 64,
 ) -> None:
+    from dgc_convert.cli.render import print_channel_usage
     from dgc_convert.gate_usage import channel_usage, write_heatmaps, write_summary
 
     model, section, bundle = _model_and_held_out(file, data, root)
@@ -480,6 +481,7 @@ def inspect_command(
     images = write_heatmaps(usage, out)
     summary = write_summary(usage, out / "summary.json", model=str(file), data=section.dataset)
     console = output_console()
+    print_channel_usage(usage, console)
     console.print(
         f"{len(images)} heat maps in {out}/ (heads x input channels, keep frequency over "
         f"{usage[0].samples if usage else 0} samples); summary: {summary}",

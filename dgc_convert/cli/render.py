@@ -18,9 +18,11 @@ if TYPE_CHECKING:  # loaded on first use (training, progress bars); only named h
 
     from dgc_convert.bench import BenchResult
     from dgc_convert.evaluate import EvalReport
+    from dgc_convert.gate_usage import LayerChannelUsage
     from dgc_convert.train_events import EpochMetrics, IterationStats, RunInfo, TrainResult
 
 __all__ = [
+    "print_channel_usage",
     "format_macs",
     "print_json",
     "print_conversion",
@@ -381,3 +383,21 @@ def print_evaluation(report: EvalReport, name: str, dataset: str, console: Conso
         f"(p5 {format_macs(p['p5'])}, median {format_macs(p['p50'])}, p95 {format_macs(p['p95'])})",
         highlight=False,
     )
+
+
+def print_channel_usage(usage: list[LayerChannelUsage], console: Console | None = None) -> None:
+    """Per layer of ``dgc-convert inspect``: gating, channels kept per head on average (of C), and k."""
+    console = console or output_console()
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for column in ("layer", "gating", "in channels", "kept per head", "kept fraction", "k at target"):
+        table.add_column(column, justify="left" if column in ("layer", "gating") else "right")
+    for layer in usage:
+        table.add_row(
+            layer.name,
+            layer.gating,
+            str(layer.in_channels),
+            f"{layer.kept_fraction * layer.in_channels:.1f}",
+            f"{layer.kept_fraction * 100:.1f}%",
+            str(layer.kept),
+        )
+    console.print(table)
