@@ -28,8 +28,10 @@ from dgc_convert.zoo import model_info
 __all__ = ["ExportReport", "export_onnx", "ExportError"]
 
 
-# The operators that carry the per-sample choice of channels (head-wise and network gating).
-_GATING_OPS = ("TopK", "ScatterElements", "Gather", "GatherElements", "Greater", "ArgMax", "Where")
+# The operators that carry the per-sample choice of channels: TopK and the
+# scatter/gathers head-wise, ArgMax (each head's top channel) under network
+# gating. (Greater and Where appear in both, in the tie-breaking keys too.)
+_GATING_OPS = ("TopK", "ScatterElements", "Gather", "GatherElements", "ArgMax")
 
 
 @dataclass
