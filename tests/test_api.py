@@ -106,6 +106,13 @@ def test_readme_python_snippets_run(tmp_path):
     for old, new in _README_EDITS.items():
         script = script.replace(old, new)
     (tmp_path / "readme_snippets.py").write_text(script)
+    # The authors' checkpoint the import snippet reads: their key layout, made up here.
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from test_import_authors import authors_state_dict, write_checkpoint
+    finally:
+        sys.path.pop(0)
+    write_checkpoint(tmp_path / "imagenet_dyresnet18_h4.tar", authors_state_dict())
     done = subprocess.run(
         [sys.executable, "readme_snippets.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
