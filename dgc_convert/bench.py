@@ -103,6 +103,7 @@ class BenchResult:
     realized_fraction: float | None
     dense_macs: int
     dgc_macs: int
+    dgc_macs_expected: bool = False  # network gating (DGC-G): dgc_macs is the cost expected at the target
     dense_engine: str = "eager"
     dgc_engine: str = "eager"
     dense_eager_ms: float = 0.0
@@ -317,6 +318,7 @@ def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool, fa
         realized_fraction=realized_fraction(dense_ms, dgc_ms, mac_ratio),
         dense_macs=dense_macs,
         dgc_macs=dgc_macs,
+        dgc_macs_expected=runs.dgc_macs.expected,
         dense_engine=dense_engine,
         dgc_engine="compile" if dgc_compiled else "eager",
         dense_eager_ms=dense_eager_ms,

@@ -12,7 +12,8 @@ element, doubled when it has an affine part (so an affine ``BatchNorm2d``
 costs 4 per element); average pooling costs one add per pooled input and one
 divide per output. Everything else (activations, max pooling, the residual
 ``+``) counts zero. A DGC layer follows ``dgc_layer_macs`` instead of the
-operators it runs.
+operators it runs. For network-gated layers (DGC-G) that formula gives the
+cost expected at the target, not a fixed one (``MacReport.expected``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ def dgc_layer_macs(layer: DGCConv2d, output_height: int, output_width: int) -> i
     cost formula): per head the two saliency FCs (``2 * C * hidden``) plus the
     convolution over the ``k`` kept channels (``kh * kw * k * C'/H * H' * W'``),
     summed over heads. Pooling, scaling and ReLU (O(C*H*W)) are not counted,
-    as they are not counted for dense layers either."""
+    as they are not counted for dense layers either; nor is the
+    pre-activation BatchNorm (and its ReLU) of a ``preact`` layer, also
+    O(C*H*W).
+
+    Under network gating (DGC-G) the number of kept channels varies per
+    sample and head; ``k`` is the count the model-wide threshold aims at, so
+    this is the layer's expected cost at the target, not a fixed one."""
     saliency, per_kept_channel = dgc_layer_costs(layer, output_height, output_width)
     return saliency + layer.heads * layer.kept_channels * per_kept_channel
 
@@ -69,13 +76,16 @@ class MacReport:
     ``layers`` lists the leaf modules and the DGC layers, in module order,
     each with the MACs run inside it. ``total_macs`` also counts the
     functional products run outside them and the rules of non-leaf modules
-    (e.g. a norm layer with an activation inside).
+    (e.g. a norm layer with an activation inside). ``expected`` is True when
+    some DGC layer is network-gated (DGC-G): its kept channels vary per
+    sample, and the figures are the cost expected at the target.
     """
 
     input_size: tuple[int, int, int]
     total_macs: int
     total_params: int
     layers: list[LayerMacs] = field(default_factory=list)
+    expected: bool = False
 
     def by_name(self) -> dict[str, LayerMacs]:
         return {layer.name: layer for layer in self.layers}
@@ -253,9 +263,10 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> MacReport:
 
     Products are counted by torch's ``FlopCounterMode``; normalization and
     average pooling modules by their rules (see the module docstring); DGC
-    layers follow ``dgc_layer_macs`` at their current ``zeta_t``. The model
-    runs once in eval mode without gradients and every module is returned
-    to its previous mode.
+    layers follow ``dgc_layer_macs`` at their current ``zeta_t`` (the
+    expected cost for network-gated layers: the report's ``expected``). The
+    model runs once in eval mode without gradients and every module is
+    returned to its previous mode.
     """
     size = normalize_input_size(input_size)
     parameter = next(model.parameters(), None)
@@ -292,4 +303,5 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> MacReport:
     layers = [
         LayerMacs(name, type(m).__name__, tally.macs[m], sum(p.numel() for p in m.parameters())) for name, m in rows
     ]
-    return MacReport(size, tally.total(), sum(p.numel() for p in model.parameters()), layers)
+    expected = any(isinstance(m, DGCConv2d) and m.gating == "network" for m in named.values())
+    return MacReport(size, tally.total(), sum(p.numel() for p in model.parameters()), layers, expected=expected)

@@ -7,6 +7,10 @@ channel, and a DGC layer gates input channels, so the per-output-channel
 affine map moves into the filters and bias unchanged. Which BatchNorm follows
 which convolution is read from a ``torch.fx`` trace (DGC layers are leaves);
 a model that cannot be traced keeps its BatchNorms, and the report says why.
+A pre-activation DGC layer (``preact``) keeps its own ``norm``: that
+BatchNorm runs before the layer's ReLU, gates and convolution (inside the
+leaf, so never paired with anything), and cannot fold through the ReLU; the
+BatchNorm after such a layer folds into it as into any other.
 
 Engines (``prepare_for_inference(model, engine=...)``):
 

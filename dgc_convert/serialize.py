@@ -3,7 +3,8 @@
 ``save(model, path)`` writes the weights (``zeta_t`` buffers included) and,
 in the file's metadata, everything needed to rebuild the model: its name and
 library, class count, input size, the conversion of every DGC layer (heads,
-squeeze ratio, zeta, zeta_t, layout), and the dgc-convert and torch versions.
+squeeze ratio, zeta, zeta_t, layout, gating, preact, squeeze rule), and the
+dgc-convert and torch versions.
 ``load(path)`` rebuilds the model from timm or torchvision by name,
 applies the saved per-layer conversion to the named modules, loads the weights and checks that every tensor
 matched. The trainer's ``last``/``best`` checkpoints carry the same metadata,
@@ -13,6 +14,12 @@ Layout: every layer records ``"layout": "blocked"`` (head i owns a contiguous
 block of output channels) or ``"interleaved"`` (head i owns channels i::H).
 Files written before the key existed were all interleaved, so an entry without
 it loads as an interleaved layer and computes exactly what it did.
+
+Gating, pre-activation and squeeze rule: every layer records ``"gating"``
+("head" or "network"), ``"preact"`` (true or false) and ``"squeeze_rule"``
+("standard" or "authors"); entries written before these keys existed load as
+head / false / standard, what every layer was then. A network-gated layer's
+threshold and a preact layer's ``norm`` are tensors of the weights file.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from torch import nn
 from dgc_convert import __version__
 from dgc_convert.checkpoint import MODEL_FILE
 from dgc_convert.errors import DGCConvertError, LoadError, UnknownModelError
+from dgc_convert.nn.layer import DEFAULT_GATING, DEFAULT_SQUEEZE_RULE, GATINGS, SQUEEZE_RULES
 from dgc_convert.surgery import LayerSettings, apply_conversion, dgc_layers
 from dgc_convert.zoo import Library, ModelInfo, attach_model_info, create_model, model_info
 
@@ -40,6 +48,7 @@ __all__ = [
     "load",
     "read_metadata",
     "saved_layouts",
+    "saved_layer_settings",
     "apply_saved_layouts",
 ]
 
@@ -69,6 +78,9 @@ def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = 
             "zeta": layer.zeta,
             "zeta_t": layer.zeta_t_value,
             "layout": "interleaved" if layer.interleaved else "blocked",
+            "gating": layer.gating,
+            "preact": layer.preact,
+            "squeeze_rule": layer.squeeze_rule,
         }
         for name, layer in dgc_layers(model)
     ]
@@ -151,6 +163,41 @@ def _interleaved(entry: Any) -> bool:
     return _LAYOUTS[layout]
 
 
+def _layer_settings(entry: Any) -> LayerSettings:
+    """The ``LayerSettings`` a saved conversion entry records; keys added after the
+    format's first files default to what every layer was before them."""
+    name = entry.get("name")
+    gating = entry.get("gating", DEFAULT_GATING)
+    if gating not in GATINGS:
+        raise ValueError(f"layer {name!r}: unknown gating {gating!r} (expected {' or '.join(GATINGS)})")
+    preact = entry.get("preact", False)
+    if not isinstance(preact, bool):
+        raise ValueError(f"layer {name!r}: preact must be true or false, got {preact!r}")
+    rule = entry.get("squeeze_rule", DEFAULT_SQUEEZE_RULE)
+    if rule not in SQUEEZE_RULES:
+        raise ValueError(f"layer {name!r}: unknown squeeze_rule {rule!r} (expected {' or '.join(SQUEEZE_RULES)})")
+    return LayerSettings(
+        int(entry["heads"]),
+        float(entry["squeeze_ratio"]),
+        float(entry["zeta"]),
+        interleaved=_interleaved(entry),
+        gating=gating,
+        preact=preact,
+        squeeze_rule=rule,
+    )
+
+
+def saved_layer_settings(metadata: dict[str, str]) -> dict[str, LayerSettings]:
+    """Module name -> ``LayerSettings`` for every DGC layer a file's metadata records
+    (``read_metadata``): what ``apply_conversion`` rebuilds the layers with."""
+    try:
+        return {str(entry["name"]): _layer_settings(entry) for entry in json.loads(metadata["conversion"])}
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
+        raise LoadError(f"metadata field 'conversion' is missing or malformed ({error})") from None
+    except ValueError as error:
+        raise LoadError(f"metadata field 'conversion': {error}") from None
+
+
 def saved_layouts(metadata: dict[str, str]) -> dict[str, bool]:
     """Module name -> ``interleaved`` for every DGC layer a file's metadata records
     (``read_metadata``); entries without a "layout" are interleaved."""
@@ -169,15 +216,24 @@ def apply_saved_layouts(model: nn.Module, metadata: dict[str, str]) -> None:
     resuming from a checkpoint rebuilds it from the recipe): a file written
     before blocked ownership holds interleaved layers, and its weights mean
     what they meant only in that layout. Raises ``LoadError`` when the saved
-    layers are not the model's DGC layers.
+    layers are not the model's DGC layers, or differ from them in gating,
+    pre-activation or squeeze rule (which fix the layers' tensors and what
+    they compute, so the model must be built with the saved ones).
     """
-    layouts = saved_layouts(metadata)
+    saved = saved_layer_settings(metadata)
     layers = dict(dgc_layers(model))
-    if set(layouts) != set(layers):
-        differ = sorted(set(layouts) ^ set(layers))
+    if set(saved) != set(layers):
+        differ = sorted(set(saved) ^ set(layers))
         raise LoadError(f"the saved DGC layers are not the model's: {differ[0]} ({len(differ)} names differ)")
     for name, layer in layers.items():
-        layer.interleaved = layouts[name]
+        for key in ("gating", "preact", "squeeze_rule"):
+            if getattr(saved[name], key) != getattr(layer, key):
+                raise LoadError(
+                    f"layer {name}: saved with {key} {getattr(saved[name], key)!r}, the model's is "
+                    f"{getattr(layer, key)!r}; build it with the saved settings"
+                )
+    for name, layer in layers.items():
+        layer.interleaved = saved[name].interleaved
 
 
 def load(path: str | Path) -> nn.Module:
@@ -203,18 +259,7 @@ def load(path: str | Path) -> nn.Module:
         try:
             # The saved per-layer settings, applied by name: today's eligibility
             # rules are not consulted, so a later rule never makes this file unloadable.
-            apply_conversion(
-                model,
-                {
-                    layer["name"]: LayerSettings(
-                        int(layer["heads"]),
-                        float(layer["squeeze_ratio"]),
-                        float(layer["zeta"]),
-                        interleaved=_interleaved(layer),
-                    )
-                    for layer in layers
-                },
-            )
+            apply_conversion(model, {layer["name"]: _layer_settings(layer) for layer in layers})
         except (DGCConvertError, AttributeError, KeyError, TypeError, ValueError) as error:
             raise LoadError(f"{file}: the saved conversion does not apply to {name}: {error}") from None
     try:

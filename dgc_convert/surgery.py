@@ -10,6 +10,7 @@ eligibility rules never makes an older file unloadable.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -406,6 +407,17 @@ def check_identity(
     keep all channels with score 1, on its training computation, for the
     check and restored afterwards.
 
+    Pre-activation layers (``preact``) make the converted model a different
+    architecture on purpose: such a layer computes ``conv(relu(norm(x)))``.
+    The check then compares against a reference built from a deep copy of
+    ``original`` in which every convolution converted to a ``preact`` layer
+    becomes ``nn.Sequential(copy of the layer's norm, nn.ReLU(), the
+    convolution)``, so it stays exact: each DGC layer at zeta 0 with unit
+    scores must equal its norm, ReLU and dense convolution (norms in eval
+    mode, on their running statistics). ``original`` itself is not changed.
+    Network-gated layers (DGC-G) keep every channel at zeta_t = 0, so they
+    need nothing of the kind.
+
     Returns:
         The largest absolute difference of the outputs.
 
@@ -414,14 +426,15 @@ def check_identity(
             1e-10 for float64, else 1e-4 times the output's largest magnitude,
             at least 1e-4).
     """
-    modes = [(m, m.training) for m in (original, converted)]
+    reference = _preact_reference(original, converted)
+    modes = [(m, m.training) for m in (reference, converted)]
     # The training computation ("masked"): the check is about the conversion,
     # and timing the sparse algorithms of every layer would cost seconds.
     try:
         with dgc_mode(converted, algorithm="masked", unit_scores=True, zeta_t=0.0), torch.no_grad():
-            original.eval()
+            reference.eval()
             converted.eval()
-            expected = _first_tensor(original(example_input))
+            expected = _first_tensor(reference(example_input))
             got = _first_tensor(converted(example_input))
     finally:
         for module, training in modes:
@@ -438,6 +451,35 @@ def check_identity(
             "at zeta 0 with unit scores"
         )
     return difference
+
+
+def _preact_reference(original: nn.Module, converted: nn.Module) -> nn.Module:
+    """``original``, or, when ``converted`` has ``preact`` layers, a deep copy of it in
+    which each of their convolutions is preceded by a copy of the layer's norm and a ReLU."""
+    # Every name of every pre-activation layer (a shared convolution has several).
+    names = [
+        (name, module)
+        for name, module in converted.named_modules(remove_duplicate=False)
+        if isinstance(module, DGCConv2d) and module.norm is not None
+    ]
+    if not names:
+        return original
+    reference = copy.deepcopy(original)
+    built: dict[int, nn.Sequential] = {}  # by the copied convolution: a shared one stays shared
+    for name, layer in names:
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = reference.get_submodule(parent_name)
+            conv = parent.get_submodule(child)
+        except AttributeError:
+            conv = None
+        if not isinstance(conv, nn.Conv2d):
+            raise IdentityCheckError(f"converted layer {name} has no convolution {name} in the original model")
+        if id(conv) not in built:
+            assert layer.norm is not None  # selected above
+            built[id(conv)] = nn.Sequential(copy.deepcopy(layer.norm), nn.ReLU(), conv)
+        setattr(parent, child, built[id(conv)])
+    return reference
 
 
 def _first_tensor(output: Any) -> Tensor:

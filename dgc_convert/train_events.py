@@ -36,6 +36,9 @@ class RunInfo:
     ``start_iteration`` count what was done before (0 for a fresh run); MACs
     are per sample, ``dense_macs`` before conversion and ``target_macs`` at
     the target pruning ratio; ``stages`` are ``StageRange``s as dicts.
+    ``macs_expected``: the model is network-gated (DGC-G), so its DGC MAC
+    figures (``target_macs``, each epoch's ``macs``) are expected costs
+    (``MacReport.expected``).
     """
 
     model: str
@@ -55,6 +58,7 @@ class RunInfo:
     dense_macs: int
     target_macs: int
     stages: list[dict[str, Any]]
+    macs_expected: bool = False
 
 
 @dataclass

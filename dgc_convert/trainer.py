@@ -334,7 +334,7 @@ class _Run:
     def _info(self) -> RunInfo:
         setup, recipe = self.setup, self.setup.recipe
         with dgc_mode(setup.dgc, zeta_fraction=1.0):
-            target_macs = count_macs(setup.model, setup.image_size).total_macs
+            target = count_macs(setup.model, setup.image_size)
         return RunInfo(
             model=recipe.model.name,
             dataset=recipe.data.dataset,
@@ -351,7 +351,8 @@ class _Run:
             device=str(setup.processes.device),
             converted_layers=len(setup.report.converted) if setup.report else 0,
             dense_macs=setup.dense_macs,
-            target_macs=target_macs,
+            target_macs=target.total_macs,
+            macs_expected=target.expected,
             stages=[asdict(s) for s in setup.schedule.stages()],
         )
 

@@ -209,3 +209,79 @@ def test_settings_refuse_booleans_for_counts_and_accept_plain_mappings():
         model_settings()
     report = convert(create_model("resnet18"), {"heads": 2, "zeta": 0.25})
     assert {(d.heads, d.zeta) for d in report.converted} == {(2, 0.25)}
+
+
+# -- gating, pre-activation and squeeze rule ----------------------------------------
+
+
+def test_network_gating_preact_and_authors_rule_convert_and_check():
+    args = ("resnet18", "--input-size", "32", "--gating", "network", "--preact", "--squeeze-rule", "authors", "--check")
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    s = data["settings"]
+    assert (s["gating"], s["preact"], s["squeeze_rule"]) == ("network", True, "authors")
+    converted = [row for row in data["layers"] if row["status"] == "converted"]
+    assert len(converted) == 19
+    assert {(r["gating"], r["preact"], r["squeeze_rule"]) for r in converted} == {("network", True, "authors")}
+    assert data["totals"]["dgc_macs_expected"] is True
+    assert data["check"]["passed"] and data["check"]["identity_max_diff"] < 1e-3
+    text = invoke(*args).stdout
+    assert "gating network (DGC-G: one model-wide threshold), pre-activation BN+ReLU, squeeze rule authors" in text
+    assert "DGC-G H4 z0.5 k~32 preact" in text and "DGC MACs (expected)" in text
+    assert "expected at target (" in text and "identity check passed" in text
+
+
+def test_head_gating_is_shown_and_its_macs_are_not_expected():
+    data = json.loads(invoke("resnet18", "--input-size", "32", "--no-preact", "--json").stdout)
+    assert data["settings"]["gating"] == "head" and data["settings"]["preact"] is False
+    assert data["totals"]["dgc_macs_expected"] is False
+    text = invoke("resnet18", "--input-size", "32").stdout
+    assert "min channels 16, gating head" in text and "expected" not in text
+
+
+def test_recipe_overrides_set_preact_and_squeeze_rule_per_layer(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {name: resnet18, input_size: 32}\n"
+        "convert: {preact: true, overrides: {'layer4.*': {preact: false, squeeze_rule: authors}}}\n"
+    )
+    result = invoke("--recipe", str(recipe), "--check", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)["layers"]}
+    assert (rows["layer4.0.conv1"]["preact"], rows["layer4.0.conv1"]["squeeze_rule"]) == (False, "authors")
+    assert (rows["layer3.0.conv1"]["preact"], rows["layer3.0.conv1"]["squeeze_rule"]) == (True, "standard")
+    # The command line wins over the recipe's section (not over its per-layer overrides).
+    rows = {r["name"]: r for r in json.loads(invoke("--recipe", str(recipe), "--no-preact", "--json").stdout)["layers"]}
+    assert rows["layer3.0.conv1"]["preact"] is False
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["resnet18", "--gating", "global"], "gating must be one of head, network, got 'global'"),
+        (["resnet18", "--squeeze-rule", "se"], "squeeze_rule must be one of standard, authors, got 'se'"),
+        (["bench", "resnet18", "--gating", "global"], "gating must be one of head, network, got 'global'"),
+    ],
+)
+def test_bad_gating_or_squeeze_rule_is_one_line_and_exit_2(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_an_override_with_gating_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: resnet18\nconvert: {overrides: {'layer4.*': {gating: network}}}\n")
+    result = invoke("--recipe", str(recipe))
+    assert result.exit_code == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "gating is model-wide" in lines[0]
+
+
+def test_help_names_the_schema_defaults():
+    text = " ".join(invoke("convert", "--help").stdout.replace("│", " ").split())  # rich's box and wrapping
+    for option in ("--gating", "--preact", "--no-preact", "--squeeze-rule"):
+        assert option in text
+    assert "(default head)" in text and "(default off)" in text and "(default standard)" in text

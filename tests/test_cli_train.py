@@ -107,3 +107,34 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resume_finishes(tmp_path):
     resumed = runner.invoke(app, ["train", str(recipe), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert "resuming after iteration" in resumed.stdout and "finished 8 epochs" in resumed.stdout
+
+
+def test_the_training_log_says_network_gated_macs_are_expected(tmp_path):
+    from rich.console import Console
+
+    from dgc_convert.cli.render import TrainProgress
+    from dgc_convert.train_events import EpochMetrics, RunInfo
+
+    def log(expected: bool) -> str:
+        console = Console(record=True, width=300, force_terminal=False)
+        progress = TrainProgress(console, bars=False)
+        info = dict(model="resnet18", dataset="synthetic", output_dir=tmp_path, image_size=32, num_classes=10)
+        info.update(train_samples=32, val_samples=32, epochs=1, iterations_per_epoch=2, start_epoch=0)
+        info.update(start_iteration=0, world_size=1, device="cpu", converted_layers=19, dense_macs=2_000_000)
+        progress.on_start(RunInfo(**info, target_macs=1_000_000, stages=[], macs_expected=expected))
+        row = {name: 0 for name in EpochMetrics.__dataclass_fields__}
+        row.update(epoch=1, stage="finetune", val_top5=None, macs=1_000_000, dense_macs=2_000_000)
+        progress.on_epoch(EpochMetrics(**row))
+        return console.export_text()
+
+    text = log(True)
+    assert "expected at target 1.00 M" in text and "MACs 1.00 M expected (-50%)" in text
+    assert "expected" not in log(False)
+
+
+def test_recipe_validate_names_gating_preact_and_squeeze_rule(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("model: resnet18\nconvert: {gating: network, preact: true, squeeze_rule: authors}\n")
+    result = runner.invoke(app, ["recipe", "validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "DGC heads 4, zeta 0.5, network gating, pre-activation, squeeze rule authors, 1 epochs" in result.stdout

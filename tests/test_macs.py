@@ -110,6 +110,24 @@ def test_dgc_layer_follows_the_method_formula():
     assert row.kind == "DGCConv2d"
 
 
+def test_network_gated_macs_are_the_same_formula_marked_expected():
+    def model(**settings):
+        return nn.Sequential(nn.Conv2d(3, 64, 1), DGCConv2d(64, 128, 3, padding=1, zeta=0.5, **settings))
+
+    head = count_macs(model(), (3, 14, 10))
+    network = count_macs(model(gating="network"), (3, 14, 10))
+    assert not head.expected and head.to_dict()["expected"] is False
+    assert network.expected and network.to_dict()["expected"] is True
+    assert network.total_macs == head.total_macs  # the figure is the same: k at the target, an expectation
+    assert not count_macs(nn.Sequential(nn.Conv2d(3, 8, 3)), 8).expected
+
+
+def test_a_preact_layers_own_batchnorm_is_not_counted():
+    plain = nn.Sequential(nn.Conv2d(3, 64, 1), DGCConv2d(64, 128, 3, padding=1, zeta=0.5))
+    preact = nn.Sequential(nn.Conv2d(3, 64, 1), DGCConv2d(64, 128, 3, padding=1, zeta=0.5, preact=True))
+    assert count_macs(preact, (3, 14, 10)).total_macs == count_macs(plain, (3, 14, 10)).total_macs
+
+
 def test_macs_follow_zeta_t_and_saving_is_close_to_zeta():
     model = create_model("torchvision:resnet18")
     dense = count_macs(model, 224).total_macs

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dgc_convert import convert, create_model
+from dgc_convert import DGCConv2d, convert, create_model
 from dgc_convert.bench import benchmark
 from dgc_convert.prepare import PackedConv2d, prepare_for_inference
 
@@ -83,3 +83,37 @@ def test_threads_are_restored_after_a_failure():
     with pytest.raises(RuntimeError):  # the input does not fit the model
         benchmark(nn.Conv2d(5, 4, 3), nn.Conv2d(5, 4, 3), input_size=8, threads=1, engine="eager", repeats=1, warmup=1)
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize(
+    "settings, threshold",
+    [({"preact": True}, None), ({"preact": True, "gating": "network"}, 1.0), ({"gating": "network"}, 1.0)],
+    ids=["preact", "preact-network", "network"],
+)
+def test_preact_and_network_gated_models_fold_and_keep_their_outputs(settings, threshold):
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10)
+    convert(model, zeta=0.5, **settings)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # running statistics: the mean over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, 32, 32))
+    layers = [m for m in model.modules() if isinstance(m, DGCConv2d)]
+    if threshold is not None:
+        for layer in layers:
+            layer.set_threshold(threshold)  # a nonzero T: the threshold, not k, selects
+        assert all(layer.thresholded for layer in layers)
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    report = prepare_for_inference(model)
+    # Every block BatchNorm follows a convolution (dense or DGC) and folds; a preact
+    # layer's own norm, which runs before its convolution, is kept as it is.
+    assert len(report.folded) == 20 and not report.not_folded
+    assert all(isinstance(layer.norm, nn.BatchNorm2d) == settings.get("preact", False) for layer in layers)
+    with torch.inference_mode():
+        assert _relative_error(model(x), expected) < 1e-4

@@ -82,3 +82,48 @@ def test_yaml_tags_that_would_construct_objects_are_refused(tmp_path):
     path = write(tmp_path, "model: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(path)
+
+
+def test_gating_preact_and_squeeze_rule_defaults_come_from_the_layer(tmp_path):
+    from dgc_convert.nn.layer import DEFAULT_GATING, DEFAULT_SQUEEZE_RULE
+
+    recipe = load_recipe(write(tmp_path, "model: resnet18\n"))
+    assert (recipe.convert.gating, recipe.convert.preact, recipe.convert.squeeze_rule) == (
+        DEFAULT_GATING,
+        False,
+        DEFAULT_SQUEEZE_RULE,
+    )
+    recipe = load_recipe(
+        write(
+            tmp_path,
+            "model: resnet18\nconvert: {gating: network, preact: true, squeeze_rule: authors,"
+            " overrides: {'layer4.*': {preact: false, squeeze_rule: standard}}}\n",
+        )
+    )
+    c = recipe.convert
+    assert (c.gating, c.preact, c.squeeze_rule) == ("network", True, "authors")
+    assert (c.overrides["layer4.*"].preact, c.overrides["layer4.*"].squeeze_rule) == (False, "standard")
+    assert c.overrides["layer4.*"].heads is None
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("convert: {gating: global}", "convert.gating='global': Input should be 'head' or 'network'"),
+        ("convert: {squeeze_rule: se}", "convert.squeeze_rule='se': Input should be 'standard' or 'authors'"),
+        ("convert: {preact: maybe}", "convert.preact='maybe': Input should be a valid boolean"),
+        (
+            "convert: {overrides: {'a*': {gating: network}}}",
+            "convert.overrides.a*={'gating': 'network'}: gating is model-wide",
+        ),
+        (
+            "convert: {overrides: {'a*': {sqeeze_rule: authors}}}",
+            "allowed: heads, zeta, squeeze_ratio, skip, preact, squeeze_rule",
+        ),
+    ],
+)
+def test_bad_gating_preact_and_squeeze_rule_are_one_line(tmp_path, text, message):
+    path = write(tmp_path, f"model: r\n{text}\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)

@@ -49,3 +49,20 @@ def test_paper_resnet18_settings():
     assert t.optimizer == "sgd" and t.nesterov and t.momentum == 0.9
     cifar = load_recipe(next(p for p in RECIPES if p.stem == "resnet18_cifar10"))
     assert (cifar.train.epochs, cifar.train.batch_size) == (300, 64)
+    # The authors' layer: its own BN + ReLU in front, their generator width and init; head-wise gating.
+    for paper in (recipe, cifar):
+        c = paper.convert
+        assert (c.preact, c.squeeze_rule, c.gating, c.heads) == (True, "authors", "head", 4)
+    assert cifar.convert.zeta == 0.5
+
+
+def test_paper_resnet18_layers_are_preactivated_with_the_authors_generators():
+    from dgc_convert.surgery import dgc_layers
+
+    recipe = load_recipe(next(p for p in RECIPES if p.stem == "resnet18_imagenet"))
+    built = build_model(recipe.model, recipe.convert, num_classes=10)
+    layers = dgc_layers(built.model)
+    assert len(layers) == 19 and all(layer.norm is not None for _, layer in layers)
+    hidden = {name: layer.saliency_generator.hidden for name, layer in layers}
+    # d 16, halved below 80 input channels: 64 // 8, 128 // 16.
+    assert hidden["layer1.0.conv1"] == 8 and hidden["layer2.0.conv2"] == 8 and hidden["layer4.0.conv1"] == 16

@@ -279,3 +279,115 @@ def test_a_saved_model_loads_even_when_todays_rules_would_skip_its_layers(tmp_pa
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+# -- gating, pre-activation and squeeze rule ------------------------------------------------------
+
+
+def _paper_style_model(**settings):
+    """A network-gated, pre-activation, authors'-rule resnet18 with a nonzero threshold and
+    calibrated BatchNorms (the layers' own norms included); returns it in eval mode and its input."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=7)
+    convert(model, zeta=0.5, **{"gating": "network", "preact": True, "squeeze_rule": "authors", **settings})
+    for _, layer in dgc_layers(model):
+        if layer.gating == "network":
+            layer.set_threshold(0.75)
+    set_zeta(model, fraction=0.6)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # the running statistics of the calibration batch itself
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval(), x
+
+
+def test_gating_preact_and_squeeze_rule_round_trip(tmp_path):
+    model, x = _paper_style_model()
+    path = save(model, tmp_path / "dgc-g.safetensors", input_size=32)
+    entries = json.loads(read_metadata(path)["conversion"])
+    assert {(e["gating"], e["preact"], e["squeeze_rule"]) for e in entries} == {("network", True, "authors")}
+    loaded = load(path)
+    for (name, layer), (_, again) in zip(dgc_layers(model), dgc_layers(loaded), strict=True):
+        assert (again.gating, again.preact, again.squeeze_rule) == ("network", True, "authors"), name
+        assert again.saliency_generator.hidden == layer.saliency_generator.hidden
+        assert again.threshold_value == layer.threshold_value == pytest.approx(0.75)
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert set(state) == set(loaded_state)
+    assert any(k.endswith(".threshold") for k in state) and any(".norm.running_var" in k for k in state)
+    for key, value in state.items():
+        torch.testing.assert_close(loaded_state[key], value, rtol=0, atol=0, msg=key)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.isfinite(expected).all()
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+
+def test_per_layer_preact_and_squeeze_rule_round_trip(tmp_path):
+    model, x = _paper_style_model(
+        gating="head", preact=False, overrides={"layer4.*": {"preact": True, "squeeze_rule": "standard"}}
+    )
+    loaded = load(save(model, tmp_path / "mixed.safetensors", input_size=32))
+    settings = {name: (layer.gating, layer.preact, layer.squeeze_rule) for name, layer in dgc_layers(loaded)}
+    assert settings["layer4.0.conv1"] == ("head", True, "standard")
+    assert settings["layer3.0.conv1"] == ("head", False, "authors")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_entries_without_the_new_keys_load_as_head_no_preact_standard(tmp_path):
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=7)
+    convert(model, zeta=0.5)
+    metadata = model_metadata(model.eval(), 32)
+    entries = json.loads(metadata["conversion"])
+    for entry in entries:  # what save wrote before the keys existed
+        del entry["gating"], entry["preact"], entry["squeeze_rule"]
+    metadata["conversion"] = json.dumps(entries)
+    path = tmp_path / "before.safetensors"
+    save_model(model, str(path), metadata=metadata)
+    loaded = load(path)
+    assert {(layer.gating, layer.preact, layer.squeeze_rule) for _, layer in dgc_layers(loaded)} == {
+        ("head", False, "standard")
+    }
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("gating", "global", "layer 'layer1.0.conv1': unknown gating 'global' (expected head or network)"),
+        ("preact", "yes", "layer 'layer1.0.conv1': preact must be true or false, got 'yes'"),
+        ("squeeze_rule", "se", "layer 'layer1.0.conv1': unknown squeeze_rule 'se' (expected standard or authors)"),
+    ],
+)
+def test_bad_saved_settings_are_one_line(tmp_path, saved, key, value, message):
+    entries = json.loads(read_metadata(saved)["conversion"])
+    entries[0][key] = value
+    path = _rewrite(saved, tmp_path / f"bad-{key}.safetensors", conversion=json.dumps(entries))
+    with pytest.raises(LoadError) as caught:
+        load(path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_saved_settings_must_match_a_model_built_from_settings(tmp_path):
+    from safetensors.torch import load_model
+
+    model, x = _paper_style_model()
+    path = save(model, tmp_path / "dgc-g.safetensors", input_size=32)
+    rebuilt = create_model("resnet18", num_classes=7)
+    convert(rebuilt, zeta=0.5, gating="network", preact=True, squeeze_rule="authors")
+    apply_saved_layouts(rebuilt, read_metadata(path))
+    load_model(rebuilt, str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), model(x), rtol=0, atol=0)
+    head_wise = create_model("resnet18", num_classes=7)
+    convert(head_wise, zeta=0.5, preact=True, squeeze_rule="authors")
+    with pytest.raises(LoadError, match="layer layer1.0.conv1: saved with gating 'network', the model's is 'head'"):
+        apply_saved_layouts(head_wise, read_metadata(path))

@@ -19,6 +19,7 @@ from dgc_convert import (
     sparsity_loss,
 )
 from dgc_convert.errors import IdentityCheckError
+from dgc_convert.nn.modes import dgc_mode
 
 
 class Toy(nn.Module):
@@ -243,3 +244,95 @@ def test_the_api_and_the_schema_share_defaults_and_bounds():
         "heads": 2,
         "zeta": 0.25,
     }
+
+
+# -- gating, pre-activation and squeeze rule ----------------------------------------------------
+
+
+def test_gating_preact_and_squeeze_rule_reach_every_converted_layer():
+    model = Toy()
+    report = convert(model, gating="network", preact=True, squeeze_rule="authors")
+    for decision in report.converted:
+        assert (decision.gating, decision.preact, decision.squeeze_rule) == ("network", True, "authors")
+        assert decision.to_dict()["gating"] == "network"
+        settings = decision.settings
+        assert settings is not None and (settings.gating, settings.preact, settings.squeeze_rule) == (
+            "network",
+            True,
+            "authors",
+        )
+    assert all(d.gating is None and d.preact is None for d in report.skipped)
+    for _, layer in dgc_layers(model):
+        assert layer.gating == "network" and isinstance(layer.norm, nn.BatchNorm2d)
+        assert layer.squeeze_rule == "authors" and layer.saliency_generator.init == "authors"
+    # The defaults are the layer's own.
+    plain = convert(Toy())
+    assert {(d.gating, d.preact, d.squeeze_rule) for d in plain.converted} == {("head", False, "standard")}
+
+
+def test_overrides_set_preact_and_squeeze_rule_per_layer_but_never_gating():
+    model = Toy()
+    report = convert(
+        model, preact=True, overrides={"body.4": {"preact": False, "squeeze_rule": "authors"}, "body.0": {"heads": 2}}
+    )
+    rows = {d.name: d for d in report.converted}
+    assert (rows["body.0"].preact, rows["body.0"].squeeze_rule, rows["body.0"].heads) == (True, "standard", 2)
+    assert (rows["body.4"].preact, rows["body.4"].squeeze_rule) == (False, "authors")
+    assert model.body[0].norm is not None and model.body[4].norm is None
+    with pytest.raises(ConversionError, match=r"^layer body.0: gating is model-wide"):
+        convert(Toy(), overrides={"body.0": {"gating": "network"}})
+    with pytest.raises(ValueError, match="gating is model-wide"):
+        LayerOverride(gating="network")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(gating="global"), r"^gating must be one of head, network, got 'global'$"),
+        (dict(squeeze_rule="se"), r"^squeeze_rule must be one of standard, authors, got 'se'$"),
+        (dict(preact="sometimes"), r"^preact must be true or false, got 'sometimes'$"),
+        (dict(overrides={"body.0": {"squeeze_rule": "x"}}), r"^layer body.0: squeeze_rule must be one of"),
+    ],
+)
+def test_bad_gating_preact_or_squeeze_rule_is_one_line(kwargs, message):
+    model = Toy()
+    with pytest.raises(ConversionError, match=message):
+        convert(model, **kwargs)
+    assert not dgc_layers(model)
+
+
+def test_check_identity_with_preact_layers_compares_with_norm_relu_conv():
+    torch.manual_seed(0)
+    model = Toy()
+    original = copy.deepcopy(model)
+    convert(model, zeta=0.75, preact=True, gating="network")
+    with torch.no_grad():  # norms that do something: the reference must apply them too
+        for _, layer in dgc_layers(model):
+            assert layer.norm is not None
+            layer.norm.running_mean.uniform_(-1.0, 1.0)
+            layer.norm.running_var.uniform_(0.5, 2.0)
+            layer.norm.weight.uniform_(0.5, 1.5)
+            layer.norm.bias.uniform_(-0.5, 0.5)
+            layer.set_threshold(0.5)
+    x = torch.randn(2, 3, 12, 12)
+    model.train()
+    assert check_identity(original, model, x) < 1e-4
+    assert model.training and all(not isinstance(m, DGCConv2d) for m in original.modules())
+    assert isinstance(original.body[0], nn.Conv2d)  # the reference is a copy
+    # Without the reference the architectures differ: the plain original is far off.
+    with dgc_mode(model, algorithm="masked", unit_scores=True, zeta_t=0.0), torch.no_grad():
+        assert (model.eval()(x) - original.eval()(x)).abs().max() > 1e-2
+    with torch.no_grad():
+        model.body[0].weight.add_(1.0)
+    with pytest.raises(IdentityCheckError, match="differs from the original"):
+        check_identity(original, model, x)
+
+
+def test_check_identity_with_a_shared_preact_layer():
+    shared = nn.Conv2d(16, 16, 3, padding=1)
+    original = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), shared, nn.ReLU(), shared)
+    model = copy.deepcopy(original)
+    convert(model, preact=True)
+    with torch.no_grad():
+        model[1].norm.running_mean.fill_(0.3)
+    assert check_identity(original, model, torch.randn(2, 3, 8, 8)) < 1e-4

@@ -19,6 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from dgc_convert import __version__
+from dgc_convert.cli.import_authors import IMPORT_AUTHORS_HELP, import_authors_command
 from dgc_convert.cli.render import error_console, output_console, print_conversion, print_json, print_model_list
 from dgc_convert.errors import DGCConvertError, TrainingDiverged
 from dgc_convert.recipe import ConvertSection, DataSection, ModelSection
@@ -39,6 +40,8 @@ Command = TypeVar("Command", bound=Callable[..., Any])
 def _default(section: type[ConvertSection] | type[ModelSection], key: str) -> str:
     """A setting's default as the schema holds it, for help texts."""
     value = section.model_fields[key].default
+    if isinstance(value, bool):
+        return "on" if value else "off"
     return "the model's" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -59,6 +62,31 @@ SqueezeRatioOption = Annotated[
     typer.Option(
         "--squeeze-ratio",
         help=f"Saliency generator squeeze ratio d (default {_default(ConvertSection, 'squeeze_ratio')}).",
+    ),
+]
+GatingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--gating",
+        help="head: each head keeps its top k channels; network: DGC-G, every channel scoring above one "
+        "model-wide threshold, so k varies per sample and MAC figures are expected ones "
+        f"(default {_default(ConvertSection, 'gating')}).",
+    ),
+]
+PreactOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--preact/--no-preact",
+        help="Give each DGC layer its own BatchNorm + ReLU in front of its gates and convolution, as the "
+        f"authors' networks have (default {_default(ConvertSection, 'preact')}).",
+    ),
+]
+SqueezeRuleOption = Annotated[
+    str | None,
+    typer.Option(
+        "--squeeze-rule",
+        help="Saliency generator width and init: standard (max(C//d, 4), uniform) or authors (their code's: "
+        f"d halved below 80 channels, kaiming normal) (default {_default(ConvertSection, 'squeeze_rule')}).",
     ),
 ]
 MinChannelsOption = Annotated[
@@ -176,6 +204,9 @@ def convert_command(
     heads: HeadsOption = None,
     zeta: ZetaOption = None,
     squeeze_ratio: SqueezeRatioOption = None,
+    gating: GatingOption = None,
+    preact: PreactOption = None,
+    squeeze_rule: SqueezeRuleOption = None,
     include: Annotated[
         list[str] | None,
         typer.Option("--include", help="Glob over module names; only matching convs convert. Repeatable."),
@@ -220,6 +251,9 @@ def convert_command(
         heads=heads,
         zeta=zeta,
         squeeze_ratio=squeeze_ratio,
+        gating=gating,
+        preact=preact,
+        squeeze_rule=squeeze_rule,
         include=include or None,
         exclude=exclude or None,
         min_channels=min_channels,
@@ -269,10 +303,14 @@ def recipe_validate_command(
     from dgc_convert.recipe import load_recipe
 
     recipe = load_recipe(file, set_values)
+    c = recipe.convert
     state = (
         "dense baseline"
-        if not recipe.convert.enabled
-        else f"DGC heads {recipe.convert.heads}, zeta {recipe.convert.zeta:g}"
+        if not c.enabled
+        else f"DGC heads {c.heads}, zeta {c.zeta:g}"
+        + (f", {c.gating} gating" if c.gating != _default(ConvertSection, "gating") else "")
+        + (", pre-activation" if c.preact else "")
+        + (f", squeeze rule {c.squeeze_rule}" if c.squeeze_rule != _default(ConvertSection, "squeeze_rule") else "")
     )
     typer.echo(f"{file}: OK ({recipe.model.name}, {state}, {recipe.train.epochs} epochs on {recipe.data.dataset})")
 
@@ -363,6 +401,9 @@ def bench_command(
     heads: HeadsOption = None,
     zeta: ZetaOption = None,
     squeeze_ratio: SqueezeRatioOption = None,
+    gating: GatingOption = None,
+    preact: PreactOption = None,
+    squeeze_rule: SqueezeRuleOption = None,
     min_channels: MinChannelsOption = None,
     source: SourceOption = None,
     batch_size: BatchSizeOption = 1,
@@ -380,7 +421,7 @@ def bench_command(
         False,
         "--json",
         help="Print JSON on stdout: dense_ms, dense_eager_ms, dense_engine, dgc_engine, dgc_masked_ms, dgc_ms, "
-        "speedup, mac_ratio, realized_fraction, layers.",
+        "speedup, mac_ratio, realized_fraction, dgc_macs_expected, layers.",
     ),
 ) -> None:
     from dgc_convert.bench import BENCH_ENGINES
@@ -393,7 +434,15 @@ def bench_command(
     from dgc_convert.recipe import model_settings
 
     model_settings(name=model, input_size=input_size)  # the schema's bound on --input-size, before any work
-    conversion = {"heads": heads, "zeta": zeta, "squeeze_ratio": squeeze_ratio, "min_channels": min_channels}
+    conversion = {
+        "heads": heads,
+        "zeta": zeta,
+        "squeeze_ratio": squeeze_ratio,
+        "gating": gating,
+        "preact": preact,
+        "squeeze_rule": squeeze_rule,
+        "min_channels": min_channels,
+    }
     dense, dgc, name, default_size = models_for_bench(model, conversion, source=source)
     result = benchmark(
         dense,
@@ -451,13 +500,16 @@ def eval_command(
 ) -> None:
     from dgc_convert.cli.render import print_evaluation
     from dgc_convert.evaluate import evaluate
+    from dgc_convert.surgery import dgc_layers
 
     model, section, bundle = _model_and_held_out(file, data, root)
     report = evaluate(model, bundle.val, batch_size=batch_size, input_size=require_model_info(model).input_size)
+    # DGC-G: the static figure is the cost expected at the target, not a fixed one.
+    expected = any(layer.gating == "network" for _, layer in dgc_layers(model))
     if json_output:
-        print_json({"model": str(file), "data": section.dataset, **report.to_dict()})
+        print_json({"model": str(file), "data": section.dataset, **report.to_dict(), "static_macs_expected": expected})
     else:
-        print_evaluation(report, str(file), section.dataset)
+        print_evaluation(report, str(file), section.dataset, expected=expected)
 
 
 @app.command(
@@ -518,6 +570,9 @@ def export_command(
     )
     if not report.passed:
         _fail(f"{report.path}: onnxruntime output differs from PyTorch beyond tolerance ({diffs})", EXIT_RUN_FAILED)
+
+
+app.command("import-authors", help=IMPORT_AUTHORS_HELP)(handles_errors(import_authors_command))
 
 
 def main() -> None:

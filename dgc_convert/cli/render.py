@@ -43,6 +43,10 @@ def format_macs(macs: float) -> str:
     return f"{macs:.0f}"
 
 
+# After a DGC MAC figure of a network-gated (DGC-G) model: k varies per sample, the count is an expectation.
+_EXPECTED = " expected at target"
+
+
 def _count(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,.0f}"
 
@@ -82,7 +86,10 @@ def print_conversion(summary: ConversionSummary, console: Console | None = None)
     console.print(f"[bold]{summary.model}[/bold] from {library}, input {c}x{h}x{w}")
     console.print(
         f"heads {s['heads']}, zeta {s['zeta']:g}, squeeze ratio {s['squeeze_ratio']:g}, "
-        f"min channels {s['min_channels']}"
+        f"min channels {s['min_channels']}, gating {s['gating']}"
+        + (" (DGC-G: one model-wide threshold)" if s["gating"] == "network" else "")
+        + (", pre-activation BN+ReLU" if s["preact"] else "")
+        + (f", squeeze rule {s['squeeze_rule']}" if s["squeeze_rule"] != "standard" else "")
         + (f", include {s['include']}" if s["include"] else "")
         + (f", exclude {s['exclude']}" if s["exclude"] else "")
         + (f", overrides {list(s['overrides'])}" if s["overrides"] else "")
@@ -91,20 +98,24 @@ def print_conversion(summary: ConversionSummary, console: Console | None = None)
     table.add_column("layer", overflow="fold")
     table.add_column("conv", no_wrap=True)
     table.add_column("decision")
+    t = summary.totals
+    expected = bool(t.get("dgc_macs_expected"))
     table.add_column("dense MACs", justify="right", no_wrap=True)
-    table.add_column("DGC MACs", justify="right", no_wrap=True)
+    table.add_column("DGC MACs (expected)" if expected else "DGC MACs", justify="right", no_wrap=True)
     for row in summary.layers:
         if row.status == "converted":
-            decision = f"[green]DGC[/green] H{row.heads} z{row.zeta:g} k{row.kept}"
+            network = row.gating == "network"
+            # Under network gating k is what the threshold aims at, not a fixed count.
+            decision = f"[green]DGC{'-G' if network else ''}[/green] H{row.heads} z{row.zeta:g} k{'~' if network else ''}{row.kept}"
+            decision += " preact" if row.preact else ""
         else:
             decision = f"[yellow]kept dense[/yellow]: {row.reason}"
         table.add_row(row.name, row.geometry, decision, format_macs(row.dense_macs), format_macs(row.dgc_macs))
     console.print(table)
-    t = summary.totals
     console.print(
         f"converted {t['converted_layers']} of {t['convolutions']} convolutions; "
-        f"MACs per sample: dense {format_macs(t['dense_macs'])}, DGC {format_macs(t['dgc_macs'])} "
-        f"([bold]{t['saving'] * 100:.1f}% saved[/bold]); "
+        f"MACs per sample: dense {format_macs(t['dense_macs'])}, DGC {format_macs(t['dgc_macs'])}"
+        f"{_EXPECTED if expected else ''} ([bold]{t['saving'] * 100:.1f}% saved[/bold]); "
         f"parameters: dense {_count(t['dense_params'])}, DGC {_count(t['dgc_params'])}"
     )
     if summary.identity_max_diff is not None:
@@ -178,14 +189,16 @@ def print_recipe(
     console.print(table)
 
 
-def _epoch_line(m: EpochMetrics, total_epochs: int | None = None) -> str:
+def _epoch_line(m: EpochMetrics, total_epochs: int | None = None, expected: bool = False) -> str:
+    """One finished epoch; ``expected``: a network-gated model, whose MACs are an expectation."""
     of = f"/{total_epochs}" if total_epochs else ""
     top5 = f" (top-5 {m.val_top5:.1f}%)" if m.val_top5 is not None else ""
     saving = f" (-{(1 - m.macs / m.dense_macs) * 100:.0f}%)" if m.dense_macs and m.macs < m.dense_macs else ""
     return (
         f"epoch {m.epoch}{of} {m.stage:<8} loss {m.train_loss:.4f}  train {m.train_top1:.1f}%  "
         f"val {m.val_top1:.2f}%{top5}  zeta_t {m.zeta_t:.3f}  lr {m.lr:.4g}  "
-        f"{m.images_per_second:.0f} img/s  MACs {format_macs(m.macs)}{saving}  {m.epoch_seconds:.1f} s"
+        f"{m.images_per_second:.0f} img/s  MACs {format_macs(m.macs)}{' expected' if expected else ''}{saving}  "
+        f"{m.epoch_seconds:.1f} s"
     )
 
 
@@ -204,10 +217,12 @@ class TrainProgress:
         self.run_task: TaskID | None = None
         self.epoch_task: TaskID | None = None
         self.epochs = 0
+        self.macs_expected = False  # network-gated (DGC-G) run: MAC figures are expected costs
 
     def on_start(self, info: RunInfo) -> None:
         """Print what the run does; open the bars."""
         self.epochs = info.epochs
+        self.macs_expected = info.macs_expected
         resumed = f", resuming after iteration {info.start_iteration}" if info.start_iteration else ""
         procs = f" on {info.world_size} processes" if info.world_size > 1 else ""
         self.console.print(
@@ -217,7 +232,8 @@ class TrainProgress:
         )
         self.console.print(
             f"{info.epochs} epoch{'s' if info.epochs != 1 else ''} x {info.iterations_per_epoch} iterations; MACs per sample: dense "
-            f"{format_macs(info.dense_macs)}, at target {format_macs(info.target_macs)}; writing to {info.output_dir}"
+            f"{format_macs(info.dense_macs)}, {'expected ' if info.macs_expected else ''}at target "
+            f"{format_macs(info.target_macs)}; writing to {info.output_dir}"
         )
         stages = ", ".join(f"{s} {e}" for s, e, _, _ in _stage_rows(info.stages) if e != "-")
         self.console.print(f"stages by epoch: {stages}")
@@ -261,7 +277,7 @@ class TrainProgress:
 
     def on_epoch(self, metrics: EpochMetrics) -> None:
         """One line per finished epoch."""
-        self.console.print(_epoch_line(metrics, self.epochs), markup=False, highlight=False)
+        self.console.print(_epoch_line(metrics, self.epochs, self.macs_expected), markup=False, highlight=False)
         if self.progress is not None and self.epoch_task is not None:
             self.progress.reset(self.epoch_task, description=f"epoch {metrics.epoch + 1}/{self.epochs}", figures="")
 
@@ -276,7 +292,10 @@ class TrainProgress:
             self.progress = None
         final = result.final
         if result.status == "finished":
-            figures = f": held-out top-1 {final.val_top1:.2f}% at {format_macs(final.macs)} MACs" if final else ""
+            expected = " (expected)" if self.macs_expected else ""
+            figures = (
+                f": held-out top-1 {final.val_top1:.2f}% at {format_macs(final.macs)} MACs{expected}" if final else ""
+            )
             best = f", best at target {result.best_top1:.2f}%" if result.best_top1 is not None else ""
             plural = "s" if result.epochs_completed != 1 else ""
             self.console.print(
@@ -345,16 +364,21 @@ def print_bench(result: BenchResult, console: Console | None = None, layer_rows:
         highlight=False,
     )
     console.print(
-        f"{realised} of the theoretical saving realised ({format_macs(result.dgc_macs)} vs "
-        f"{format_macs(result.dense_macs)} MACs per sample)",
+        f"{realised} of the theoretical saving realised ({format_macs(result.dgc_macs)}"
+        f"{_EXPECTED if result.dgc_macs_expected else ''} vs {format_macs(result.dense_macs)} MACs per sample)",
         highlight=False,
     )
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
 
 
-def print_evaluation(report: EvalReport, name: str, dataset: str, console: Console | None = None) -> None:
-    """Accuracy, static vs realised MACs per sample, and the per-layer table of ``dgc-convert eval``."""
+def print_evaluation(
+    report: EvalReport, name: str, dataset: str, console: Console | None = None, *, expected: bool = False
+) -> None:
+    """Accuracy, static vs realised MACs per sample, and the per-layer table of ``dgc-convert eval``.
+
+    ``expected``: a network-gated (DGC-G) model, whose static figure is the cost expected at the target.
+    """
     console = console or output_console()
     top5 = f" (top-5 {report.top5:.2f}%)" if report.top5 is not None else ""
     console.print(
@@ -379,7 +403,8 @@ def print_evaluation(report: EvalReport, name: str, dataset: str, console: Conso
         console.print(table)
     p = report.realised_percentiles
     console.print(
-        f"MACs per sample: static {format_macs(report.static_macs)}, realised mean {format_macs(report.realised_mean)} "
+        f"MACs per sample: static {format_macs(report.static_macs)}{_EXPECTED if expected else ''}, "
+        f"realised mean {format_macs(report.realised_mean)} "
         f"(p5 {format_macs(p['p5'])}, median {format_macs(p['p50'])}, p95 {format_macs(p['p95'])})",
         highlight=False,
     )

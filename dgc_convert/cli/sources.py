@@ -23,7 +23,8 @@ def models_for_bench(
 
     ``target`` is a saved model (``.safetensors``, or a trainer checkpoint
     directory) or a model name; ``conversion`` (the given options among heads,
-    zeta, squeeze_ratio, min_channels) and ``source`` apply to model names
+    zeta, squeeze_ratio, gating, preact, squeeze_rule, min_channels) and
+    ``source`` apply to model names
     only. The dense counterpart of a saved model is the same architecture,
     untrained: only speed is measured.
     """

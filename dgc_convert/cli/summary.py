@@ -24,7 +24,12 @@ __all__ = ["ConversionSummary", "LayerRow", "summarize_conversion"]
 
 @dataclass
 class LayerRow:
-    """One convolution: geometry, decision and MACs per sample before and after."""
+    """One convolution: geometry, decision and MACs per sample before and after.
+
+    ``gating``, ``preact`` and ``squeeze_rule`` are the DGC layer's (None when
+    kept dense); under network gating ``kept`` and ``dgc_macs`` are what the
+    model-wide threshold aims at (expected at the target).
+    """
 
     name: str
     kind: str
@@ -36,11 +41,18 @@ class LayerRow:
     kept: int | None
     dense_macs: int
     dgc_macs: int
+    gating: str | None = None
+    preact: bool | None = None
+    squeeze_rule: str | None = None
 
 
 @dataclass
 class ConversionSummary:
-    """Everything ``dgc-convert MODEL`` reports (MACs per sample, integers)."""
+    """Everything ``dgc-convert MODEL`` reports (MACs per sample, integers).
+
+    ``totals["dgc_macs_expected"]`` is True when the model is network-gated
+    (DGC-G): its DGC MACs are then the cost expected at the target.
+    """
 
     model: str
     library: str
@@ -113,6 +125,9 @@ def summarize_conversion(
             kept=d.kept,
             dense_macs=dense_by_name[d.name].macs if d.name in dense_by_name else 0,
             dgc_macs=dgc_by_name[d.name].macs if d.name in dgc_by_name else 0,
+            gating=d.gating,
+            preact=d.preact,
+            squeeze_rule=d.squeeze_rule,
         )
         for d in report.layers
     ]
@@ -124,6 +139,7 @@ def summarize_conversion(
     totals = {
         "dense_macs": dense.total_macs,
         "dgc_macs": converted.total_macs,
+        "dgc_macs_expected": converted.expected,
         "saving": 1.0 - converted.total_macs / dense.total_macs if dense.total_macs else 0.0,
         "dense_params": dense.total_params,
         "dgc_params": converted.total_params,
