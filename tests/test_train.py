@@ -181,3 +181,20 @@ def test_batch_larger_than_the_data(tmp_path):
 
     with pytest.raises(DGCConvertError, match="train.batch_size=64 is larger than the 48 training samples"):
         train(make_recipe(tmp_path, train_settings={"batch_size": 64}))
+
+
+def test_a_dgc_g_run_learns_one_threshold_and_resumes_exactly(tmp_path):
+    convert = {"gating": "network", "preact": True, "squeeze_rule": "authors"}
+    full = train(make_recipe(tmp_path / "full", convert=convert))
+    layers = dgc_layers(full.model)
+    thresholds = {layer.threshold_value for _, layer in layers}
+    assert len(thresholds) == 1 and thresholds.pop() > 0  # one T, learned, in every layer
+    assert all(layer.norm is not None and layer.squeeze_rule == "authors" for _, layer in layers)
+    recipe = make_recipe(tmp_path / "stopped", convert=convert)
+    stopped = train(recipe, callbacks=[StopAt(iteration=15)])
+    assert stopped.status == "interrupted"
+    assert read_checkpoint(tmp_path / "stopped" / "last").state["epoch_iteration"] == 10  # mid-epoch
+    assert train(recipe, resume=True).status == "finished"
+    resumed = weights(tmp_path / "stopped")
+    assert any(key.endswith(".threshold") for key in resumed)
+    assert_same_weights(resumed, weights(tmp_path / "full"))
