@@ -66,3 +66,16 @@ def test_paper_resnet18_layers_are_preactivated_with_the_authors_generators():
     hidden = {name: layer.saliency_generator.hidden for name, layer in layers}
     # d 16, halved below 80 input channels: 64 // 8, 128 // 16.
     assert hidden["layer1.0.conv1"] == 8 and hidden["layer2.0.conv2"] == 8 and hidden["layer4.0.conv1"] == 16
+
+
+def test_the_paper_imagenet_recipe_has_the_authors_parameter_count(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import test_import_authors as authors
+
+    monkeypatch.setattr(authors, "CLASSES", 1000)
+    theirs = authors.authors_state_dict()  # their published key layout and shapes
+    buffers = ("running_mean", "running_var", "num_batches_tracked", "_inactive_channels")
+    recipe = load_recipe(RECIPES[[p.stem for p in RECIPES].index("resnet18_imagenet")])
+    model = build_model(recipe.model, recipe.convert).model
+    count = sum(v.numel() for k, v in theirs.items() if not k.endswith(buffers))
+    assert sum(p.numel() for p in model.parameters()) == count == 12_335_144
