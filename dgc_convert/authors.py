@@ -38,7 +38,6 @@ Unless positive scores tie exactly at the cut, the two compute the same output
 
 from __future__ import annotations
 
-import math
 import pickle
 import re
 from collections.abc import Mapping
@@ -49,8 +48,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dgc_convert.errors import LoadError, SettingsError
+from dgc_convert.errors import LoadError, SettingsError, first_line
 from dgc_convert.nn.layer import DGCConv2d, kept_channel_count
+from dgc_convert.recipe import ConvertSection, build_section
 from dgc_convert.surgery import LayerSettings, apply_conversion
 from dgc_convert.zoo import create_model
 
@@ -109,19 +109,17 @@ class AuthorsImport:
 
     @property
     def off_target(self) -> list[str]:
+        """Layers whose saved pruning state is not ``round(zeta * C)`` channels (they evaluate at their own)."""
         return [layer.name for layer in self.layers if layer.inactive != round(self.zeta * layer.in_channels)]
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data for ``--json``."""
         return {**asdict(self), "off_target": self.off_target}
 
 
 def _listing(names: list[str]) -> str:
     shown = ", ".join(names[:_SHOWN])
     return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def _refusal(file: Path, error: pickle.UnpicklingError) -> LoadError:
@@ -134,7 +132,7 @@ def _refusal(file: Path, error: pickle.UnpicklingError) -> LoadError:
             "only checkpoints of plain tensors and containers are imported, nothing in them is executed"
         )
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    reason = detail.group(1).strip() if detail else _first_line(error)
+    reason = detail.group(1).strip() if detail else first_line(error, 200)
     return LoadError(f"{file}: not a weights-only PyTorch checkpoint ({reason[:200]})")
 
 
@@ -157,8 +155,8 @@ def read_authors_state_dict(path: str | Path) -> dict[str, Tensor]:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise _refusal(file, error) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise LoadError(f"{file}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
+    except Exception as error:  # weights-only unpickling executes nothing; any failure means "not readable"
+        raise LoadError(f"{file}: not a readable PyTorch checkpoint ({first_line(error, 200)})") from None
     state: Any = loaded
     if isinstance(loaded, Mapping):
         for key in _STATE_KEYS:
@@ -206,12 +204,10 @@ def _check_settings(model: str, heads: int | None, zeta: float, squeeze_ratio: f
         raise SettingsError(
             f"model {model!r} is not one the authors' DGC code builds; import-authors supports {', '.join(AUTHORS_MODELS)}"
         )
-    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
-        raise SettingsError(f"heads must be a positive integer, got {heads!r}")
-    if not (0.0 <= zeta < 1.0) or math.isnan(zeta):
-        raise SettingsError(f"zeta must be in [0, 1), got {zeta!r}")
-    if not (squeeze_ratio >= 1):
-        raise SettingsError(f"squeeze_ratio must be >= 1, got {squeeze_ratio!r}")
+    # The schema's bounds and messages (heads, zeta, squeeze ratio), as for any conversion.
+    build_section(ConvertSection, {"heads": heads, "zeta": zeta, "squeeze_ratio": squeeze_ratio}, error=SettingsError)
+    if squeeze_ratio != int(squeeze_ratio):
+        raise SettingsError(f"squeeze_ratio must be a whole number for the authors' rule, got {squeeze_ratio!r}")
 
 
 class _Mapper:
@@ -345,6 +341,8 @@ def import_authors_checkpoint(
         num_classes = int(state["fc.weight"].shape[0])
     net = create_model(model, source="torchvision", num_classes=num_classes)
     names = authors_dgc_layers(net)
+    if not any(_heads_in_file(state, name) for name in names):
+        raise LoadError(f"{file}: no headconv_* tensors: not one of the authors' DGC {model} checkpoints")
     for name in names:
         found = _heads_in_file(state, name)
         if found == 0:
@@ -355,8 +353,7 @@ def import_authors_checkpoint(
             raise LoadError(
                 f"{file}: layer {name} has {found} heads (headconv_0..headconv_{found - 1}), --heads is {heads}"
             )
-    if heads is None:
-        raise LoadError(f"{file}: no headconv_* tensors: not one of the authors' DGC {model} checkpoints")
+    assert heads is not None  # read from the first layer with heads, found above
     settings = LayerSettings(heads, squeeze_ratio, zeta, interleaved=True, preact=True, squeeze_rule="authors")
     apply_conversion(net, dict.fromkeys(names, settings))
 
@@ -388,7 +385,7 @@ def import_authors_checkpoint(
     try:
         net.load_state_dict(mapper.mapped, strict=True)
     except RuntimeError as error:  # every name and shape was checked above
-        raise LoadError(f"{file}: the mapped tensors do not load into {model}: {_first_line(error)}") from None
+        raise LoadError(f"{file}: the mapped tensors do not load into {model}: {first_line(error, 200)}") from None
     net.eval()
     report = AuthorsImport(
         source=str(file),

@@ -48,9 +48,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dgc_convert.errors import first_line
 from dgc_convert.macs import MacReport, count_macs, normalize_input_size
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import find_dgc_layers
+from dgc_convert.nn.network_gate import untrained_threshold
 from dgc_convert.prepare import InferenceReport, prepare_for_inference
 
 __all__ = ["BENCH_ENGINES", "BenchResult", "LayerTiming", "benchmark", "realized_fraction"]
@@ -235,8 +237,7 @@ def _compile_variants(dense: nn.Module, dgc: nn.Module, runs: _Runs, engine: str
     except Exception as error:  # torch.compile fails in many ways (no compiler, unsupported ops)
         if engine == "compile":
             raise
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        notes.append(f"torch.compile failed ({type(error).__name__}: {first[:200]}); measured eager only")
+        notes.append(f"torch.compile failed ({type(error).__name__}: {first_line(error, 200)}); measured eager only")
         return
     runs.dense_compiled, runs.dgc_compiled = dense_report.model, dgc_report.model
     runs.dense_compile_s, runs.dgc_compile_s = dense_report.compile_seconds, dgc_report.compile_seconds
@@ -303,6 +304,7 @@ def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool, fa
     dgc_ms = medians["dgc:compiled"] if dgc_compiled else medians["sparse"]
     dense_macs, dgc_macs = runs.dense_macs.total_macs, runs.dgc_macs.total_macs
     mac_ratio = dgc_macs / dense_macs if dense_macs else 1.0
+    untrained = untrained_threshold(runs.masked)
     result = BenchResult(
         model=name,
         batch_size=runs.x.shape[0],
@@ -315,7 +317,8 @@ def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool, fa
         dgc_ms=dgc_ms,
         speedup=dense_ms / dgc_ms,
         mac_ratio=mac_ratio,
-        realized_fraction=realized_fraction(dense_ms, dgc_ms, mac_ratio),
+        # An untrained DGC-G threshold keeps (nearly) every channel: no saving to realise.
+        realized_fraction=None if untrained else realized_fraction(dense_ms, dgc_ms, mac_ratio),
         dense_macs=dense_macs,
         dgc_macs=dgc_macs,
         dgc_macs_expected=runs.dgc_macs.expected,
@@ -329,6 +332,11 @@ def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool, fa
         dgc_compile_s=runs.dgc_compile_s,
         dgc_in_graph=runs.dgc_in_graph,
     )
+    if untrained:
+        result.notes.append(
+            "DGC-G threshold not learned yet (0): the model keeps every positive-score channel, not the "
+            "expected MACs; bench a trained model for the realised saving"
+        )
     if layers:
         dense_x = runs.x if layout == "nchw" else runs.x_cl
         with torch.inference_mode():

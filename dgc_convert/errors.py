@@ -3,6 +3,12 @@ that names the culprit; the CLI prints it and exits with code 2 (1 for a run
 that failed: a diverged training run, an export that does not match)."""
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message (its class name when empty), at most ``limit`` characters:
+    how a library's multi-line error is quoted inside one of ours."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 class DGCConvertError(ValueError):
     """Base class: a user-facing, one-line error about bad input."""
 

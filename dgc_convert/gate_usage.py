@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dgc_convert.errors import DGCConvertError
-from dgc_convert.nn.layer import DGCConv2d
+from dgc_convert.nn.layer import DEFAULT_GATING, DGCConv2d
 from dgc_convert.nn.modes import watch_scores
 from dgc_convert.surgery import dgc_layers
 
@@ -41,7 +41,7 @@ class LayerChannelUsage:
     samples: int
     frequency: Tensor
     collapsed: list[tuple[int, str]] = field(default_factory=list)
-    gating: str = "head"
+    gating: str = DEFAULT_GATING
 
     @property
     def kept_fraction(self) -> float:

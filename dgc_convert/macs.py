@@ -54,9 +54,8 @@ def dgc_layer_costs(layer: DGCConv2d, output_height: int, output_width: int) -> 
     saliency FCs (``H * 2 * C * hidden``), and one head's convolution over one
     kept channel (``kh * kw * C'/H * H' * W'``). Static and realised counts both
     build on these."""
-    kh, kw = layer.kernel_size
     saliency = layer.heads * 2 * layer.in_channels * layer.saliency_generator.hidden
-    return saliency, kh * kw * (layer.out_channels // layer.heads) * output_height * output_width
+    return saliency, layer.kept_channel_macs(output_height, output_width)
 
 
 @dataclass

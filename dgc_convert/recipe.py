@@ -65,7 +65,8 @@ SqueezeRatio = Annotated[float, Field(ge=1.0)]
 # The layer's choices, as the schema's types (the layer's constants name them; checked at import below).
 Gating = Literal["head", "network"]
 SqueezeRule = Literal["standard", "authors"]
-assert get_args(Gating) == GATINGS and get_args(SqueezeRule) == SQUEEZE_RULES, "schema and DGCConv2d disagree"
+if get_args(Gating) != GATINGS or get_args(SqueezeRule) != SQUEEZE_RULES:  # not an assert: kept under -O
+    raise RuntimeError("the recipe schema's gating/squeeze_rule choices disagree with DGCConv2d's")
 
 
 class _Section(BaseModel):

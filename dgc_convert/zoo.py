@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torchvision
 from torch import nn
 
-from dgc_convert.errors import SettingsError, UnknownModelError
+from dgc_convert.errors import SettingsError, UnknownModelError, first_line
 
 Library = Literal["timm", "torchvision"]
 SOURCES = ("auto", "timm", "torchvision")
@@ -122,10 +122,6 @@ def default_input_size(name: str, library: Library) -> tuple[int, int, int]:
         return (3, 224, 224)
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-
-
 def _describe(kwargs: dict[str, Any], pretrained: bool) -> str:
     settings = [f"{key}={value!r}" for key, value in kwargs.items()] + (["pretrained weights"] if pretrained else [])
     return ", ".join(settings) or "its defaults"
@@ -164,10 +160,10 @@ def create_model(
             model = torchvision.models.get_model(bare, weights="DEFAULT" if pretrained else None, **kwargs)
     except (ValueError, TypeError) as error:  # the library refusing these settings (e.g. class count vs weights)
         raise SettingsError(
-            f"{library} cannot build {bare} with {_describe(kwargs, pretrained)}: {_first_line(error)}"
+            f"{library} cannot build {bare} with {_describe(kwargs, pretrained)}: {first_line(error)}"
         ) from None
     except OSError as error:  # downloading weights without a network, a full cache disk
-        raise SettingsError(f"{bare}: pretrained weights could not be fetched ({_first_line(error)})") from None
+        raise SettingsError(f"{bare}: pretrained weights could not be fetched ({first_line(error)})") from None
     classes = num_classes
     if classes is None:
         classes = getattr(model, "num_classes", None) or getattr(getattr(model, "fc", None), "out_features", None)

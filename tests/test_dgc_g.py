@@ -14,7 +14,6 @@ from dgc_convert.nn.modes import find_dgc_layers
 from dgc_convert.nn.network_gate import (
     THRESHOLD_MOMENTUM,
     batch_threshold,
-    kept_mac_fraction,
     network_gated,
     update_threshold,
 )
@@ -63,6 +62,17 @@ def _synthetic(count, generator):
         row, col = divmod(label, 2)
         images[i, :, row * 6 : row * 6 + 6, col * 6 : col * 6 + 6] += 1.0
     return images, labels
+
+
+def kept_mac_fraction(layer_scores):
+    """Fraction of the DGC convolutions' MACs kept: each kept (sample, head, channel)
+    entry weighted by the MACs it costs."""
+    kept = total = 0.0
+    for layer, scores, pixels in layer_scores:
+        cost = layer.kept_channel_macs(pixels, 1)
+        kept += float(layer.selection_mask(scores).sum()) * cost
+        total += scores.numel() * cost
+    return kept / total
 
 
 def _eval_fraction(model, images):
@@ -132,6 +142,31 @@ def test_update_threshold_needs_a_training_forward_and_ignores_head_wise_models(
     assert update_threshold(model) == pytest.approx(THRESHOLD_MOMENTUM * target, rel=1e-6)
     with pytest.raises(ValueError, match="momentum"):
         update_threshold(model, momentum=0.0)
+
+
+def test_non_finite_scores_leave_the_threshold_alone():
+    model = nn.Sequential(DGCConv2d(8, 8, 1, gating="network")).train()
+    model[0].set_threshold(0.25)
+    model(torch.full((2, 8, 3, 3), float("nan")))
+    assert update_threshold(model) is None
+    assert model[0].threshold_value == 0.25
+
+
+def test_the_threshold_compares_in_float32_at_least_and_loads_rounded():
+    layer = DGCConv2d(8, 8, 1, gating="network")
+    layer.set_threshold(0.3)
+    assert layer.threshold_value == float(torch.tensor(0.3, dtype=torch.float32))
+    # A bf16 score just above T (float32) stays above: T is not rounded to bf16 (0.30078125).
+    scores = torch.full((1, 4, 8), 0.30078125, dtype=torch.bfloat16)
+    assert layer.selection_mask(scores).all()
+    state = layer.state_dict()
+    state["threshold"] = torch.tensor(0.1, dtype=torch.float64)
+    loaded = DGCConv2d(8, 8, 1, gating="network")
+    loaded.load_state_dict(state)
+    assert loaded.threshold_value == float(torch.tensor(0.1, dtype=torch.float32))
+    state["threshold"] = torch.tensor(float("nan"), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="threshold is NaN"):
+        loaded.load_state_dict(state)
 
 
 def _free_port():

@@ -301,6 +301,18 @@ def test_not_a_checkpoint(tmp_path: Path):
     path.write_text("not a checkpoint")
     assert str(path) in _fails([str(path), "--out", str(tmp_path / "m.safetensors")])
     assert "no such file" in _fails([str(tmp_path / "missing.tar"), "--out", str(tmp_path / "m.safetensors")])
+    # Text the weights-only unpickler chokes on in other ways (IndexError, KeyError, ...).
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n")
+    assert "not a readable PyTorch checkpoint" in _fails([str(passwd), "--out", str(tmp_path / "m.safetensors")])
+
+
+def test_a_plain_torchvision_checkpoint_is_not_an_authors_one(tmp_path: Path):
+    import torchvision
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    assert "no headconv_* tensors" in _fails([str(path), "--out", str(tmp_path / "m.safetensors")])
 
 
 def _variant(tmp_path: Path, state: dict[str, Tensor], change) -> Path:

@@ -52,8 +52,13 @@ def import_authors_command(
         str, typer.Option("--model", help="The torchvision ResNet the checkpoint is: resnet18 or resnet34.")
     ] = "resnet18",
     heads: Annotated[
-        int, typer.Option("--heads", min=1, help="Heads per layer; must match the checkpoint's headconv_* count.")
-    ] = 4,
+        int | None,
+        typer.Option(
+            "--heads",
+            min=1,
+            help="Heads per layer; must match the checkpoint's headconv_* count. [default: from the file]",
+        ),
+    ] = None,
     zeta: Annotated[
         float,
         typer.Option("--zeta", help="The layers' target pruning ratio (the authors' 1 - gate_factor)."),

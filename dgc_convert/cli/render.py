@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dgc_convert.cli.summary import ConversionSummary
+from dgc_convert.nn.layer import DEFAULT_SQUEEZE_RULE
 
 if TYPE_CHECKING:  # loaded on first use (training, progress bars); only named here
     from rich.progress import Progress, TaskID
@@ -89,7 +90,7 @@ def print_conversion(summary: ConversionSummary, console: Console | None = None)
         f"min channels {s['min_channels']}, gating {s['gating']}"
         + (" (DGC-G: one model-wide threshold)" if s["gating"] == "network" else "")
         + (", pre-activation BN+ReLU" if s["preact"] else "")
-        + (f", squeeze rule {s['squeeze_rule']}" if s["squeeze_rule"] != "standard" else "")
+        + (f", squeeze rule {s['squeeze_rule']}" if s["squeeze_rule"] != DEFAULT_SQUEEZE_RULE else "")
         + (f", include {s['include']}" if s["include"] else "")
         + (f", exclude {s['exclude']}" if s["exclude"] else "")
         + (f", overrides {list(s['overrides'])}" if s["overrides"] else "")
@@ -118,6 +119,11 @@ def print_conversion(summary: ConversionSummary, console: Console | None = None)
         f"{_EXPECTED if expected else ''} ([bold]{t['saving'] * 100:.1f}% saved[/bold]); "
         f"parameters: dense {_count(t['dense_params'])}, DGC {_count(t['dgc_params'])}"
     )
+    if expected:
+        console.print(
+            "DGC-G: the threshold is learned in training (dgc-convert train); until then it is 0 and the "
+            "model keeps every channel with a positive score, so only a trained model spends the expected MACs"
+        )
     if summary.identity_max_diff is not None:
         console.print(
             f"identity check passed: max difference {summary.identity_max_diff:.2e} at zeta 0 with unit scores"

@@ -91,6 +91,8 @@ def saliency_hidden_width(in_channels: int, squeeze_ratio: float, rule: str = DE
     integer halved when C < 80, and the width is ``C // d`` (at least 1).
     """
     if rule == "authors":
+        if squeeze_ratio != int(squeeze_ratio):
+            raise ValueError(f"squeeze_rule 'authors' needs a whole squeeze_ratio, got {squeeze_ratio!r}")
         ratio = int(squeeze_ratio)
         if in_channels < _AUTHORS_HALVE_BELOW:
             ratio //= 2
@@ -452,6 +454,12 @@ class DGCConv2d(nn.Module):
         self.threshold.fill_(value)
         self._threshold_value = value
 
+    def kept_channel_macs(self, output_height: int, output_width: int) -> int:
+        """MACs per sample one head spends on one kept input channel: ``kh * kw * C'/H * H' * W'``
+        (the convolution part of the method's cost formula, ``docs/method.md`` section 4)."""
+        kh, kw = self.kernel_size
+        return kh * kw * (self.out_channels // self.heads) * output_height * output_width
+
     @property
     def threshold_value(self) -> float:
         """The network-gating threshold T as a Python float (0 for head-wise layers)."""
@@ -496,7 +504,11 @@ class DGCConv2d(nn.Module):
         # so forward needs no device sync to read them.
         self._zeta_t_value = _check_zeta("zeta_t", float(self.zeta_t))
         if self.gating == "network":
-            self._threshold_value = float(self.threshold)
+            value = float(self.threshold)
+            if math.isnan(value):
+                error_msgs.append(f"{prefix}threshold: the network-gating threshold is NaN")
+            else:
+                self.set_threshold(value)  # rounded to float32 as every path compares
 
     # -- the method -------------------------------------------------------
 
@@ -532,9 +544,11 @@ class DGCConv2d(nn.Module):
 
     def _threshold_mask(self, scores: Tensor, keys: Tensor) -> Tensor:
         """Network gating: scores above T, and each head's top channel (ties to the lower index)."""
-        # T is float32-representable (``set_threshold``), so this comparison
-        # agrees with the compiled op's float one.
-        above = scores.detach() > self.threshold.to(scores.dtype)
+        # T is float32-representable (``set_threshold``), so comparing in at
+        # least float32 agrees with the compiled op's float comparison; bf16/fp16
+        # scores (autocast) are widened rather than T rounded to their precision.
+        dtype = torch.promote_types(scores.dtype, torch.float32)
+        above = scores.detach().to(dtype) > self.threshold.to(dtype)
         return above.scatter(2, keys.argmax(dim=2, keepdim=True), True)
 
     def select(self, scores: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ so evaluation and a resumed run use the learned value.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import find_dgc_layers
 
-__all__ = ["THRESHOLD_MOMENTUM", "network_gated", "batch_threshold", "update_threshold", "kept_mac_fraction"]
+__all__ = ["THRESHOLD_MOMENTUM", "network_gated", "untrained_threshold", "batch_threshold", "update_threshold"]
 
 # Weight of the newest batch in T's moving average (BatchNorm's default
 # momentum: about the last ten batches count).
@@ -51,22 +52,26 @@ def network_gated(model_or_layers: nn.Module | Iterable[DGCConv2d]) -> list[DGCC
     return [layer for layer in find_dgc_layers(model_or_layers) if layer.gating == "network"]
 
 
-def _entry_costs(layer: DGCConv2d, pixels: int) -> int:
-    """Convolution MACs one kept (sample, head, channel) entry of ``layer`` costs."""
-    kh, kw = layer.kernel_size
-    return kh * kw * (layer.out_channels // layer.heads) * pixels
+def untrained_threshold(model_or_layers: nn.Module | Iterable[DGCConv2d]) -> bool:
+    """True when the model is network-gated and its threshold is still the initial 0
+    (never trained): it then keeps every positive-score channel, not its target."""
+    return any(layer.threshold_value == 0.0 for layer in network_gated(model_or_layers))
 
 
 def _records(layers: list[DGCConv2d]) -> list[tuple[DGCConv2d, Tensor, int]]:
+    """(layer, scores, output pixels) of every layer that ran a training forward
+    since the last update; a layer a forward skipped (a conditional branch) adds nothing."""
     found = []
     for layer in layers:
-        if layer.last_gate_record is None:
-            raise RuntimeError(
-                "update_threshold needs a training-mode forward of every network-gated layer first "
-                "(call it after the forward of each training step)"
-            )
-        scores, pixels = layer.last_gate_record
-        found.append((layer, scores, pixels))
+        if layer.last_gate_record is not None:
+            scores, pixels = layer.last_gate_record
+            found.append((layer, scores, pixels))
+            layer.last_gate_record = None
+    if not found:
+        raise RuntimeError(
+            "update_threshold needs a training-mode forward of the network-gated layers first "
+            "(call it after the forward of each training step)"
+        )
     return found
 
 
@@ -76,8 +81,9 @@ def batch_threshold(records: Iterable[tuple[Tensor, int, float]]) -> float | Non
     ``records``: per layer (scores of any shape, MACs each entry costs when
     kept, the fraction of that layer's MACs to keep ``1 - zeta_t``). Returns
     the threshold T such that keeping the entries with score > T keeps
-    ``sum(cost * keep) / sum(cost)`` of the MACs (up to one entry; ties at T
-    are all dropped). None when every fraction is 1 (nothing to drop).
+    ``sum(cost * keep) / sum(cost)`` of the MACs, up to the entry the target
+    falls in; entries tied at T are all dropped, so many equal scores at the
+    cut (zeros, for instance) keep less. None when every fraction is 1 (nothing to drop).
     """
     scores, costs, wanted, total = [], [], 0.0, 0.0
     for layer_scores, cost, keep in records:
@@ -116,10 +122,8 @@ def update_threshold(
     if not layers:
         return None
     records = _records(layers)
-    for layer in layers:
-        layer.last_gate_record = None
     target = batch_threshold(
-        (scores, _entry_costs(layer, pixels), 1.0 - layer.zeta_t_value) for layer, scores, pixels in records
+        (scores, layer.kept_channel_macs(pixels, 1), 1.0 - layer.zeta_t_value) for layer, scores, pixels in records
     )
     if target is None:
         return None
@@ -127,20 +131,12 @@ def update_threshold(
         value = torch.tensor([target], dtype=torch.float64, device=records[0][1].device)
         dist.all_reduce(value)  # SUM: the mean below (gloo has no AVG)
         target = float(value) / dist.get_world_size()
+    if not math.isfinite(target):
+        # Non-finite scores (a diverging run): keep T; the training loop's
+        # non-finite check reports the divergence. Every rank sees the same value.
+        return None
     current = layers[0].threshold_value
     new = current + momentum * (target - current)
     for layer in layers:
         layer.set_threshold(new)
     return layers[0].threshold_value
-
-
-def kept_mac_fraction(layer_scores: Iterable[tuple[DGCConv2d, Tensor, int]]) -> float:
-    """Fraction of the DGC convolutions' MACs the layers kept: per layer (layer,
-    scores (batch, heads, C), output pixels), each kept (sample, head, channel)
-    entry weighted by the MACs it costs (``kh * kw * C'/H * H' * W'``)."""
-    kept = total = 0.0
-    for layer, scores, pixels in layer_scores:
-        cost = _entry_costs(layer, pixels)
-        kept += float(layer.selection_mask(scores).sum()) * cost
-        total += scores.numel() * cost
-    return kept / total if total else 1.0
