@@ -201,12 +201,7 @@ def saved_layer_settings(metadata: dict[str, str]) -> dict[str, LayerSettings]:
 def saved_layouts(metadata: dict[str, str]) -> dict[str, bool]:
     """Module name -> ``interleaved`` for every DGC layer a file's metadata records
     (``read_metadata``); entries without a "layout" are interleaved."""
-    try:
-        return {str(entry["name"]): _interleaved(entry) for entry in json.loads(metadata["conversion"])}
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
-        raise LoadError(f"metadata field 'conversion' is missing or malformed ({error})") from None
-    except ValueError as error:
-        raise LoadError(f"metadata field 'conversion': {error}") from None
+    return {name: settings.interleaved for name, settings in saved_layer_settings(metadata).items()}
 
 
 def apply_saved_layouts(model: nn.Module, metadata: dict[str, str]) -> None:

@@ -438,8 +438,9 @@ class DGCConv2d(nn.Module):
     def kept_channels(self) -> int:
         """k: input channels each head keeps per sample at the current ``zeta_t``.
 
-        Under network gating the number varies per sample and head; this is
-        then the count the threshold aims at on average (the target).
+        Under network gating the number varies per sample and head, and the
+        threshold only aims at the network's total (MAC-weighted); this is then
+        the head-wise target k, which a single layer may keep more or less of.
         """
         return kept_channel_count(self.in_channels, self._zeta_t_value)
 
@@ -526,7 +527,11 @@ class DGCConv2d(nn.Module):
 
     def saliency(self, x: Tensor) -> Tensor:
         """Per-head, per-sample channel scores ``g`` for the layer's input ``x``
-        (pre-activated first with ``preact``): shape (batch, heads, in_channels), >= 0."""
+        (pre-activated first with ``preact``): shape (batch, heads, in_channels), >= 0.
+
+        With ``preact`` in training mode this runs the layer's ``norm`` again,
+        which updates its running statistics: call it in eval mode to look.
+        """
         return self._scores(self.preactivate(x))
 
     def _keys(self, scores: Tensor) -> Tensor:
