@@ -1,4 +1,4 @@
-"""Two processes under torchrun (gloo on CPU): identical weights on both ranks, one checkpoint."""
+"""Two processes under torchrun (gloo on CPU): identical weights (and DGC-G thresholds) on both ranks, one checkpoint."""
 
 import json
 import subprocess
@@ -12,10 +12,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def test_two_process_gloo_run_ends_with_identical_weights_and_one_checkpoint(tmp_path):
+    # DGC-G, so the ranks must also agree on the learned threshold (one all-reduce a step).
     recipe = tmp_path / "ddp.yaml"
     recipe.write_text(
         "model: resnet18\n"
-        "convert: {heads: 4, zeta: 0.5}\n"
+        "convert: {heads: 4, zeta: 0.5, gating: network}\n"
         "train: {epochs: 2, batch_size: 16, lr: 0.02}\n"
         "data: {dataset: synthetic, synthetic_size: 64, augmentation: crop_flip}\n"
         f"output: {{directory: {tmp_path / 'run'}}}\n"
@@ -37,6 +38,8 @@ def test_two_process_gloo_run_ends_with_identical_weights_and_one_checkpoint(tmp
     assert "rank 0 finished 8" in done.stdout and "rank 1 finished 8" in done.stdout
     rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert rank0.keys() == rank1.keys()
+    thresholds = [key for key in rank0 if key.endswith(".threshold")]
+    assert len(thresholds) == 19 and float(rank0[thresholds[0]]) > 0
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     saved = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))

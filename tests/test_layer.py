@@ -418,3 +418,35 @@ def test_hidden_width_and_repr():
     assert DGCConv2d.from_conv(nn.Conv2d(8, 8, 3)).interleaved is False
     old = DGCConv2d(64, 32, 3, interleaved=True)
     assert old.interleaved is True and "zeta_t=0.5, interleaved=True" in repr(old)
+
+
+@pytest.mark.parametrize("gating", ["head", "network"])
+def test_preact_conversion_equals_a_hand_built_bn_relu_dgc_chain(gating):
+    """``preact`` is exactly BatchNorm2d -> ReLU -> the same DGC layer without it,
+    in training (batch statistics, running-stat updates, gradients) and in eval."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, padding=1, stride=2, bias=True).double()
+    # What conversion builds (surgery's apply_conversion calls from_conv).
+    layer = DGCConv2d.from_conv(conv, heads=4, zeta=0.5, preact=True, gating=gating)
+    model = nn.Sequential(layer)
+    if gating == "network":
+        layer.set_threshold(0.95)
+    plain = DGCConv2d(16, 32, 3, padding=1, stride=2, bias=True, heads=4, zeta=0.5, gating=gating).double()
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("norm.")})
+    norm = nn.BatchNorm2d(16).double()
+    norm.load_state_dict(layer.norm.state_dict())
+    chain = nn.Sequential(norm, nn.ReLU(), plain)
+    x = torch.randn(4, 16, 9, 9, dtype=torch.float64) - 0.3
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        chain.train(mode == "train")
+        a_in, b_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a, b = model(a_in), chain(b_in)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        if mode == "train":
+            (a * torch.arange(a.numel(), dtype=a.dtype).view_as(a).sin()).sum().backward()
+            (b * torch.arange(b.numel(), dtype=b.dtype).view_as(b).sin()).sum().backward()
+            torch.testing.assert_close(a_in.grad, b_in.grad, rtol=0, atol=1e-12)
+            torch.testing.assert_close(layer.weight.grad, plain.weight.grad, rtol=0, atol=1e-12)
+            torch.testing.assert_close(layer.norm.weight.grad, norm.weight.grad, rtol=0, atol=1e-12)
+            torch.testing.assert_close(layer.norm.running_mean, norm.running_mean, rtol=0, atol=1e-15)
