@@ -569,9 +569,14 @@ class DGCConv2d(nn.Module):
         width is rounded up to a multiple of C/16 so the inference algorithms
         meet few distinct shapes.
         """
+        return self._kept(scores)[0]
+
+    def _kept(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """``select``'s indices and ``kept_scores``' scores, the keys and the mask computed once."""
         keys = self._keys(scores)
         if not self.thresholded:
-            return keys.topk(self.kept_channels, dim=2, sorted=False).indices
+            index = keys.topk(self.kept_channels, dim=2, sorted=False).indices
+            return index, scores.gather(2, index)
         mask = self._threshold_mask(scores, keys)
         widest = int(mask.sum(dim=2).max())
         step = max(1, self.in_channels // 16)
@@ -579,7 +584,8 @@ class DGCConv2d(nn.Module):
         # Kept channels rank first, then the padding. By key alone a dropped
         # channel could outrank a kept one: in a float64 model, scores within
         # about C * 2**-40 of each other are ordered by channel (section 1).
-        return keys.masked_fill(~mask, -math.inf).topk(width, dim=2, sorted=False).indices
+        index = keys.masked_fill(~mask, -math.inf).topk(width, dim=2, sorted=False).indices
+        return index, scores.gather(2, index) * mask.gather(2, index)
 
     def kept_scores(self, scores: Tensor, index: Tensor) -> Tensor:
         """The scores of the channels ``select`` returned, 0 for network gating's padding."""
@@ -664,10 +670,10 @@ class DGCConv2d(nn.Module):
         x = x.contiguous()
         scores = self._scores(x)
         self._last_sparsity = scores.mean(dim=(0, 2)).sum()
-        index = self.select(scores)
+        index, kept = self._kept(scores)
         args = (
             x,
-            self.kept_scores(scores, index),
+            kept,
             index,
             self.weight,
             self._weight_cache,
