@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from dgc_convert.errors import LoadError, SettingsError, first_line
+from dgc_convert.nn.functional import dense_weights
 from dgc_convert.nn.layer import DGCConv2d, kept_channel_count
 from dgc_convert.recipe import ConvertSection, build_section
 from dgc_convert.surgery import LayerSettings, apply_conversion
@@ -252,8 +253,8 @@ class _Mapper:
         width = f" (--squeeze-ratio {squeeze_ratio:g} gives {hidden} hidden units at {c_in} channels)"
         filters = self.stacked([f"{k}.conv.weight" for k in heads_keys], (c_out // heads, c_in, kh, kw))
         if filters is not None:
-            # (H, n, C, kh, kw) -> (n, H, ...): dense row j*H + i is head i's filter j.
-            self.put(f"{name}.weight", filters.transpose(0, 1).reshape(c_out, c_in, kh, kw))
+            # Head-major (H, n, C, kh, kw) into the dense layout: row j*H + i is head i's filter j.
+            self.put(f"{name}.weight", dense_weights(filters, interleaved=True))
         self.put(
             f"{name}.saliency_generator.reduce",
             self.stacked([f"{k}.fc1.weight" for k in heads_keys], (hidden, c_in), width),

@@ -269,16 +269,8 @@ def apply_conversion(model: nn.Module, layers: Mapping[str, LayerSettings]) -> N
         if not isinstance(conv, nn.Conv2d):
             raise ConversionError(f"layer {name}: a {type(conv).__name__}, not an nn.Conv2d")
         try:
-            replacements[id(conv)] = DGCConv2d.from_conv(
-                conv,
-                heads=layer.heads,
-                squeeze_ratio=layer.squeeze_ratio,
-                zeta=layer.zeta,
-                interleaved=layer.interleaved,
-                gating=layer.gating,
-                preact=layer.preact,
-                squeeze_rule=layer.squeeze_rule,
-            )
+            # LayerSettings' fields are from_conv's keywords, one for one.
+            replacements[id(conv)] = DGCConv2d.from_conv(conv, **asdict(layer))
         except ValueError as error:
             raise ConversionError(f"layer {name}: {error}") from None
     for parent in model.modules():
