@@ -21,16 +21,26 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from dgc_convert.nn.layer import DGCConv2d
+from dgc_convert.nn.layer import DGCConv2d, kept_channel_macs, saliency_macs
 from dgc_convert.nn.modes import dgc_mode
 
-__all__ = ["LayerMacs", "MacReport", "count_macs", "dgc_layer_macs", "dgc_layer_costs", "normalize_input_size"]
+__all__ = [
+    "LayerMacs",
+    "MacReport",
+    "count_macs",
+    "dgc_layer_macs",
+    "dgc_layer_costs",
+    "normalize_input_size",
+    "convolution_output_sizes",
+]
 
 
 def dgc_layer_macs(layer: DGCConv2d, output_height: int, output_width: int) -> int:
@@ -54,8 +64,8 @@ def dgc_layer_costs(layer: DGCConv2d, output_height: int, output_width: int) -> 
     saliency FCs (``H * 2 * C * hidden``), and one head's convolution over one
     kept channel (``kh * kw * C'/H * H' * W'``). Static and realised counts both
     build on these."""
-    saliency = layer.heads * 2 * layer.in_channels * layer.saliency_generator.hidden
-    return saliency, layer.kept_channel_macs(output_height, output_width)
+    saliency = saliency_macs(layer.in_channels, layer.heads, layer.saliency_generator.hidden)
+    return saliency, kept_channel_macs(layer.kernel_size, layer.out_channels, layer.heads, output_height, output_width)
 
 
 @dataclass
@@ -304,3 +314,45 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> MacReport:
     ]
     expected = any(isinstance(m, DGCConv2d) and m.gating == "network" for m in named.values())
     return MacReport(size, tally.total(), sum(p.numel() for p in model.parameters()), layers, expected=expected)
+
+
+def convolution_output_sizes(model: nn.Module, input_size: int | Sequence[int]) -> dict[str, tuple[int, int]]:
+    """Output (height, width) in pixels of every ``nn.Conv2d`` of ``model`` for one
+    input of ``input_size``, by name; a convolution the forward does not call is absent.
+
+    Shapes only: the model runs in eval mode on fake tensors (no compute, no
+    memory for activations), or, where fake tensors fail (an operator without
+    a shape rule), once for real on a batch of one under ``torch.no_grad()``.
+    Every module is returned to its previous mode.
+    """
+    size = normalize_input_size(input_size)
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                sizes.setdefault(name, (int(output.shape[2]), int(output.shape[3])))
+
+        return hook
+
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    training = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    try:
+        model.eval()
+        try:
+            # DGC layers in their graph form: no timing of sparse algorithms on fake tensors.
+            with FakeTensorMode(allow_non_fake_inputs=True), dgc_mode(model, algorithm="export"), torch.no_grad():
+                model(torch.zeros(1, *size, device=device, dtype=dtype))
+        except Exception:  # any operator fake tensors cannot run: measure for real, once
+            sizes.clear()
+            with dgc_mode(model, algorithm="export"), torch.no_grad():
+                model(torch.zeros(1, *size, device=device, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in training.items():
+            m.training = mode
+    return sizes

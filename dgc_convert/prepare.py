@@ -61,6 +61,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from dgc_convert.nn.conv_kinds import conv_kind, standardize_weight
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.tracing import trace, trace_error
 
@@ -75,6 +76,7 @@ class InferenceReport:
     """What ``prepare_for_inference`` did: folded (conv, batchnorm) pairs, and why not more."""
 
     folded: list[tuple[str, str]] = field(default_factory=list)
+    standardized: int = 0  # weight-standardised convolutions (dense and DGC) whose standardised weight was stored
     not_folded: list[tuple[str, str]] = field(default_factory=list)  # (batchnorm name, reason)
     dgc_layers: int = 0
     trace_error: str | None = None
@@ -89,7 +91,13 @@ class InferenceReport:
 
 @torch.no_grad()
 def fold_batchnorm(conv: nn.Conv2d | DGCConv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold an eval-mode ``bn`` that directly follows ``conv`` into its weight and bias, in place."""
+    """Fold an eval-mode ``bn`` that directly follows ``conv`` into its weight and bias, in place.
+
+    ``conv`` must use its weight as it is: a weight-standardised one would
+    standardise the folded scale away (``fold_weight_standardization`` first).
+    """
+    if not _uses_weight_as_is(conv):
+        raise ValueError(f"{type(conv).__name__} computes its weight on the fly: fold its standardisation first")
     mean, var = bn.running_mean, bn.running_var
     if mean is None or var is None:
         raise ValueError("fold_batchnorm needs a BatchNorm with running statistics")
@@ -103,6 +111,70 @@ def fold_batchnorm(conv: nn.Conv2d | DGCConv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
     else:
         conv.bias.copy_(new_bias)
+
+
+def _uses_weight_as_is(conv: nn.Module) -> bool:
+    """A convolution (dense or DGC) that convolves with ``weight`` itself, not a
+    standardised form of it (its padding may still be TF-'SAME')."""
+    if isinstance(conv, DGCConv2d):
+        return conv.standardization is None
+    kind = conv_kind(conv) if isinstance(conv, nn.Conv2d) else None
+    return kind is not None and kind.standardization is None
+
+
+@torch.no_grad()
+def _plain_twin(conv: nn.Conv2d) -> nn.Conv2d:
+    """A convolution computing what the weight-standardised ``conv`` computes in eval, with
+    the standardised weight stored: ``nn.Conv2d``, or timm's ``Conv2dSame`` for TF-'SAME'."""
+    kind = conv_kind(conv)
+    assert kind is not None and kind.standardization is not None  # what the caller selected
+    gain = conv.get_parameter("gain") if kind.standardization.has_gain else None
+    options: dict[str, Any] = {
+        "stride": conv.stride,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "device": conv.weight.device,
+        "dtype": conv.weight.dtype,
+    }
+    kernel = (conv.kernel_size[0], conv.kernel_size[1])
+    padding = conv.padding if isinstance(conv.padding, str) else (conv.padding[0], conv.padding[1])
+    twin: nn.Conv2d
+    if kind.same_padding:
+        from timm.layers.conv2d_same import Conv2dSame  # the conv is timm's: timm is imported
+
+        twin = Conv2dSame(conv.in_channels, conv.out_channels, kernel, padding=0, **options)
+    else:
+        twin = nn.Conv2d(conv.in_channels, conv.out_channels, kernel, padding=padding, **options)
+    twin.weight.copy_(standardize_weight(conv.weight, kind.standardization, gain))
+    if conv.bias is not None and twin.bias is not None:
+        twin.bias.copy_(conv.bias)
+    twin.train(conv.training)
+    return twin
+
+
+def _fold_weight_standardization(model: nn.Module, report: InferenceReport) -> None:
+    """Store every weight-standardised convolution's standardised weight (eval's
+    weights are fixed): DGC layers drop their standardisation, timm's
+    ``StdConv2d`` family becomes plain convolutions. What is served then does
+    no per-call weight work, and BatchNorm folds into these layers too."""
+    twins: dict[int, nn.Module] = {}  # a convolution shared under several names stays shared
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(module, DGCConv2d):
+            if module.standardization is not None:
+                module.fold_weight_standardization()
+                report.standardized += 1
+            continue
+        if not name or not isinstance(module, nn.Conv2d) or _uses_weight_as_is(module):
+            continue
+        kind = conv_kind(module)
+        if kind is None or kind.standardization is None:
+            continue
+        if id(module) not in twins:
+            twins[id(module)] = _plain_twin(module)
+            report.standardized += 1
+        parent, child = _parent_and_name(model, name)
+        setattr(parent, child, twins[id(module)])
 
 
 def _parent_and_name(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -131,9 +203,7 @@ def _foldable_pairs(model: nn.Module, report: InferenceReport) -> list[tuple[str
             report.not_folded.append((node.target, "does not directly follow a convolution"))
             continue
         conv = modules.get(str(source.target))
-        if not isinstance(conv, (nn.Conv2d, DGCConv2d)) or (
-            isinstance(conv, nn.Conv2d) and type(conv).forward is not nn.Conv2d.forward
-        ):
+        if not isinstance(conv, (nn.Conv2d, DGCConv2d)) or not _uses_weight_as_is(conv):
             report.not_folded.append((node.target, "does not directly follow a convolution"))
         elif len(source.users) != 1:
             report.not_folded.append((node.target, f"{source.target}'s output is also used elsewhere"))
@@ -321,8 +391,9 @@ def prepare_for_inference(
 ) -> InferenceReport:
     """Prepare ``model`` for serving, in place, and return what to serve in ``report.model``.
 
-    Always: eval mode, BatchNorm folded into the convolutions (dense and DGC)
-    they follow, DGC weights pre-arranged for the sparse inference path, and
+    Always: eval mode, weight standardisation (timm's ``StdConv2d`` family,
+    dense and DGC) stored as the standardised weight, BatchNorm folded into
+    the convolutions (dense and DGC) they follow, DGC weights pre-arranged for the sparse inference path, and
     (``channels_last``) parameters in channels-last memory format, which
     oneDNN's convolutions run faster on: feed channels-last inputs. With
     ``engine="eager"`` and ``pack``, plain convolutions become
@@ -341,6 +412,7 @@ def prepare_for_inference(
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     model.eval()
     report = InferenceReport(engine=engine, channels_last=channels_last)
+    _fold_weight_standardization(model, report)  # first: BatchNorm then folds into these layers too
     for conv_name, bn_name in _foldable_pairs(model, report):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         assert isinstance(conv, (nn.Conv2d, DGCConv2d)) and isinstance(

@@ -19,12 +19,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dgc_convert.errors import ConversionError, IdentityCheckError
+from dgc_convert.errors import ConversionError, IdentityCheckError, first_line
+from dgc_convert.macs import convolution_output_sizes, normalize_input_size
+from dgc_convert.nn.conv_kinds import conv_kind
 from dgc_convert.nn.layer import (
     DEFAULT_GATING,
     DEFAULT_SQUEEZE_RULE,
     DGCConv2d,
     kept_channel_count,
+    kept_channel_macs,
+    saliency_hidden_width,
+    saliency_macs,
     static_padding,
 )
 from dgc_convert.nn.modes import dgc_mode, find_dgc_layers
@@ -145,8 +150,8 @@ class ConversionReport:
 def _reason_to_skip(conv: nn.Conv2d, heads: int, min_channels: int, is_stem: bool) -> str:
     """Why ``conv`` stays dense under these settings; empty when it can convert."""
     kind = type(conv).__name__
-    if type(conv).forward is not nn.Conv2d.forward:
-        return f"{kind} overrides nn.Conv2d.forward (its weight or padding is computed on the fly)"
+    if conv_kind(conv) is None:
+        return f"{kind} overrides nn.Conv2d.forward (computes its weight or input in a way a DGC layer does not know)"
     if is_stem:
         return "stem: sees the image"
     if conv.groups != 1:
@@ -160,6 +165,30 @@ def _reason_to_skip(conv: nn.Conv2d, heads: int, min_channels: int, is_stem: boo
     if conv.out_channels % heads:
         return f"out_channels={conv.out_channels} not divisible by heads={heads}"
     return ""
+
+
+# The start of the reason a layer that would cost more as DGC stays dense (the
+# CLI and the "nothing can be converted" error group reasons by it).
+NO_SAVING = "no saving as DGC"
+
+
+def _reason_no_saving(
+    conv: nn.Conv2d, heads: int, zeta: float, squeeze_ratio: float, rule: str, output_size: tuple[int, int]
+) -> str:
+    """Why ``conv`` would cost at least as much as a DGC layer at its feature size (the
+    method's cost formula, saliency generators included); empty when DGC saves MACs."""
+    kernel = (conv.kernel_size[0], conv.kernel_size[1])
+    per_channel = kept_channel_macs(kernel, conv.out_channels, heads, *output_size)
+    hidden = saliency_hidden_width(conv.in_channels, squeeze_ratio, rule)
+    dgc = (
+        saliency_macs(conv.in_channels, heads, hidden)
+        + heads * kept_channel_count(conv.in_channels, zeta) * per_channel
+    )
+    dense = heads * conv.in_channels * per_channel
+    if dgc < dense:
+        return ""
+    height, width = output_size
+    return f"{NO_SAVING} ({dgc:,} MACs per sample against {dense:,} dense, at its {height}x{width} output)"
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -186,13 +215,49 @@ def _display_name(model: nn.Module) -> str:
     return info.name if info is not None else type(model).__name__
 
 
-def plan_conversion(model: nn.Module, settings: ConvertSection) -> ConversionReport:
+def _output_sizes(
+    model: nn.Module, convs: list[tuple[str, nn.Conv2d]], stems: set[str], input_size: int | tuple[int, ...] | None
+) -> dict[str, tuple[int, int]]:
+    """Every convolution's output size at ``input_size``: by default the model's own
+    (``create_model``'s), else 224 square with a stem's input channels."""
+    if not convs:
+        return {}
+    info = model_info(model)
+    if input_size is not None:
+        size = normalize_input_size(input_size)
+    elif info is not None:
+        size = info.input_size
+    else:
+        channels = next((conv.in_channels for name, conv in convs if name in stems), convs[0][1].in_channels)
+        size = normalize_input_size(224, channels)
+    try:
+        return convolution_output_sizes(model, size)
+    except Exception as error:  # the model's own failure on this input: say which input, and how to pick another
+        raise ConversionError(
+            f"{_display_name(model)} cannot run on a {'x'.join(map(str, size))} input to find its feature sizes "
+            f"({first_line(error)}); pass input_size"
+        ) from None
+
+
+def plan_conversion(
+    model: nn.Module, settings: ConvertSection, *, input_size: int | tuple[int, ...] | None = None
+) -> ConversionReport:
     """Decide, for every ``nn.Conv2d`` of ``model`` (subclasses included), whether
     it converts and with which settings, without changing the model.
 
     Later override patterns win key by key; a key an override leaves unset
     (None) keeps the value set before it, ``skip`` included. ``gating`` is
     the section's for every layer (overrides cannot set it).
+
+    Never at a loss: a convolution that would cost at least as many MACs per
+    sample as a DGC layer (saliency generators included, at its output size
+    for one input of ``input_size``) as it does dense stays dense, with the
+    reason, unless an override names it exactly (its pattern is the layer's
+    name) or sets ``skip: false`` for it. ``input_size``: N, (H, W) or
+    (C, H, W); the model's own (``create_model``'s) when None, else 224.
+    Feature sizes come from one shape-only run of the model
+    (``convolution_output_sizes``); a convolution that run does not reach is
+    judged by nothing but the other rules.
 
     Raises:
         ConversionError: an include, exclude or override pattern that matches
@@ -209,11 +274,13 @@ def plan_conversion(model: nn.Module, settings: ConvertSection) -> ConversionRep
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 raise ConversionError(f"{kind} pattern {pattern!r} matches no convolution of the model")
     stems = stem_convolutions(model)
+    output_sizes = _output_sizes(model, convs, stems, input_size)
     report = ConversionReport()
     for name, conv in convs:
         heads, zeta, ratio = settings.heads, settings.zeta, settings.squeeze_ratio
         preact, rule = settings.preact, settings.squeeze_rule
         skip = ""
+        named = unskipped = False  # what lets a layer convert at a loss
         for pattern, override in settings.overrides.items():
             if fnmatch.fnmatchcase(name, pattern):
                 heads = override.heads if override.heads is not None else heads
@@ -221,14 +288,18 @@ def plan_conversion(model: nn.Module, settings: ConvertSection) -> ConversionRep
                 ratio = override.squeeze_ratio if override.squeeze_ratio is not None else ratio
                 preact = override.preact if override.preact is not None else preact
                 rule = override.squeeze_rule if override.squeeze_rule is not None else rule
+                named = named or pattern == name
                 if override.skip is not None:
                     skip = f"override {pattern!r} says skip" if override.skip else ""
+                    unskipped = not override.skip
         if settings.include and not _matches(name, settings.include):
             skip = "not matched by include"
         elif _matches(name, settings.exclude):
             skip = "matched by exclude"
         if not skip:
             skip = _reason_to_skip(conv, heads, settings.min_channels, is_stem=name in stems)
+        if not skip and not (named or unskipped) and name in output_sizes:
+            skip = _reason_no_saving(conv, heads, zeta, ratio, rule, output_sizes[name])
         decision = LayerDecision(
             name=name,
             kind=type(conv).__name__,
@@ -295,13 +366,19 @@ def convert(
     exclude: Iterable[str] | None = None,
     min_channels: int | None = None,
     overrides: Mapping[str, LayerOverride | Mapping[str, Any]] | None = None,
+    input_size: int | tuple[int, ...] | None = None,
 ) -> ConversionReport:
     """Replace the eligible convolutions of ``model`` with ``DGCConv2d``, in place.
 
-    A convolution is eligible when its forward is ``nn.Conv2d``'s own, it is
-    not a stem (a convolution that sees the image, found by tracing the
-    model), ``groups == 1``, its padding is zeros (and symmetric),
-    ``in_channels >= min_channels`` and ``heads`` divides ``out_channels``.
+    A convolution is eligible when its forward is ``nn.Conv2d``'s own or one
+    a DGC layer reproduces (timm's weight-standardised and TF-'SAME'
+    convolutions, ``nn.conv_kinds``), it is not a stem (a convolution that
+    sees the image, found by tracing the model), ``groups == 1``, its padding
+    is zeros (and symmetric, unless TF-'SAME'), ``in_channels >=
+    min_channels``, ``heads`` divides ``out_channels``, and the DGC layer
+    would cost fewer MACs per sample than the convolution at its output size
+    for ``input_size`` (see ``plan_conversion``: an override naming the layer
+    overrules this last rule).
     Module names and the rest of the model are untouched; weights and biases
     are copied into the new layers.
 
@@ -318,6 +395,8 @@ def convert(
             ``overrides`` maps a glob pattern over module names to a
             ``LayerOverride`` (or a mapping of heads / zeta / squeeze_ratio /
             skip / preact / squeeze_rule); later patterns win, key by key.
+        input_size: the input the MAC comparison is made at: N, (H, W) or
+            (C, H, W); the model's own when None (``plan_conversion``).
 
     Returns:
         A ``ConversionReport`` with one row per convolution, converted or the
@@ -344,7 +423,7 @@ def convert(
         min_channels=min_channels,
         overrides=None if overrides is None else dict(overrides),
     )
-    report = plan_conversion(model, settings)
+    report = plan_conversion(model, settings, input_size=input_size)
     if not report.converted:
         why = "; ".join(sorted({d.reason.split(" (")[0] for d in report.skipped})) or "it has no nn.Conv2d"
         model_name = _display_name(model)

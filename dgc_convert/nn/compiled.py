@@ -284,13 +284,16 @@ def packed_weight_for(layer: Any) -> Tensor:
     return packed
 
 
-def dgc_conv2d_for_layer(layer: Any, x: Tensor, packed: Tensor | None = None) -> Tensor:
+def dgc_conv2d_for_layer(
+    layer: Any, x: Tensor, packed: Tensor | None = None, *, padding: Sequence[int] | None = None
+) -> Tensor:
     """``layer``'s eval forward (a ``DGCConv2d``) through the compiled op; channels-last output.
 
     ``x`` is what the convolution sees (after the layer's pre-activation, if
     any). ``packed``: the layer's prepacked weight (``pack_weight`` with the
     layer's heads and layout); taken from ``packed_weight_for(layer)`` when
-    None. Equal to the layer's other inference paths up to float rounding.
+    None. ``padding``: (height, width) zeros on each side, the layer's own when
+    None (a TF-'SAME' layer passes what it needs at this input size). Equal to the layer's other inference paths up to float rounding.
     """
     if packed is None:
         packed = packed_weight_for(layer)
@@ -305,7 +308,7 @@ def dgc_conv2d_for_layer(layer: Any, x: Tensor, packed: Tensor | None = None) ->
         None if layer.bias is None else layer.bias.detach(),
         layer.in_channels if thresholded else layer.kept_channels,
         layer.stride,
-        layer.padding,
+        layer.padding if padding is None else padding,
         layer.dilation,
         layer.interleaved,
         bool(layer.unit_scores),

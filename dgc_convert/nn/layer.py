@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from dgc_convert.nn import compiled
+from dgc_convert.nn.conv_kinds import WeightStandardization, conv_kind, pad_input, same_padding, standardize_weight
 from dgc_convert.nn.functional import gated_conv2d, gated_copies, head_major_to_dense, head_weights
 from dgc_convert.nn.sparse import ALGORITHMS as SPARSE_ALGORITHMS
 from dgc_convert.nn.sparse import WeightCache, pick_algorithm, sparse_conv2d
@@ -38,6 +39,8 @@ __all__ = [
     "SQUEEZE_RULES",
     "INFERENCE_ALGORITHMS",
     "saliency_hidden_width",
+    "saliency_macs",
+    "kept_channel_macs",
 ]
 
 # How eval mode may compute: "auto" (the compiled CPU op where it runs, else
@@ -102,6 +105,21 @@ def saliency_hidden_width(in_channels: int, squeeze_ratio: float, rule: str = DE
     return max(int(in_channels // squeeze_ratio), _MIN_HIDDEN)
 
 
+def saliency_macs(in_channels: int, heads: int, hidden: int) -> int:
+    """MACs per sample of all heads' saliency FCs: ``H * 2 * C * hidden`` (the
+    first part of the method's cost formula, ``docs/method.md`` section 4)."""
+    return heads * 2 * in_channels * hidden
+
+
+def kept_channel_macs(
+    kernel_size: tuple[int, int], out_channels: int, heads: int, output_height: int, output_width: int
+) -> int:
+    """MACs per sample one head spends on one kept input channel: ``kh * kw * C'/H * H' * W'``
+    (the convolution part of the method's cost formula, ``docs/method.md`` section 4)."""
+    kh, kw = kernel_size
+    return kh * kw * (out_channels // heads) * output_height * output_width
+
+
 def _as_pair(values: tuple[int, ...]) -> tuple[int, int]:
     """A 2-d convolution's per-axis setting as a pair (torch types them as any length)."""
     first, second = values
@@ -122,6 +140,13 @@ def static_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
             return None
         pads.append(reach // 2)
     return (pads[0], pads[1])
+
+
+def _tensor_state(tensor: Tensor) -> tuple[object, ...]:
+    """What identifies a tensor's current values without reading them: storage, version
+    (inference tensors keep none), dtype, device and shape."""
+    version = None if tensor.is_inference() else tensor._version
+    return (tensor.data_ptr(), version, tensor.dtype, tensor.device, tuple(tensor.shape))
 
 
 def _check_zeta(name: str, value: float) -> float:
@@ -228,6 +253,15 @@ class DGCConv2d(nn.Module):
             DGC layer of the authors' networks has.
         squeeze_rule: "standard" or "authors": the saliency generator's
             hidden width and initialisation (see ``SQUEEZE_RULES``).
+        standardization: standardise the weight per output channel before
+            every use, as timm's ``StdConv2d`` / ``ScaledStdConv2d`` do (a
+            ``WeightStandardization``; with a ``scale`` the layer holds a
+            learned ``gain`` of shape (C', 1, 1, 1), initialised to 1). None:
+            the weight is used as it is.
+        same_padding: pad the convolution's input TensorFlow-'SAME' for its
+            size on every call, as timm's ``Conv2dSame`` does (``padding`` is
+            then added on top, normally 0). The saliency generator pools the
+            unpadded input.
 
     Attributes:
         zeta_t: persistent buffer (saved in ``state_dict``) holding the ratio
@@ -250,6 +284,8 @@ class DGCConv2d(nn.Module):
             every layer (``dgc_convert.nn.network_gate`` learns it in training
             and writes it to all layers at once). 0 in a new layer.
         norm: the pre-activation ``BatchNorm2d`` (None unless ``preact``).
+        gain: the scaled weight standardisation's per-channel gain (None
+            unless ``standardization`` has a ``scale``).
     """
 
     # A registered buffer: ``nn.Module.__getattr__`` returns it, typed there as
@@ -275,6 +311,8 @@ class DGCConv2d(nn.Module):
         gating: str = DEFAULT_GATING,
         preact: bool = False,
         squeeze_rule: str = DEFAULT_SQUEEZE_RULE,
+        standardization: WeightStandardization | None = None,
+        same_padding: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
@@ -303,6 +341,8 @@ class DGCConv2d(nn.Module):
         self.gating = gating
         self.preact = bool(preact)
         self.squeeze_rule = squeeze_rule
+        self.standardization = standardization
+        self.same_padding = bool(same_padding)
         self.unit_scores = False
         self._inference_algorithm = "auto"
         self.last_algorithm: str | None = None  # what the last eval-mode forward ran
@@ -315,6 +355,10 @@ class DGCConv2d(nn.Module):
 
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        has_gain = standardization is not None and standardization.has_gain
+        self.gain = nn.Parameter(torch.empty(out_channels, 1, 1, 1)) if has_gain else None
+        # The standardised weight eval mode convolves with, and the weight state it came from.
+        self._standardized: tuple[tuple[object, ...], Tensor] | None = None
         self.norm = nn.BatchNorm2d(in_channels) if self.preact else None
         hidden = saliency_hidden_width(in_channels, squeeze_ratio, squeeze_rule)
         self.saliency_generator = SaliencyGenerator(in_channels, heads, hidden, init=squeeze_rule)
@@ -351,18 +395,25 @@ class DGCConv2d(nn.Module):
         are copied, not shared, in the dense layout: which output channels a
         head owns is a fixed relabelling, so the conversion is exact in either
         layout. String padding ('valid', symmetric 'same') becomes its numeric
-        equivalent. With ``preact`` the new ``norm`` starts as a fresh
-        ``BatchNorm2d`` (unit weight, zero bias, running mean 0 and variance 1).
-        Raises ``ValueError`` for a grouped conv, a padding mode other than
-        zeros or an asymmetric 'same'.
+        equivalent. timm's weight-standardised and TF-'SAME' convolutions
+        (``conv_kinds.conv_kind``) keep their weight standardisation (``gain``
+        copied) and dynamic padding. With ``preact`` the new ``norm`` starts as
+        a fresh ``BatchNorm2d`` (unit weight, zero bias, running mean 0 and
+        variance 1). Raises ``ValueError`` for a grouped conv, a padding mode
+        other than zeros, an asymmetric 'same', or a forward of its own that
+        ``conv_kind`` does not know.
         """
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        kind = conv_kind(conv)
+        if kind is None:
+            raise ValueError(f"{type(conv).__name__} overrides nn.Conv2d.forward in a way a DGC layer cannot reproduce")
         if conv.groups != 1:
             raise ValueError(f"conv.groups must be 1, got {conv.groups}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
-        padding = static_padding(conv)
+        # A TF-'SAME' conv pads on the fly; its own ``padding`` is not used (0).
+        padding = (0, 0) if kind.same_padding else static_padding(conv)
         if padding is None:
             raise ValueError(f"conv.padding={conv.padding!r} pads asymmetrically for kernel {conv.kernel_size}")
         # Built on the meta device: the dense init would be overwritten at once.
@@ -382,6 +433,8 @@ class DGCConv2d(nn.Module):
                 gating=gating,
                 preact=preact,
                 squeeze_rule=squeeze_rule,
+                standardization=kind.standardization,
+                same_padding=kind.same_padding,
             )
         layer = layer.to_empty(device=conv.weight.device).to(dtype=conv.weight.dtype)
         layer.saliency_generator.reset_parameters()
@@ -395,6 +448,9 @@ class DGCConv2d(nn.Module):
             if conv.bias is not None:
                 assert layer.bias is not None  # built with bias=True just above
                 layer.bias.copy_(conv.bias)
+            if layer.gain is not None:
+                gain = conv.get_parameter("gain")
+                layer.gain.copy_(gain)
         return layer
 
     def reset_parameters(self) -> None:
@@ -404,6 +460,8 @@ class DGCConv2d(nn.Module):
             fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
+        if self.gain is not None:
+            nn.init.ones_(self.gain)
         self.saliency_generator.reset_parameters()
         if self.norm is not None:
             self.norm.reset_parameters()
@@ -458,8 +516,7 @@ class DGCConv2d(nn.Module):
     def kept_channel_macs(self, output_height: int, output_width: int) -> int:
         """MACs per sample one head spends on one kept input channel: ``kh * kw * C'/H * H' * W'``
         (the convolution part of the method's cost formula, ``docs/method.md`` section 4)."""
-        kh, kw = self.kernel_size
-        return kh * kw * (self.out_channels // self.heads) * output_height * output_width
+        return kept_channel_macs(self.kernel_size, self.out_channels, self.heads, output_height, output_width)
 
     @property
     def threshold_value(self) -> float:
@@ -510,6 +567,64 @@ class DGCConv2d(nn.Module):
                 error_msgs.append(f"{prefix}threshold: the network-gating threshold is NaN")
             else:
                 self.set_threshold(value)  # rounded to float32 as every path compares
+
+    # -- what the convolution sees: its weight and its input ---------------
+
+    def conv_weight(self) -> Tensor:
+        """The weight the convolution uses: ``weight``, or with ``standardization`` its
+        standardised form (recomputed from ``weight`` and ``gain``, differentiable)."""
+        if self.standardization is None:
+            return self.weight
+        return standardize_weight(self.weight, self.standardization, self.gain)
+
+    def _eval_weight(self) -> Tensor:
+        """``conv_weight()`` without gradients for the inference paths, standardised again
+        only when ``weight`` or ``gain`` changed.
+
+        The result is updated in place (same storage, new version), so the
+        caches keyed on it (the sparse algorithms' arrangements, the compiled
+        op's packed weight) see every change.
+        """
+        if self.standardization is None:
+            return self.weight
+        key = (_tensor_state(self.weight), None if self.gain is None else _tensor_state(self.gain))
+        cached = self._standardized
+        if cached is None or cached[0] != key:
+            # Not an inference tensor even under inference_mode: those keep no
+            # version counter, and the in-place update must be seen.
+            with torch.inference_mode(False), torch.no_grad():
+                fresh = self.conv_weight()
+                if cached is not None and _tensor_state(cached[1])[2:] == _tensor_state(fresh)[2:]:
+                    fresh = cached[1].copy_(fresh)
+            self._standardized = (key, fresh)
+            return fresh
+        return cached[1]
+
+    def same_padding_for(self, x: Tensor) -> tuple[int, int, int, int] | None:
+        """With ``same_padding``, the TF-'SAME' padding (left, right, top, bottom) in
+        pixels the convolution adds to ``x``; None otherwise."""
+        if not self.same_padding:
+            return None
+        return same_padding((x.shape[2], x.shape[3]), self.kernel_size, self.stride, self.dilation)
+
+    def _conv_input(self, x: Tensor) -> Tensor:
+        """``x`` as the convolution sees it: padded TF-'SAME' with ``same_padding``."""
+        pads = self.same_padding_for(x)
+        return x if pads is None else pad_input(x, pads)
+
+    @torch.no_grad()
+    def fold_weight_standardization(self) -> None:
+        """Store the standardised weight as ``weight`` and drop the standardisation
+        (and ``gain``): eval computes the same with no work per call. For serving
+        (``prepare_for_inference``); training the folded layer further would
+        train a plain convolution, no longer a standardised one."""
+        if self.standardization is None:
+            return
+        folded = self.conv_weight()
+        self.weight.copy_(folded)
+        self.standardization = None
+        self.gain = None
+        self._standardized = None
 
     # -- the method -------------------------------------------------------
 
@@ -622,16 +737,25 @@ class DGCConv2d(nn.Module):
             if out is not None:
                 return out
             if self.inference_algorithm == "compiled":
-                raise ValueError(
-                    f"inference_algorithm 'compiled' cannot run here: {compiled.unavailable_reason() or 'needs float32 on CPU'}"
-                )
+                reason = compiled.unavailable_reason() or "needs float32 on CPU"
+                if self._asymmetric_padding(x):
+                    reason = "its TF-'SAME' padding is one pixel larger on one side at this input size"
+                raise ValueError(f"inference_algorithm 'compiled' cannot run here: {reason}")
         if not self.training and self.inference_algorithm != "masked":
             return self._sparse_forward(x)
         scores = self._scores(x)
         mask = self.selection_mask(scores)
         self._last_sparsity = scores.mean(dim=(0, 2)).sum()
         gate = scores * mask if self.kept_channels < self.in_channels or self.thresholded else scores
-        out = gated_conv2d(x, gate, self.weight, self.stride, self.padding, self.dilation, interleaved=self.interleaved)
+        out = gated_conv2d(
+            self._conv_input(x),
+            gate,
+            self.conv_weight(),
+            self.stride,
+            self.padding,
+            self.dilation,
+            interleaved=self.interleaved,
+        )
         if self.training and self.gating == "network":
             self.last_gate_record = (scores.detach(), out.shape[2] * out.shape[3])
         if self.bias is not None:
@@ -653,9 +777,9 @@ class DGCConv2d(nn.Module):
         else:
             index = self.select(scores)
             gate = torch.zeros_like(scores).scatter(2, index, scores.gather(2, index))
-        grouped = head_weights(self.weight, self.heads, interleaved=self.interleaved).flatten(0, 1)
+        grouped = head_weights(self.conv_weight(), self.heads, interleaved=self.interleaved).flatten(0, 1)
         out = torch.nn.functional.conv2d(
-            gated_copies(x, gate), grouped, None, self.stride, self.padding, self.dilation, self.heads
+            gated_copies(self._conv_input(x), gate), grouped, None, self.stride, self.padding, self.dilation, self.heads
         )
         out = head_major_to_dense(out, self.heads, interleaved=self.interleaved)
         if self.bias is not None:
@@ -672,10 +796,10 @@ class DGCConv2d(nn.Module):
         self._last_sparsity = scores.mean(dim=(0, 2)).sum()
         index, kept = self._kept(scores)
         args = (
-            x,
+            self._conv_input(x),  # the saliency generator pooled the unpadded input
             kept,
             index,
-            self.weight,
+            self._eval_weight(),
             self._weight_cache,
             self.stride,
             self.padding,
@@ -690,11 +814,24 @@ class DGCConv2d(nn.Module):
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out
 
+    def _asymmetric_padding(self, x: Tensor) -> bool:
+        pads = self.same_padding_for(x)
+        return pads is not None and (pads[0] != pads[1] or pads[2] != pads[3])
+
     def _compiled_forward(self, x: Tensor) -> Tensor | None:
         """Eval mode through the compiled op (one call: saliency, selection, convolution);
-        None where it cannot run (not float32 on CPU, or the op could not be built)."""
+        None where it cannot run (not float32 on CPU, the op could not be built, or
+        TF-'SAME' padding that is asymmetric at this size: the op pools the input it
+        pads, so it takes symmetric padding only)."""
         if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
             return None
+        pads = self.same_padding_for(x)
+        padding = self.padding
+        if pads is not None:
+            left, right, top, bottom = pads
+            if left != right or top != bottom:
+                return None
+            padding = (self.padding[0] + top, self.padding[1] + left)
         if torch.compiler.is_compiling():
             # Traced once, frozen as a constant: ``prepare_weights`` packed it beforehand.
             flat = self.packed_weight
@@ -705,7 +842,7 @@ class DGCConv2d(nn.Module):
         else:
             return None
         self.last_algorithm = "compiled"
-        return compiled.dgc_conv2d_for_layer(self, x, self._packed_view(flat))
+        return compiled.dgc_conv2d_for_layer(self, x, self._packed_view(flat), padding=padding)
 
     def _packed_view(self, flat: Tensor) -> Tensor:
         kh, kw = self.kernel_size
@@ -717,16 +854,14 @@ class DGCConv2d(nn.Module):
         return self._packed_view(self._current_packed_weight())
 
     def _weight_key(self) -> tuple[object, ...]:
-        weight = self.weight
-        version = None if weight.is_inference() else weight._version
-        return (weight.data_ptr(), version, tuple(weight.shape), self.heads, self.interleaved)
+        return (_tensor_state(self._eval_weight()), self.heads, self.interleaved)
 
     def _current_packed_weight(self) -> Tensor:
         """The prepacked weight (flat), packed again whenever the weight (or the layout) changed."""
         key = self._weight_key()
         if self.packed_weight is None or self._packed_key != key:
             with torch.no_grad():
-                self.packed_weight = compiled.pack_weight(self.weight, self.heads, self.interleaved).reshape(-1)
+                self.packed_weight = compiled.pack_weight(self._eval_weight(), self.heads, self.interleaved).reshape(-1)
             self._packed_key = key
         return self.packed_weight
 
@@ -737,7 +872,7 @@ class DGCConv2d(nn.Module):
         if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and compiled.in_use():
             self._current_packed_weight()
         else:
-            self._weight_cache.get(self.weight, self.heads, self.interleaved)
+            self._weight_cache.get(self._eval_weight(), self.heads, self.interleaved)
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -758,4 +893,8 @@ class DGCConv2d(nn.Module):
             text += ", preact=True"
         if self.squeeze_rule != DEFAULT_SQUEEZE_RULE:
             text += f", squeeze_rule={self.squeeze_rule!r}"
+        if self.standardization is not None:
+            text += f", standardization={self.standardization}"
+        if self.same_padding:
+            text += ", same_padding=True"
         return text
