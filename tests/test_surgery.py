@@ -184,7 +184,8 @@ def test_untraceable_models_fall_back_to_the_first_registered_convolution():
 
     from dgc_convert import ConvertSection, plan_conversion
 
-    report = plan_conversion(Untraceable(), ConvertSection())
+    # No trace, so no stem to read the input channels from: the input size is given.
+    report = plan_conversion(Untraceable(), ConvertSection(), input_size=(3, 16, 16))
     assert {d.name: d.reason for d in report.layers} == {
         "head": "stem: sees the image",
         "stem": "in_channels=3 < min_channels=16",
@@ -336,3 +337,72 @@ def test_check_identity_with_a_shared_preact_layer():
     with torch.no_grad():
         model[1].norm.running_mean.fill_(0.3)
     assert check_identity(original, model, torch.randn(2, 3, 8, 8)) < 1e-4
+
+
+class WithConvClassifier(nn.Module):
+    """A body that converts, then a classifier as a 1x1 conv on a 1x1 map (as BiT's head)."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.body = nn.Conv2d(64, 256, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(256, classes, 1)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.body(self.stem(x)))).flatten(1)
+
+
+def test_a_classifier_conv_on_a_1x1_map_is_kept_dense_with_its_cost():
+    report = convert(WithConvClassifier(), heads=4, zeta=0.5, input_size=(3, 16, 16))
+    rows = {d.name: d for d in report.layers}
+    assert rows["body"].converted
+    # DGC: 4 heads x 2 x 256 x 16 hidden (saliency) + 128 kept x 1000 = 160,768 against 256,000 dense...
+    # at d = 16 that saves; at d = 4 the generators cost 4 x 2 x 256 x 64 = 131,072 + 128,000 > 256,000.
+    assert rows["fc"].converted
+    report = convert(WithConvClassifier(), heads=4, zeta=0.5, squeeze_ratio=4, input_size=(3, 16, 16))
+    rows = {d.name: d for d in report.layers}
+    assert rows["fc"].status == "skipped"
+    assert rows["fc"].reason == "no saving as DGC (259,072 MACs per sample against 256,000 dense, at its 1x1 output)"
+    assert rows["body"].converted  # 16x16 output: the generators are nothing beside what is saved
+
+
+@pytest.mark.parametrize(
+    "overrides, forced",
+    [
+        ({"fc": {"heads": 4}}, True),  # the exact name
+        ({"f*": {"skip": False}}, True),  # an explicit un-skip
+        ({"f*": {"heads": 4}}, False),  # a glob that only sets values does not force
+        ({"fc": {"skip": True}}, False),  # named, but told to skip
+        ({"*": {"skip": False}, "f?": {"skip": True}}, False),  # the later pattern wins
+    ],
+)
+def test_an_override_naming_the_layer_converts_it_at_a_loss(overrides, forced):
+    report = convert(WithConvClassifier(), squeeze_ratio=4, input_size=(3, 16, 16), overrides=overrides)
+    row = next(d for d in report.layers if d.name == "fc")
+    assert row.converted is forced
+    if not forced:
+        assert row.reason.startswith(("no saving as DGC", "override"))
+
+
+def test_the_cost_is_weighed_at_the_given_input_size():
+    # At 4x4 the body's output map is small enough for the generators to cost more.
+    kwargs = {"heads": 4, "zeta": 0.05, "squeeze_ratio": 1}
+    assert {d.name for d in convert(WithConvClassifier(), input_size=64, **kwargs).converted} == {"body"}
+    with pytest.raises(
+        ConversionError, match=r"no convolution of WithConvClassifier can be converted \(no saving as DGC"
+    ):
+        convert(WithConvClassifier(), input_size=1, **kwargs)
+
+
+def test_zeta_0_saves_nothing_anywhere_and_says_so():
+    with pytest.raises(ConversionError, match=r"can be converted \(no saving as DGC; stem: sees the image\)"):
+        convert(WithConvClassifier(), zeta=0.0, input_size=16)
+
+
+def test_a_model_that_cannot_run_at_the_input_size_is_one_clear_error():
+    with pytest.raises(
+        ConversionError,
+        match=r"Sequential cannot run on a 3x2x2 input to find its feature sizes \(unflatten: .*\); pass input_size",
+    ):
+        convert(nn.Sequential(Toy(), nn.Unflatten(1, (2, 3))), input_size=(3, 2, 2))

@@ -119,6 +119,11 @@ def print_conversion(summary: ConversionSummary, console: Console | None = None)
         f"{_EXPECTED if expected else ''} ([bold]{t['saving'] * 100:.1f}% saved[/bold]); "
         f"parameters: dense {_count(t['dense_params'])}, DGC {_count(t['dgc_params'])}"
     )
+    if t.get("saves_nothing"):
+        console.print(
+            f"[red]the conversion saves nothing[/red]: DGC {format_macs(t['dgc_macs'])} MACs per sample against "
+            f"{format_macs(t['dense_macs'])} dense at this input size"
+        )
     if expected:
         console.print(
             "DGC-G: the threshold is learned in training (dgc-convert train); until then it is 0 and the "

@@ -52,6 +52,8 @@ class ConversionSummary:
 
     ``totals["dgc_macs_expected"]`` is True when the model is network-gated
     (DGC-G): its DGC MACs are then the cost expected at the target.
+    ``totals["saves_nothing"]`` is True when the converted model costs at least
+    as many MACs per sample as the dense one.
     """
 
     model: str
@@ -145,6 +147,8 @@ def summarize_conversion(
         "dgc_params": converted.total_params,
         "converted_layers": len(report.converted),
         "convolutions": len(report.layers),
+        # Layers that would cost more stay dense, so only overrides forcing them get here.
+        "saves_nothing": converted.total_macs >= dense.total_macs,
     }
     return ConversionSummary(
         model=info.name,
