@@ -82,6 +82,14 @@ def head_major_to_dense(out: Tensor, heads: int, *, interleaved: bool) -> Tensor
     return grouped.reshape(batch, out_channels, height, width)
 
 
+def head_major_positions(out_channels: int, heads: int, device: torch.device | None = None) -> Tensor:
+    """For each dense channel of an interleaved layer, its position in the head-major order:
+    dense channel ``j*H + h`` is head-major channel ``h*C'/H + j``. ``out.index_select(1, ...)``
+    with it is ``head_major_to_dense`` as one gather, which graph exporters trace without
+    pinning the spatial size (the view/transpose/reshape form pins it on 1-pixel maps)."""
+    return torch.arange(out_channels, device=device).view(heads, out_channels // heads).t().reshape(-1)
+
+
 def dense_to_head_major(out: Tensor, heads: int, *, interleaved: bool) -> Tensor:
     """Inverse of ``head_major_to_dense`` as a view: (B, C', ...) -> (B, H, C'/H, ...).
 

@@ -20,7 +20,7 @@ from torch.nn.modules.utils import _pair
 
 from dgc_convert.nn import compiled
 from dgc_convert.nn.conv_kinds import WeightStandardization, conv_kind, pad_input, same_padding, standardize_weight
-from dgc_convert.nn.functional import gated_conv2d, gated_copies, head_major_to_dense, head_weights
+from dgc_convert.nn.functional import gated_conv2d, gated_copies, head_major_positions, head_weights
 from dgc_convert.nn.sparse import ALGORITHMS as SPARSE_ALGORITHMS
 from dgc_convert.nn.sparse import WeightCache, pick_algorithm, sparse_conv2d
 
@@ -768,7 +768,7 @@ class DGCConv2d(nn.Module):
         T, and ArgMax for each head's top channel, under network gating) and
         one grouped Conv over the heads' gated copies, whose output is already
         in dense channel order (interleaved layers add the channel shuffle as
-        Reshape/Transpose). No Python loops, no data-dependent shapes, no
+        one Gather). No Python loops, no data-dependent shapes, no
         timing, no cached weight arrangements; equal to the other paths."""
         x = self.preactivate(x)
         scores = self._scores(x)
@@ -781,7 +781,8 @@ class DGCConv2d(nn.Module):
         out = torch.nn.functional.conv2d(
             gated_copies(self._conv_input(x), gate), grouped, None, self.stride, self.padding, self.dilation, self.heads
         )
-        out = head_major_to_dense(out, self.heads, interleaved=self.interleaved)
+        if self.interleaved:  # the channel shuffle as one Gather: dynamic height and width stay dynamic
+            out = out.index_select(1, head_major_positions(self.out_channels, self.heads, out.device))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out
