@@ -38,7 +38,6 @@ Unless positive scores tie exactly at the cut, the two compute the same output
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dgc_convert.dense_weights import read_torch_state_dict
 from dgc_convert.errors import LoadError, SettingsError, first_line
 from dgc_convert.nn.functional import dense_weights
 from dgc_convert.nn.layer import DGCConv2d, kept_channel_count
@@ -66,10 +66,6 @@ __all__ = [
 
 # The authors' dynamic ResNets are torchvision's BasicBlock ResNets.
 AUTHORS_MODELS: tuple[str, ...] = ("resnet18", "resnet34")
-# Where a training script may have put the weights inside the saved dict.
-_STATE_KEYS = ("state_dict", "model")
-# DataParallel / DistributedDataParallel wrap the model as ``module``.
-_WRAPPER_PREFIX = "module."
 # Names listed in an error before "... (N in all)".
 _SHOWN = 3
 
@@ -123,60 +119,20 @@ def _listing(names: list[str]) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
 
 
-def _refusal(file: Path, error: pickle.UnpicklingError) -> LoadError:
-    """One line for a file ``torch.load(weights_only=True)`` would not read."""
-    text = str(error)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if found:
-        return LoadError(
-            f"{file}: holds a pickled object ({found.group(1)}) that weights-only loading refuses; "
-            "only checkpoints of plain tensors and containers are imported, nothing in them is executed"
-        )
-    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    reason = detail.group(1).strip() if detail else first_line(error, 200)
-    return LoadError(f"{file}: not a weights-only PyTorch checkpoint ({reason[:200]})")
-
-
 def read_authors_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The weights of a checkpoint file as a flat name -> tensor dict.
 
     Read with ``torch.load(map_location="cpu", weights_only=True)`` and nothing
-    else. The weights may sit under a top-level ``state_dict`` (or ``model``)
-    key, as the authors' training script saves them; ``module.`` prefixes
+    else (``dense_weights.read_torch_state_dict``, whatever the suffix). The
+    weights may sit under a top-level key (``dense_weights.WRAPPER_KEYS``; the
+    authors' training script uses ``state_dict``); ``module.`` prefixes
     (DataParallel) are stripped.
 
     Raises:
         LoadError: a missing or unreadable file, one that needs more than
             weights-only unpickling, or one without a dict of tensors.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise LoadError(f"{file}: no such file" if not file.exists() else f"{file}: not a file")
-    try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise _refusal(file, error) from None
-    except Exception as error:  # weights-only unpickling executes nothing; any failure means "not readable"
-        raise LoadError(f"{file}: not a readable PyTorch checkpoint ({first_line(error, 200)})") from None
-    state: Any = loaded
-    if isinstance(loaded, Mapping):
-        for key in _STATE_KEYS:
-            if isinstance(loaded.get(key), Mapping):
-                state = loaded[key]
-                break
-    if not isinstance(state, Mapping) or not state:
-        raise LoadError(f"{file}: holds no dict of weights (expected a state_dict, or a dict with a 'state_dict' key)")
-    result: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if not isinstance(value, Tensor):
-            raise LoadError(f"{file}: entry {key!r} of its state_dict is a {type(value).__name__}, not a tensor")
-        name = str(key)
-        while name.startswith(_WRAPPER_PREFIX):
-            name = name[len(_WRAPPER_PREFIX) :]
-        if name in result:
-            raise LoadError(f"{file}: {name} appears twice once 'module.' prefixes are stripped")
-        result[name] = value
-    return result
+    return read_torch_state_dict(path)[0]
 
 
 def authors_dgc_layers(model: nn.Module) -> list[str]:

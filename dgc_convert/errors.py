@@ -38,6 +38,11 @@ class LoadError(DGCConvertError):
     """A model file that cannot be loaded; the message names the file and the reason."""
 
 
+class WeightsFileError(LoadError):
+    """A weights file to start from (``model.checkpoint``, ``--checkpoint``) that cannot be read or does
+    not fit the model; the message names the file and the reason."""
+
+
 class ExportError(DGCConvertError):
     """Export failed, or a missing export dependency."""
 

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dgc_convert.errors import DGCConvertError
 from dgc_convert.nn.layer import DEFAULT_GATING, DGCConv2d
 from dgc_convert.nn.modes import watch_scores
+from dgc_convert.plots import new_figure, save_png
 from dgc_convert.surgery import dgc_layers
 
 __all__ = ["LayerChannelUsage", "channel_usage", "write_heatmaps", "write_summary"]
@@ -108,20 +108,13 @@ def channel_usage(model: nn.Module, dataset: Dataset, *, batch_size: int = 64) -
 
 def write_heatmaps(usage: list[LayerChannelUsage], directory: str | Path) -> list[Path]:
     """One PNG per layer: heads x input channels, colour = keep frequency. Returns the paths."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise DGCConvertError("heat maps need matplotlib: pip install 'dgc-convert[inspect]'") from None
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for layer in usage:
         width = min(16.0, max(6.0, layer.in_channels / 16))
-        figure, axis = plt.subplots(figsize=(width, 1.2 + 0.45 * layer.heads))
+        figure = new_figure((width, 1.2 + 0.45 * layer.heads), layout="tight")
+        axis = figure.subplots()
         image = axis.imshow(
             layer.frequency.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest"
         )
@@ -135,11 +128,7 @@ def write_heatmaps(usage: list[LayerChannelUsage], directory: str | Path) -> lis
             fontsize=9,
         )
         figure.colorbar(image, ax=axis, fraction=0.03, pad=0.01)
-        figure.tight_layout()
-        path = directory / f"{layer.name.replace('.', '_')}.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(save_png(figure, directory / f"{layer.name.replace('.', '_')}.png", dpi=100))
     return paths
 
 

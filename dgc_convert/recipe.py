@@ -83,6 +83,21 @@ class ModelSection(_Section):
         strict=True, default=None, ge=8, description="square input side in pixels; model default when unset"
     )
     pretrained: bool = Field(default=False, description="download the library's default weights (needs the network)")
+    checkpoint: str | None = Field(
+        default=None,
+        min_length=1,
+        description="start from these trained dense weights: a file (dense_weights.WEIGHTS_SUFFIXES) or a run's "
+        "last/ or best/ directory; a relative path is relative to the current working directory",
+    )
+
+    @model_validator(mode="after")
+    def _one_source_of_weights(self) -> ModelSection:
+        if self.pretrained and self.checkpoint is not None:
+            raise ValueError(
+                "pretrained and checkpoint are both set: start from the library's weights or from "
+                f"{self.checkpoint}, not both"
+            )
+        return self
 
 
 class OverrideSection(_Section):
@@ -163,6 +178,10 @@ class TrainSection(_Section):
     num_workers: Count = Field(default=0, ge=0)
     checkpoint_every: Count = Field(default=1, ge=1, description="epochs between checkpoints")
     sync_batchnorm: bool = False
+    tensorboard: bool = Field(
+        default=False,
+        description="also write TensorBoard scalars to OUTPUT/tensorboard/ (needs the tensorboard extra)",
+    )
 
     @model_validator(mode="after")
     def _stages_fit(self) -> TrainSection:

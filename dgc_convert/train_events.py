@@ -17,6 +17,10 @@ from torch import nn
 from dgc_convert.errors import TrainingDiverged
 
 __all__ = [
+    "CURVES_FILE",
+    "METRICS_FILE",
+    "RECIPE_FILE",
+    "TENSORBOARD_DIR",
     "EpochMetrics",
     "IterationStats",
     "RunInfo",
@@ -26,6 +30,12 @@ __all__ = [
     "TrainingDiverged",
     "notify",
 ]
+
+# What a run writes into its output directory (rank 0), besides its checkpoints.
+RECIPE_FILE = "recipe.yaml"  # the recipe, every default filled in
+METRICS_FILE = "metrics.jsonl"  # one JSON line per epoch: an EpochMetrics
+CURVES_FILE = "curves.png"  # top-1, loss, zeta_t and MACs per sample vs epoch, redrawn after every epoch
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files, with train.tensorboard: true
 
 
 @dataclass

@@ -29,7 +29,14 @@ from dgc_convert.schedule import Schedule
 from dgc_convert.surgery import ConversionReport, dgc_layers
 from dgc_convert.zoo import require_model_info
 
-__all__ = ["TrainingSetup", "build_training", "iterations_per_epoch", "make_optimizer", "resolve_image_size"]
+__all__ = [
+    "TrainingSetup",
+    "build_training",
+    "iterations_per_epoch",
+    "make_optimizer",
+    "recipe_image_size",
+    "resolve_image_size",
+]
 
 
 def iterations_per_epoch(train_samples: int, batch_size: int, world_size: int = 1) -> int:
@@ -45,10 +52,15 @@ def iterations_per_epoch(train_samples: int, batch_size: int, world_size: int = 
 def resolve_image_size(recipe: Recipe, model_default: int | None = None) -> int:
     """The square side (pixels) the run trains at: ``data.image_size``, else ``model.input_size``,
     else the data set's native size (32 for digits, synthetic and CIFAR), else the model's default."""
-    for size in (recipe.data.image_size, recipe.model.input_size, native_image_size(recipe.data), model_default):
+    return recipe_image_size(recipe) or model_default or 224
+
+
+def recipe_image_size(recipe: Recipe) -> int | None:
+    """The square side (pixels) the recipe (or its data set) fixes, if any: ``resolve_image_size`` without the model."""
+    for size in (recipe.data.image_size, recipe.model.input_size, native_image_size(recipe.data)):
         if size:
             return int(size)
-    return 224
+    return None
 
 
 def make_optimizer(model: nn.Module, settings: TrainSection) -> torch.optim.Optimizer:
@@ -170,12 +182,14 @@ class TrainingSetup:
         )
 
 
-def build_training(recipe: Recipe, processes: Processes) -> TrainingSetup:
+def build_training(recipe: Recipe, processes: Processes, *, load_checkpoint: bool = True) -> TrainingSetup:
     """Build model, data, optimizer, scaler, loss, sampler and schedule for ``recipe`` on ``processes``.
 
     The model gets the data set's class count unless ``model.num_classes``
-    says otherwise (``build_data`` refuses a disagreement). Random state:
-    seed before calling for a reproducible model.
+    says otherwise (``build_data`` refuses a disagreement), and the weights of
+    ``model.checkpoint`` unless ``load_checkpoint`` is false (a resumed run,
+    whose own checkpoint then replaces them). Random state: seed before
+    calling for a reproducible model.
 
     Raises:
         DGCConvertError: settings that cannot work here (batch not divisible
@@ -192,7 +206,14 @@ def build_training(recipe: Recipe, processes: Processes) -> TrainingSetup:
         )
 
     classes = recipe.model.num_classes or dataset_classes(recipe.data)
-    built = build_model(recipe.model, recipe.convert, num_classes=classes, keep_dense=True)
+    built = build_model(
+        recipe.model,
+        recipe.convert,
+        num_classes=classes,
+        keep_dense=True,
+        load_checkpoint=load_checkpoint,
+        input_size=recipe_image_size(recipe),  # the layers' MACs weighed at the size the run trains at
+    )
     model, dense = built.model, built.dense
     assert dense is not None  # keep_dense
     image_size = resolve_image_size(recipe, require_model_info(model).input_size[-1])

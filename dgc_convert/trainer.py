@@ -6,8 +6,10 @@ layer's ``zeta_t`` from the schedule and the learning rate from one cosine;
 the loss is cross entropy plus ``sparsity_lambda`` times the layers' sparsity
 terms. Each epoch evaluates top-1 (top-5 with more than 5 classes) and the
 MACs per sample at the current ``zeta_t``, appends a line to
-``metrics.jsonl`` and writes the ``last`` checkpoint (``best`` too when the
-epoch is at the target pruning ratio and beats the previous best).
+``metrics.jsonl``, redraws ``curves.png`` and writes the ``last`` checkpoint
+(``best`` too when the epoch is at the target pruning ratio and beats the
+previous best). With ``train.tensorboard`` it also writes TensorBoard scalars
+(``train_watch``).
 
 Under ``torchrun --nproc_per_node N`` the same call trains with
 DistributedDataParallel: ``train.batch_size`` is the global batch, split
@@ -62,6 +64,8 @@ from dgc_convert.serialize import apply_saved_layouts, read_metadata
 from dgc_convert.stop_signals import StopSignals
 from dgc_convert.surgery import dgc_layers, set_zeta
 from dgc_convert.train_events import (
+    METRICS_FILE,
+    RECIPE_FILE,
     EpochMetrics,
     IterationStats,
     RunInfo,
@@ -73,6 +77,7 @@ from dgc_convert.train_events import (
 )
 from dgc_convert.train_loop import EpochFigures, apply_schedule, mean_zeta_t, train_one_epoch, validate
 from dgc_convert.train_setup import TrainingSetup, build_training, iterations_per_epoch, resolve_image_size
+from dgc_convert.train_watch import Reporters, require_tensorboard, watchers
 
 __all__ = [
     "EpochMetrics",
@@ -88,9 +93,13 @@ __all__ = [
     "train",
 ]
 
-METRICS_FILE = "metrics.jsonl"  # one JSON line per epoch, in the output directory
 # Keys that may differ between a run and its resumption without changing the result.
-_RESUME_MAY_DIFFER = {("output", "directory"), ("train", "num_workers"), ("train", "checkpoint_every")}
+_RESUME_MAY_DIFFER = {
+    ("output", "directory"),
+    ("train", "num_workers"),
+    ("train", "checkpoint_every"),
+    ("train", "tensorboard"),  # also absent from recipes saved before it existed
+}
 # Reseeding after a resume on another process count: a stream per (rank, iteration).
 _RESEED_STRIDE = 7919
 
@@ -295,7 +304,18 @@ class _Run:
         self.setup = setup
         self.progress = progress
         self.output = output
-        self.reporter = reporter if setup.processes.main else None
+        # Rank 0 also redraws curves.png after every epoch and, with train.tensorboard, writes event files.
+        self.watch = Reporters(
+            reporter,
+            watchers(
+                output,
+                tensorboard=setup.recipe.train.tensorboard,
+                warn=lambda text: notify(reporter, "on_message", text),
+            )
+            if setup.processes.main
+            else (),
+        )
+        self.reporter = self.watch if setup.processes.main else None
         self.callbacks = list(callbacks)
         self.control = TrainControl(setup.model)
         self.signals = StopSignals(
@@ -304,10 +324,10 @@ class _Run:
 
     def run(self) -> TrainResult:
         setup, progress, t = self.setup, self.progress, self.setup.recipe.train
-        with self.signals:
+        with self.signals, contextlib.closing(self.watch):
             if setup.processes.main:
                 self.output.mkdir(parents=True, exist_ok=True)
-                (self.output / "recipe.yaml").write_text(
+                (self.output / RECIPE_FILE).write_text(
                     yaml.safe_dump(setup.recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
                 )
             notify(self.reporter, "on_start", self._info())
@@ -517,13 +537,16 @@ def train(
     """
     if not isinstance(recipe, Recipe):
         recipe = recipe_from_dict(recipe)
+    if recipe.train.tensorboard:
+        require_tensorboard()  # every rank: none may wait on a rank 0 that cannot start
     started = time.perf_counter()
     processes = Processes.from_env()
     output = Path(recipe.output.directory).expanduser()
     try:
         with _determinism(recipe.train.seed, recipe.train.deterministic):
             opened = _open_checkpoint(recipe, output, resume)
-            setup = build_training(recipe, processes)
+            # A resumed run's weights are its own checkpoint's, not model.checkpoint's (not even read).
+            setup = build_training(recipe, processes, load_checkpoint=opened is None)
             if opened is not None:
                 progress = _restore(setup, *opened, output, reporter if processes.main else None, started)
             else:

@@ -58,7 +58,9 @@ def test_set_overrides_and_bad_values_from_the_command_line(tmp_path):
 
 def test_recipe_validate_and_show(tmp_path):
     ok = runner.invoke(app, ["recipe", "validate", str(ROOT / "recipes" / "digits.yaml")])
-    assert ok.exit_code == 0 and "OK (resnet18, DGC heads 4, zeta 0.5, 15 epochs on digits)" in ok.stdout
+    assert (
+        ok.exit_code == 0 and "OK (resnet18 from torchvision, DGC heads 4, zeta 0.5, 15 epochs on digits)" in ok.stdout
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: resnet18\ntrain: {epochs: many}\n")
     failed = runner.invoke(app, ["recipe", "validate", str(bad)])
@@ -138,3 +140,124 @@ def test_recipe_validate_names_gating_preact_and_squeeze_rule(tmp_path):
     result = runner.invoke(app, ["recipe", "validate", str(path)])
     assert result.exit_code == 0, result.output
     assert "DGC heads 4, zeta 0.5, network gating, pre-activation, squeeze rule authors, 1 epochs" in result.stdout
+
+
+# -- start from trained weights; recipe validate resolves the model -----------------
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    return lines[0]
+
+
+def test_recipe_validate_resolves_the_model_name_without_building_it(tmp_path):
+    path = tmp_path / "typo.yaml"  # one line, close matches, and no model is built
+    path.write_text("model: resnet181\n")
+    message = _one_line_error(runner.invoke(app, ["recipe", "validate", str(path)]))
+    assert message.startswith(
+        f"error: {path}: model.name: unknown model 'resnet181' in timm or torchvision; did you mean"
+    )
+    assert "resnet18" in message
+    assert "did you mean" in _one_line_error(runner.invoke(app, ["recipe", "show", str(path)]))
+    path.write_text("model: {name: resnet18, source: timm}\n")
+    result = runner.invoke(app, ["recipe", "validate", str(path)])
+    assert result.exit_code == 0 and "OK (resnet18 from timm, DGC heads 4" in result.stdout
+    shown = runner.invoke(app, ["recipe", "show", str(path), "--json"])
+    assert json.loads(shown.stdout)["library"] == "timm"
+
+
+def test_recipe_validate_checks_the_checkpoint_file_exists(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{name: resnet18, checkpoint: {tmp_path / 'gone.pth'}}}\n")
+    message = _one_line_error(runner.invoke(app, ["recipe", "validate", str(path)]))
+    assert message == f"error: {path}: model.checkpoint: {tmp_path / 'gone.pth'}: no such file"
+    (tmp_path / "gone.pth").write_text("validate does not read it")
+    result = runner.invoke(app, ["recipe", "validate", str(path)])
+    assert result.exit_code == 0 and f"OK (resnet18 from torchvision, starting from {tmp_path / 'gone.pth'}, DGC" in (
+        result.stdout
+    )
+    path.write_text(f"model: {{name: resnet18, pretrained: true, checkpoint: {tmp_path / 'gone.pth'}}}\n")
+    message = _one_line_error(runner.invoke(app, ["recipe", "validate", str(path)]))
+    assert "pretrained and checkpoint are both set" in message
+
+
+def write_small_recipe(tmp_path, epochs=1):
+    """A recipe on timm's tiny test ResNet: a second or so per run, checkpoints included."""
+    path = tmp_path / "small.yaml"
+    path.write_text(
+        "model: timm:test_resnet\n"
+        "convert: {heads: 2, zeta: 0.5}\n"
+        f"train: {{epochs: {epochs}, batch_size: 16, lr: 0.02}}\n"
+        "data: {dataset: synthetic, synthetic_size: 16}\n"
+        f"output: {{directory: {tmp_path / 'run'}}}\n"
+    )
+    return path
+
+
+def test_a_missing_checkpoint_fails_at_train_start(tmp_path):
+    recipe = write_recipe(tmp_path)
+    message = _one_line_error(runner.invoke(app, ["train", str(recipe), "--checkpoint", str(tmp_path / "gone.pth")]))
+    assert message == f"error: {tmp_path / 'gone.pth'}: no such file"
+    assert not (tmp_path / "run" / "last").exists()
+
+
+def test_train_starts_from_the_checkpoint_and_resume_does_not_read_it_again(tmp_path, monkeypatch):
+    import torch
+
+    import dgc_convert.build as build
+    from dgc_convert import create_model
+    from dgc_convert.recipe import load_recipe
+    from dgc_convert.trainer import train
+
+    torch.manual_seed(5)
+    trained = create_model("timm:test_resnet", num_classes=10).state_dict()
+    weights = tmp_path / "trained.pt"
+    torch.save({"model": trained}, weights)
+    read: list[str] = []
+    load_dense_weights = build.load_dense_weights
+
+    def recording(model, path):
+        read.append(str(path))
+        source = load_dense_weights(model, path)
+        read.append(str(all(torch.equal(model.state_dict()[key], value) for key, value in trained.items())))
+        return source
+
+    monkeypatch.setattr(build, "load_dense_weights", recording)
+
+    class StopAfterFirstEpoch:
+        def on_epoch_end(self, control, metrics):
+            control.request_stop()
+
+    recipe = write_small_recipe(tmp_path, epochs=2)
+    # --checkpoint F is --set model.checkpoint=F: what the first run was started with.
+    stopped = train(load_recipe(recipe, [f"model.checkpoint={weights}"]), callbacks=[StopAfterFirstEpoch()])
+    assert stopped.status == "interrupted" and read == [str(weights), "True"]
+    weights.unlink()  # resuming restores the run's own weights: the file is not needed any more
+    read.clear()
+    resumed = runner.invoke(app, ["train", str(recipe), "--checkpoint", str(weights), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after iteration" in resumed.stdout and read == []
+    refused = runner.invoke(app, ["train", str(recipe), "--resume"])  # the recipe must be the same
+    assert refused.exit_code == 2 and "differs from the checkpoint's at model.checkpoint" in refused.stderr
+
+
+def test_recipe_pretrained_reaches_the_library_in_train(tmp_path, library_calls):
+    recipe = write_small_recipe(tmp_path)
+    result = runner.invoke(app, ["train", str(recipe), "--set", "model.pretrained=true"])
+    assert result.exit_code == 0, result.output
+    assert library_calls == [("timm", True)]
+
+
+def test_tensorboard_without_its_package_fails_at_train_start(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    recipe = write_recipe(tmp_path)
+    result = runner.invoke(app, ["train", str(recipe), "--set", "train.tensorboard=true"])
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert result.stderr.strip().splitlines() == [
+        'error: train.tensorboard needs the tensorboard package: pip install "dgc-convert[tensorboard]"'
+    ]
+    assert not (tmp_path / "run").exists()

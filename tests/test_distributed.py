@@ -46,7 +46,13 @@ def test_two_process_gloo_run_ends_with_identical_weights_and_one_checkpoint(tmp
     for key in rank0:
         assert torch.equal(saved[key], rank0[key]), key
     # Rank 0 alone writes: one checkpoint of each kind, one metrics line per epoch.
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best", "last", "metrics.jsonl", "recipe.yaml"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "best",
+        "curves.png",
+        "last",
+        "metrics.jsonl",
+        "recipe.yaml",
+    ]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())

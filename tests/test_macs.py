@@ -223,7 +223,11 @@ def _licence(distribution: importlib.metadata.Distribution) -> tuple[str, str]:
             return "copyleft", stated
         if _NVIDIA_PROPRIETARY.match(stated):
             return "nvidia-proprietary", stated
-        return ("permissive" if all(_PERMISSIVE.match(t.strip()) for t in terms) else "unknown"), stated
+        if all(_PERMISSIVE.match(t.strip()) for t in terms):
+            return "permissive", stated
+        if expression or not classifiers:
+            return "unknown", stated
+        # A License field that names no licence ("Dual License", python-dateutil's): the classifiers say which.
     if classifiers:
         stated = "classifier: " + "; ".join(classifiers)
         if any("GPL" in c for c in classifiers):

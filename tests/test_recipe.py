@@ -127,3 +127,20 @@ def test_bad_gating_preact_and_squeeze_rule_are_one_line(tmp_path, text, message
     with pytest.raises(RecipeError) as caught:
         load_recipe(path)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_model_checkpoint_is_a_path_and_excludes_pretrained(tmp_path):
+    recipe = load_recipe(write(tmp_path, "model: {name: resnet18, checkpoint: runs/dense/best}\n"))
+    assert recipe.model.checkpoint == "runs/dense/best" and recipe.model.pretrained is False
+    assert load_recipe(write(tmp_path, "model: resnet18\n")).model.checkpoint is None
+    path = write(tmp_path, "model: {name: resnet18, pretrained: true, checkpoint: w.pth}\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert str(caught.value).endswith(
+        "pretrained and checkpoint are both set: start from the library's weights or from w.pth, not both"
+    )
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value)
+    # --set model.checkpoint= (no value) unsets it again.
+    assert load_recipe(path, ["model.checkpoint="]).model.checkpoint is None
+    with pytest.raises(RecipeError, match=r"model.checkpoint='': String should have at least 1 character"):
+        load_recipe(write(tmp_path, "model: {name: resnet18, checkpoint: ''}\n"))

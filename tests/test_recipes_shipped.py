@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from dgc_convert.build import build_model
 from dgc_convert.recipe import load_recipe
@@ -17,6 +18,7 @@ def test_the_promised_recipes_are_there():
         "resnet50_imagenet",
         "resnet18_cifar10",
         "densenet121_imagenet",
+        "digits_finetune",
     }
 
 
@@ -24,7 +26,9 @@ def test_the_promised_recipes_are_there():
 def test_recipe_loads_and_its_model_converts(path):
     recipe = load_recipe(path)
     assert recipe.convert.enabled and not recipe.model.pretrained and not recipe.data.download
-    built = build_model(recipe.model, recipe.convert, num_classes=recipe.model.num_classes or 10)
+    # A recipe that starts from a trained model names a file that only a run makes
+    # (test_the_finetune_recipe_starts_from_a_dense_digits_run).
+    built = build_model(recipe.model, recipe.convert, num_classes=recipe.model.num_classes or 10, load_checkpoint=False)
     report = built.report
     assert report.converted, path.name
     names = [d.name for d in report.converted]
@@ -79,3 +83,35 @@ def test_the_paper_imagenet_recipe_has_the_authors_parameter_count(monkeypatch):
     model = build_model(recipe.model, recipe.convert).model
     count = sum(v.numel() for k, v in theirs.items() if not k.endswith(buffers))
     assert sum(p.numel() for p in model.parameters()) == count == 12_335_144
+
+
+def test_the_finetune_recipe_starts_from_a_dense_digits_run(tmp_path, monkeypatch):
+    """The README's two commands, one epoch each: a dense digits run, then the fine-tune
+    recipe from its last checkpoint, with the paths it names (relative to the working directory)."""
+    from safetensors.torch import load_file
+
+    from dgc_convert.distributed import Processes
+    from dgc_convert.train_setup import build_training
+    from dgc_convert.trainer import train
+
+    monkeypatch.chdir(tmp_path)
+    one_epoch = ["train.epochs=1"]
+    dense = load_recipe(
+        next(p for p in RECIPES if p.stem == "digits"),
+        ["convert.enabled=false", "output.directory=runs/digits-dense", *one_epoch],
+    )
+    train(dense)
+    finetune = load_recipe(next(p for p in RECIPES if p.stem == "digits_finetune"), one_epoch)
+    assert finetune.model.checkpoint == "runs/digits-dense/last" and finetune.train.epochs * 3 <= 15
+
+    # The converted model starts from the dense weights: the stem stays dense, the
+    # DGC layers carry the dense filters.
+    saved = load_file("runs/digits-dense/last/model.safetensors")
+    setup = build_training(finetune, Processes.single())
+    state = setup.model.state_dict()
+    assert torch.equal(state["conv1.weight"], saved["conv1.weight"])
+    assert torch.equal(state["layer4.1.conv2.weight"], saved["layer4.1.conv2.weight"])
+    assert "layer4.1.conv2.saliency_generator.beta" in state
+
+    result = train(finetune)
+    assert result.status == "finished" and (tmp_path / "runs/digits-finetune/last/model.safetensors").is_file()

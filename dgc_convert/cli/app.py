@@ -8,6 +8,7 @@ Bad input is one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
 import traceback
@@ -21,8 +22,9 @@ from typer.core import TyperGroup
 from dgc_convert import __version__
 from dgc_convert.cli.import_authors import IMPORT_AUTHORS_HELP, import_authors_command
 from dgc_convert.cli.render import error_console, output_console, print_conversion, print_json, print_model_list
+from dgc_convert.dense_weights import WEIGHTS_SUFFIXES
 from dgc_convert.errors import DGCConvertError, TrainingDiverged
-from dgc_convert.recipe import ConvertSection, DataSection, ModelSection
+from dgc_convert.recipe import ConvertSection, DataSection, ModelSection, Recipe
 from dgc_convert.zoo import require_model_info
 
 if TYPE_CHECKING:
@@ -100,6 +102,15 @@ SourceOption = Annotated[str | None, typer.Option("--source", help="auto, timm o
 InputSizeOption = Annotated[
     int | None, typer.Option("--input-size", help="Square input side in pixels (default: the model's).")
 ]
+CheckpointOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        help=f"Start from trained dense weights: a {', '.join(WEIGHTS_SUFFIXES)} file, or a training run's "
+        "last/ or best/ directory holding a dense model (read strictly; pickles only as weights-only). "
+        "Wins over the recipe's model.checkpoint.",
+    ),
+]
 SetOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -141,7 +152,9 @@ app = typer.Typer(
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    error_console().print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    from rich.markup import escape  # a message's own brackets (pip install "x[extra]") are text, not markup
+
+    error_console().print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -195,6 +208,23 @@ def _root(
     """Convert timm and torchvision CNNs into Dynamic Group Convolution networks."""
 
 
+def _as_trained(recipe: Recipe) -> ModelSection:
+    """The recipe's model section as ``train`` builds it: the data set's class count
+    and the image size the run trains at, where the section leaves them unset."""
+    from dgc_convert.data import DataError, dataset_classes
+    from dgc_convert.train_setup import recipe_image_size
+
+    spec = recipe.model
+    update: dict[str, Any] = {}
+    # An image folder that is not there keeps the model's own head.
+    if spec.num_classes is None:
+        with contextlib.suppress(DataError):
+            update["num_classes"] = dataset_classes(recipe.data)
+    if spec.input_size is None and recipe_image_size(recipe) is not None:
+        update["input_size"] = recipe_image_size(recipe)
+    return spec.model_copy(update=update)
+
+
 @app.command("convert", help="Convert MODEL and report, for every convolution, what happened and the MACs saved.")
 @handles_errors
 def convert_command(
@@ -217,6 +247,7 @@ def convert_command(
     min_channels: MinChannelsOption = None,
     input_size: InputSizeOption = None,
     source: SourceOption = None,
+    checkpoint: CheckpointOption = None,
     recipe: Annotated[
         Path | None,
         typer.Option("--recipe", help="Take model and convert settings from a recipe; options given here win."),
@@ -241,11 +272,13 @@ def convert_command(
         loaded = load_recipe(recipe)
         if not loaded.convert.enabled:
             _fail(f"{recipe}: convert.enabled is false; nothing to convert")
-        base_convert, base_model = loaded.convert, loaded.model
+        base_convert, base_model = loaded.convert, _as_trained(loaded)
     elif model is None:
         _fail("give a MODEL name or --recipe FILE (see `dgc-convert --help`)")
     # The recipe's values, then the options given here: one validation, the schema's.
-    model_spec = model_settings(base_model, name=model, source=source, input_size=input_size)
+    model_spec = model_settings(
+        base_model, name=model, source=source, input_size=input_size, checkpoint=str(checkpoint) if checkpoint else None
+    )
     settings = convert_settings(
         base_convert,
         heads=heads,
@@ -266,9 +299,12 @@ def convert_command(
 
         saved = save(summary.converted_model, save_path, input_size=summary.input_size)
     if json_output:
-        print_json({**summary.to_dict(), **({"saved": str(saved)} if saved else {})})
+        weights = {"checkpoint": model_spec.checkpoint} if model_spec.checkpoint else {}
+        print_json({**summary.to_dict(), **weights, **({"saved": str(saved)} if saved else {})})
     else:
         print_conversion(summary)
+        if model_spec.checkpoint:
+            output_console().print(f"started from the weights in {model_spec.checkpoint}", highlight=False)
         if saved:
             output_console().print(f"saved to {saved} (load it with dgc_convert.load)", highlight=False)
 
@@ -294,15 +330,38 @@ recipe_app = typer.Typer(no_args_is_help=True, help="Check recipe files and show
 app.add_typer(recipe_app, name="recipe")
 
 
+def _resolve_recipe_model(file: Path, spec: ModelSection) -> tuple[str, str]:
+    """(bare name, library) the recipe's model.name and model.source resolve to, without building the
+    model; an unknown name is one line naming the file, with close matches."""
+    from dgc_convert.errors import UnknownModelError
+    from dgc_convert.zoo import resolve
+
+    try:
+        bare, library, _ = resolve(spec.name, spec.source)
+    except UnknownModelError as error:
+        raise UnknownModelError(f"{file}: model.name: {error}") from None
+    return bare, library
+
+
 @recipe_app.command("validate", help="Check FILE against the recipe schema; one line saying what is wrong, or OK.")
 @handles_errors
 def recipe_validate_command(
     file: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_values: SetOption = None,
 ) -> None:
+    from dgc_convert.dense_weights import find_weights_file
+    from dgc_convert.errors import WeightsFileError
     from dgc_convert.recipe import load_recipe
 
     recipe = load_recipe(file, set_values)
+    name, library = _resolve_recipe_model(file, recipe.model)
+    weights = ", pretrained" if recipe.model.pretrained else ""
+    if recipe.model.checkpoint is not None:
+        try:  # exists and is a weights file; read only when a run starts
+            find_weights_file(recipe.model.checkpoint)
+        except WeightsFileError as error:
+            raise WeightsFileError(f"{file}: model.checkpoint: {error}") from None
+        weights = f", starting from {recipe.model.checkpoint}"
     c = recipe.convert
     state = (
         "dense baseline"
@@ -312,7 +371,9 @@ def recipe_validate_command(
         + (", pre-activation" if c.preact else "")
         + (f", squeeze rule {c.squeeze_rule}" if c.squeeze_rule != _default(ConvertSection, "squeeze_rule") else "")
     )
-    typer.echo(f"{file}: OK ({recipe.model.name}, {state}, {recipe.train.epochs} epochs on {recipe.data.dataset})")
+    typer.echo(
+        f"{file}: OK ({name} from {library}{weights}, {state}, {recipe.train.epochs} epochs on {recipe.data.dataset})"
+    )
 
 
 @recipe_app.command(
@@ -333,6 +394,7 @@ def recipe_show_command(
     from dgc_convert.trainer import iterations_per_epoch
 
     recipe = load_recipe(file, set_values)
+    _, library = _resolve_recipe_model(file, recipe.model)  # a name no library builds is an error here too
     t = recipe.train
     try:
         samples: int | None = train_set_size(recipe.data)
@@ -352,7 +414,13 @@ def recipe_show_command(
     data = recipe.model_dump(mode="json")
     if json_output:
         print_json(
-            {"recipe": data, "train_samples": samples, "iterations_per_epoch": shown_per_epoch, "stages": stages}
+            {
+                "recipe": data,
+                "library": library,
+                "train_samples": samples,
+                "iterations_per_epoch": shown_per_epoch,
+                "stages": stages,
+            }
         )
     else:
         print_recipe(data, stages, shown_per_epoch, samples, note=None if samples is not None else missing)
@@ -363,22 +431,26 @@ def recipe_show_command(
 def train_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).")],
     set_values: SetOption = None,
+    checkpoint: CheckpointOption = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from output.directory/last exactly where it stopped.")
     ] = False,
 ) -> None:
     from dgc_convert.cli.render import TrainProgress
-    from dgc_convert.recipe import load_recipe
+    from dgc_convert.recipe import load_recipe, model_settings
     from dgc_convert.trainer import is_main_process, train
 
     loaded = load_recipe(recipe, set_values)
+    if checkpoint is not None:  # as --set model.checkpoint=PATH: part of the recipe a resume must repeat
+        loaded = loaded.model_copy(update={"model": model_settings(loaded.model, checkpoint=str(checkpoint))})
     reporter = TrainProgress() if is_main_process() else None
     try:
         result = train(loaded, resume=resume, reporter=reporter)
     except KeyboardInterrupt:
         _fail("aborted before a checkpoint could be written; the last one written (if any) is kept", EXIT_INTERRUPTED)
     if result.status == "interrupted":
-        again = " ".join(["dgc-convert train", str(recipe), *[f"--set {v}" for v in set_values or []], "--resume"])
+        given = [*[f"--set {v}" for v in set_values or []], *([f"--checkpoint {checkpoint}"] if checkpoint else [])]
+        again = " ".join(["dgc-convert train", str(recipe), *given, "--resume"])
         if is_main_process():
             error_console().print(
                 f"stopped at epoch {result.epochs_completed + 1}, iteration {result.iteration} of "
@@ -423,11 +495,17 @@ def bench_command(
         help="Print JSON on stdout: dense_ms, dense_eager_ms, dense_engine, dgc_engine, dgc_masked_ms, dgc_ms, "
         "speedup, mac_ratio, realized_fraction, dgc_macs_expected, layers.",
     ),
+    plot: Path | None = typer.Option(
+        None,
+        "--plot",
+        help="Also draw every layer's dense and DGC times (saliency and top-k apart) as bars into FILE.png.",
+    ),
 ) -> None:
     from dgc_convert.bench import BENCH_ENGINES
 
     if engine not in BENCH_ENGINES:
         raise typer.BadParameter(f"must be one of {', '.join(BENCH_ENGINES)}", param_hint="--engine")
+    _require_png(plot, "--plot")
     from dgc_convert.bench import benchmark
     from dgc_convert.cli.render import print_bench
     from dgc_convert.cli.sources import models_for_bench
@@ -443,7 +521,7 @@ def bench_command(
         "squeeze_rule": squeeze_rule,
         "min_channels": min_channels,
     }
-    dense, dgc, name, default_size = models_for_bench(model, conversion, source=source)
+    dense, dgc, name, default_size = models_for_bench(model, conversion, source=source, input_size=input_size)
     result = benchmark(
         dense,
         dgc,
@@ -453,13 +531,61 @@ def bench_command(
         repeats=repeats,
         warmup=warmup,
         threads=threads,
-        layers=json_output or layers > 0,
+        layers=json_output or layers > 0 or plot is not None,  # the plot draws every layer
         engine=engine,
     )
+    drawn = None
+    if plot is not None:
+        from dgc_convert.plots import write_bench_layers
+
+        drawn = write_bench_layers(result, plot)
     if json_output:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), **({"plot": str(drawn)} if drawn else {})})
     else:
         print_bench(result, layer_rows=layers)
+        if drawn:
+            output_console().print(f"per-layer times drawn to {drawn}", highlight=False)
+
+
+def _require_png(path: Path | None, option: str) -> None:
+    """Pictures are PNGs: another suffix would name a file holding something else."""
+    if path is not None and path.suffix.lower() != ".png":
+        _fail(f"{option} {path}: must name a .png file")
+
+
+@app.command(
+    "plot",
+    help="Draw the curves of one or more training runs on the same axes: top-1, loss, zeta_t and MACs per sample "
+    "against epoch (e.g. a DGC run against its dense baseline).",
+)
+@handles_errors
+def plot_command(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(metavar="RUN_DIR", help="Training runs' output directories (each holds metrics.jsonl)."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="The PNG to write (default: curves.png in the current directory).")
+    ] = Path("curves.png"),
+) -> None:
+    from dgc_convert.plots import read_runs, write_curves
+    from dgc_convert.train_events import CURVES_FILE, METRICS_FILE
+
+    _require_png(out, "--out")
+    curves = read_runs(runs)
+    # A run's own curves.png is its trainer's: only the same single run may be redrawn into it.
+    target = out.resolve()
+    if (
+        target.name == CURVES_FILE
+        and (target.parent / METRICS_FILE).is_file()
+        and [r.resolve() for r in runs] != [target.parent]
+    ):
+        _fail(f"{out} is the curves picture of the run in {target.parent}; choose another --out")
+    written = write_curves(curves, out, title=None if len(curves) == 1 else "training curves")
+    console = output_console()
+    console.print(f"wrote {written}", highlight=False, markup=False)
+    for run in curves:
+        console.print(f"  {run.summary}", highlight=False, markup=False)
 
 
 def _model_and_held_out(file: Path, data: str, root: Path | None) -> tuple[nn.Module, DataSection, DataBundle]:
@@ -556,18 +682,32 @@ def export_command(
     tolerance: float = typer.Option(
         1e-4, "--tolerance", help="Largest max |onnxruntime - torch|, relative to the output scale."
     ),
+    dynamic_size: bool = typer.Option(
+        False,
+        "--dynamic-size",
+        help="Make height and width dynamic too (batch always is); the check then also runs at "
+        "1.5x the saved input size, rounded up to a multiple of 32.",
+    ),
 ) -> None:
     from dgc_convert.export import export_onnx
     from dgc_convert.serialize import load
 
-    report = export_onnx(load(file), onnx, opset=opset, tolerance=tolerance)
+    report = export_onnx(load(file), onnx, opset=opset, tolerance=tolerance, dynamic_size=dynamic_size)
     ops = ", ".join(f"{count} {op}" for op, count in sorted(report.gating_ops.items()))
-    diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in report.max_abs_diff.items())
+    diffs = "; ".join(report.diffs_by_size())
     console = output_console()
     console.print(f"wrote {report.path} (opset {report.opset}; gating kept: {ops or 'no DGC layers'})", highlight=False)
+    # The graph's signature: named dims are dynamic, ints fixed.
+    inputs, outputs = (", ".join(map(str, shape)) for shape in (report.input_shape, report.output_shape))
     console.print(
-        f"onnxruntime vs PyTorch max |difference|: {diffs} (tolerance {report.tolerance:.1e})", highlight=False
+        f"input {report.input_name!r} ({inputs}) -> output {report.output_name!r} ({outputs})", highlight=False
     )
+    console.print(
+        f"onnxruntime vs PyTorch max |difference| (tolerance {report.tolerance:.1e}), by height x width:",
+        highlight=False,
+    )
+    for line in report.diffs_by_size():
+        console.print(f"  {line}", highlight=False)
     if not report.passed:
         _fail(f"{report.path}: onnxruntime output differs from PyTorch beyond tolerance ({diffs})", EXIT_RUN_FAILED)
 

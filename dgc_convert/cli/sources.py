@@ -17,7 +17,7 @@ __all__ = ["models_for_bench"]
 
 
 def models_for_bench(
-    target: str, conversion: dict[str, Any], *, source: str | None = None
+    target: str, conversion: dict[str, Any], *, source: str | None = None, input_size: int | None = None
 ) -> tuple[nn.Module, nn.Module, str, tuple[int, int, int]]:
     """(dense, DGC, display name, default input size) for ``dgc-convert bench TARGET``.
 
@@ -25,7 +25,8 @@ def models_for_bench(
     directory) or a model name; ``conversion`` (the given options among heads,
     zeta, squeeze_ratio, gating, preact, squeeze_rule, min_channels) and
     ``source`` apply to model names
-    only. The dense counterpart of a saved model is the same architecture,
+    only, and ``input_size`` (square side in pixels, the model's own when None)
+    is where a model name's conversion weighs each layer's MACs. The dense counterpart of a saved model is the same architecture,
     untrained: only speed is measured.
     """
     path = Path(target)
@@ -40,6 +41,11 @@ def models_for_bench(
         info = require_model_info(model)
         dense = create_dense(model_settings(name=info.name, source=info.library, num_classes=info.num_classes))
         return dense, model, f"{info.name} ({path})", info.input_size
-    built = build_model(model_settings(name=target, source=source), convert_settings(**conversion), keep_dense=True)
+    built = build_model(
+        model_settings(name=target, source=source),
+        convert_settings(**conversion),
+        keep_dense=True,
+        input_size=input_size,
+    )
     assert built.dense is not None  # keep_dense
     return built.dense, built.model, target, require_model_info(built.model).input_size
