@@ -115,3 +115,22 @@ def test_the_finetune_recipe_starts_from_a_dense_digits_run(tmp_path, monkeypatc
 
     result = train(finetune)
     assert result.status == "finished" and (tmp_path / "runs/digits-finetune/last/model.safetensors").is_file()
+
+    # Both digits runs drew their curves; `plot` draws the two on the same axes.
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dgc_convert.cli import app
+    from dgc_convert.plots import CURVES_DPI, CURVES_SIZE
+    from dgc_convert.train_events import CURVES_FILE
+
+    size = (CURVES_SIZE[0] * CURVES_DPI, CURVES_SIZE[1] * CURVES_DPI)
+    for run in ("runs/digits-dense", "runs/digits-finetune"):
+        with Image.open(tmp_path / run / CURVES_FILE) as picture:
+            assert picture.format == "PNG" and picture.size == size
+            darkest, lightest = picture.convert("L").getextrema()
+            assert darkest < lightest  # drawn on, not blank
+    result = CliRunner().invoke(app, ["plot", "runs/digits-dense", "runs/digits-finetune", "--out", "both.png"])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "both.png") as picture:
+        assert picture.format == "PNG" and picture.size == size
