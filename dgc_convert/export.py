@@ -5,7 +5,7 @@ generator, TopK over the scores, ScatterElements into per-head gates (under
 network gating, DGC-G: Greater against the threshold, ArgMax for each head's
 top channel, Where) and one grouped Conv over the heads' gated copies, whose output is already in dense
 order (layers from older files with interleaved heads add the channel
-shuffle as Reshape/Transpose). The batch dimension stays dynamic; with
+shuffle as one Gather). The batch dimension stays dynamic; with
 ``dynamic_size`` the height and width do too. After export the file is run
 with onnxruntime on random inputs of batch 1 and 4 (at two image sizes with
 ``dynamic_size``) and compared with PyTorch.
@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from dgc_convert.errors import ExportError
+from dgc_convert.nn.conv_kinds import conv_kind
+from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import dgc_mode
 from dgc_convert.zoo import model_info
 
@@ -137,6 +139,18 @@ def second_check_size(height: int, width: int) -> tuple[int, int]:
     return scaled(height), scaled(width)
 
 
+def _pads_by_size(model: nn.Module) -> bool:
+    """True when some layer's padding depends on the input size (TF-'SAME', dense or DGC)."""
+    for module in model.modules():
+        if isinstance(module, DGCConv2d) and module.same_padding:
+            return True
+        if isinstance(module, nn.Conv2d):
+            kind = conv_kind(module)
+            if kind is not None and kind.same_padding:
+                return True
+    return False
+
+
 def _shape(value: object) -> Shape:
     """The dims of an ONNX graph input/output (``ValueInfoProto``): named dims as str, fixed as int."""
     dims = value.type.tensor_type.shape.dim  # type: ignore[attr-defined]
@@ -169,7 +183,9 @@ def export_onnx(
             ``"width"``); without it they stay fixed at ``input_size``.
         check_sizes: the (height, width) sizes in pixels of the parity check.
             By default ``input_size``'s, and with ``dynamic_size`` also
-            ``second_check_size`` of it (1.5x, rounded up to a multiple of 32).
+            ``second_check_size`` of it (1.5x, rounded up to a multiple of 32)
+            and, for a model with TF-'SAME' padding, one pixel more than that
+            (an odd side pads differently).
             Without ``dynamic_size`` only ``input_size``'s is allowed.
 
     Raises:
@@ -188,6 +204,9 @@ def export_onnx(
     traced = (int(size[1]), int(size[2]))
     if check_sizes is None:
         sizes = [traced, second_check_size(*traced)] if dynamic_size else [traced]
+        if dynamic_size and _pads_by_size(model):
+            # TF-'SAME' padding differs between even and odd sides, and both sizes above are even.
+            sizes.append((sizes[1][0] + 1, sizes[1][1] + 1))
     else:
         sizes = list(dict.fromkeys((int(h), int(w)) for h, w in check_sizes))
         if not dynamic_size and any(s != traced for s in sizes):

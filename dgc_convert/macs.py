@@ -18,6 +18,8 @@ cost expected at the target, not a fixed one (``MacReport.expected``).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dgc_convert.nn.layer import DGCConv2d, kept_channel_macs, saliency_macs
 from dgc_convert.nn.modes import dgc_mode
+from dgc_convert.tracing import meta_twin
 
 __all__ = [
     "LayerMacs",
@@ -320,12 +323,25 @@ def convolution_output_sizes(model: nn.Module, input_size: int | Sequence[int]) 
     """Output (height, width) in pixels of every ``nn.Conv2d`` of ``model`` for one
     input of ``input_size``, by name; a convolution the forward does not call is absent.
 
-    Shapes only: the model runs in eval mode on fake tensors (no compute, no
-    memory for activations), or, where fake tensors fail (an operator without
-    a shape rule), once for real on a batch of one under ``torch.no_grad()``.
-    Every module is returned to its previous mode.
+    Shapes only, and ``model`` itself is never run: a copy of it with meta
+    tensors for weights (no storage) runs in eval mode on fake tensors, so
+    nothing its forward caches or counts lands in the model. Where fake
+    tensors fail (an operator without a shape rule) a real copy runs once on
+    a batch of one under ``torch.no_grad()``.
     """
     size = normalize_input_size(input_size)
+    parameter = next(model.parameters(), None)
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    try:
+        return _output_sizes(meta_twin(model), torch.zeros(1, *size, device="meta", dtype=dtype), fake=True)
+    except Exception:  # any operator fake tensors cannot run: measure a real copy, once
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        return _output_sizes(copy.deepcopy(model), torch.zeros(1, *size, device=device, dtype=dtype), fake=False)
+
+
+def _output_sizes(model: nn.Module, example: torch.Tensor, *, fake: bool) -> dict[str, tuple[int, int]]:
+    """Run ``model`` (a copy: its mode and hooks are changed) once on ``example`` and
+    record every ``nn.Conv2d``'s output (height, width)."""
     sizes: dict[str, tuple[int, int]] = {}
 
     def record(name: str) -> Any:
@@ -335,24 +351,12 @@ def convolution_output_sizes(model: nn.Module, input_size: int | Sequence[int]) 
 
         return hook
 
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-    training = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    try:
-        model.eval()
-        try:
-            # DGC layers in their graph form: no timing of sparse algorithms on fake tensors.
-            with FakeTensorMode(allow_non_fake_inputs=True), dgc_mode(model, algorithm="export"), torch.no_grad():
-                model(torch.zeros(1, *size, device=device, dtype=dtype))
-        except Exception:  # any operator fake tensors cannot run: measure for real, once
-            sizes.clear()
-            with dgc_mode(model, algorithm="export"), torch.no_grad():
-                model(torch.zeros(1, *size, device=device, dtype=dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, mode in training.items():
-            m.training = mode
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(record(name))
+    model.eval()
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    # DGC layers in their graph form: no timing of sparse algorithms on a one-off input.
+    with mode, dgc_mode(model, algorithm="export"), torch.no_grad():
+        model(example)
     return sizes

@@ -129,13 +129,12 @@ def _plain_twin(conv: nn.Conv2d) -> nn.Conv2d:
     kind = conv_kind(conv)
     assert kind is not None and kind.standardization is not None  # what the caller selected
     gain = conv.get_parameter("gain") if kind.standardization.has_gain else None
+    # No device/dtype keywords: older timm releases' Conv2dSame takes none; moved below.
     options: dict[str, Any] = {
         "stride": conv.stride,
         "dilation": conv.dilation,
         "groups": conv.groups,
         "bias": conv.bias is not None,
-        "device": conv.weight.device,
-        "dtype": conv.weight.dtype,
     }
     kernel = (conv.kernel_size[0], conv.kernel_size[1])
     padding = conv.padding if isinstance(conv.padding, str) else (conv.padding[0], conv.padding[1])
@@ -146,6 +145,7 @@ def _plain_twin(conv: nn.Conv2d) -> nn.Conv2d:
         twin = Conv2dSame(conv.in_channels, conv.out_channels, kernel, padding=0, **options)
     else:
         twin = nn.Conv2d(conv.in_channels, conv.out_channels, kernel, padding=padding, **options)
+    twin.to(device=conv.weight.device, dtype=conv.weight.dtype)
     twin.weight.copy_(standardize_weight(conv.weight, kind.standardization, gain))
     if conv.bias is not None and twin.bias is not None:
         twin.bias.copy_(conv.bias)

@@ -219,16 +219,17 @@ def _output_sizes(
     model: nn.Module, convs: list[tuple[str, nn.Conv2d]], stems: set[str], input_size: int | tuple[int, ...] | None
 ) -> dict[str, tuple[int, int]]:
     """Every convolution's output size at ``input_size``: by default the model's own
-    (``create_model``'s), else 224 square with a stem's input channels."""
+    (``create_model``'s), else 224 square; a stem's input channels where the size names none."""
     if not convs:
         return {}
     info = model_info(model)
+    # An input_size without channels (N or (H, W)) takes a stem's: a grey-scale model needs no (1, H, W).
+    channels = next((conv.in_channels for name, conv in convs if name in stems), convs[0][1].in_channels)
     if input_size is not None:
-        size = normalize_input_size(input_size)
+        size = normalize_input_size(input_size, channels)
     elif info is not None:
         size = info.input_size
     else:
-        channels = next((conv.in_channels for name, conv in convs if name in stems), convs[0][1].in_channels)
         size = normalize_input_size(224, channels)
     try:
         return convolution_output_sizes(model, size)

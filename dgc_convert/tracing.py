@@ -8,12 +8,16 @@ helpers); callers fall back to a simpler rule and say so.
 
 from __future__ import annotations
 
+import copy
+import itertools
+from typing import Any
+
 import torch.fx
 from torch import nn
 
 from dgc_convert.nn.layer import DGCConv2d
 
-__all__ = ["LeafTracer", "trace", "trace_error", "image_convolutions"]
+__all__ = ["LeafTracer", "trace", "trace_error", "image_convolutions", "meta_twin"]
 
 _FUNCTIONAL_CONVS = {nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d}
 
@@ -26,9 +30,24 @@ class LeafTracer(torch.fx.Tracer):
         return isinstance(module, (DGCConv2d, nn.Conv2d)) or super().is_leaf_module(module, qualified_name)
 
 
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors (shapes,
+    no storage): nothing is copied but the structure, and whatever a forward stores
+    in its modules (a cache, a traced proxy) lands in the copy, not in ``model``."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        meta = tensor.detach().to("meta")
+        memo[id(tensor)] = (
+            nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+        )
+    return copy.deepcopy(model, memo)
+
+
 def trace(model: nn.Module) -> torch.fx.Graph:
-    """The model's graph with DGC layers as leaves; raises whatever tracing raises."""
-    return LeafTracer().trace(model)
+    """The model's graph with DGC layers as leaves (module names as in ``model``); raises
+    whatever tracing raises. A ``meta_twin`` is traced: tracing runs forward with proxies,
+    and a forward that stores its input would otherwise keep one in ``model``."""
+    return LeafTracer().trace(meta_twin(model))
 
 
 def trace_error(error: Exception) -> str:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from dgc_convert.errors import SettingsError, first_line
-from dgc_convert.plots import read_run, write_curves
 from dgc_convert.train_events import (
     CURVES_FILE,
     TENSORBOARD_DIR,
@@ -104,6 +103,9 @@ class CurvesWriter:
     def on_epoch(self, metrics: EpochMetrics) -> None:
         """Draw every epoch recorded so far."""
         try:
+            # Imported here, inside the courtesy: a broken matplotlib costs a warning, not the run.
+            from dgc_convert.plots import read_run, write_curves
+
             write_curves([read_run(self.directory)], self.path)
         except Exception as error:  # drawing is a courtesy: training goes on whatever happens to it
             if not self.failed and self.warn is not None:

@@ -235,3 +235,29 @@ def test_weight_standardised_zoo_models_save_load_and_check(tmp_path, name, kind
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_tf_same_layers_export_with_a_dynamic_size_that_pads_odd_sides_right(tmp_path):
+    # Both default check sizes are even; the padding of a stride-2 'SAME' layer
+    # differs on an odd side, so the export checks one odd size too.
+    import onnxruntime
+
+    from dgc_convert.export import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), Conv2dSame(32, 32, 3, stride=2), StdConv2dSame(32, 32, 3, stride=2)
+    )
+    convert(model, include=["1", "2"], input_size=(3, 32, 32))
+    assert all(isinstance(model[i], DGCConv2d) and model[i].same_padding for i in (1, 2))
+    report = export_onnx(model, tmp_path / "same.onnx", input_size=(3, 32, 32), dynamic_size=True)
+    assert report.passed and (65, 65) in report.checked_sizes
+    session = onnxruntime.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    model.eval()
+    for side in (31, 33):
+        x = torch.randn(2, 3, side, side)
+        with torch.no_grad():
+            expected = model(x)
+        got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

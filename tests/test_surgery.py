@@ -406,3 +406,30 @@ def test_a_model_that_cannot_run_at_the_input_size_is_one_clear_error():
         match=r"Sequential cannot run on a 3x2x2 input to find its feature sizes \(unflatten: .*\); pass input_size",
     ):
         convert(nn.Sequential(Toy(), nn.Unflatten(1, (2, 3))), input_size=(3, 2, 2))
+
+
+def test_the_shape_pass_never_runs_the_model_itself():
+    class Caching(WithConvClassifier):
+        calls = 0
+
+        def forward(self, x):
+            type(self).calls += 1
+            self.last_input = x  # a cache, as timm's attention-bias caches
+            return super().forward(x)
+
+    model = Caching()
+    convert(model, input_size=16)
+    # Tracing (for the stem) and the shape pass each ran a copy: nothing stored in the model.
+    assert "last_input" not in vars(model) and Caching.calls == 2
+    out = model(torch.randn(1, 3, 16, 16))
+    assert type(out) is torch.Tensor and type(model.last_input) is torch.Tensor
+
+
+def test_an_input_size_without_channels_takes_the_stems():
+    class Grey(WithConvClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 64, 3, padding=1)
+
+    report = convert(Grey(), input_size=16)  # (1, 16, 16), read off the stem
+    assert [d.name for d in report.converted] == ["body", "fc"]

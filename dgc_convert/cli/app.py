@@ -220,7 +220,8 @@ def _as_trained(recipe: Recipe) -> ModelSection:
     if spec.num_classes is None:
         with contextlib.suppress(DataError):
             update["num_classes"] = dataset_classes(recipe.data)
-    if spec.input_size is None and recipe_image_size(recipe) is not None:
+    # train's order: data.image_size first, then model.input_size, then the data set's native size.
+    if recipe_image_size(recipe) is not None:
         update["input_size"] = recipe_image_size(recipe)
     return spec.model_copy(update=update)
 

@@ -289,8 +289,8 @@ def dgc_conv2d_for_layer(
 ) -> Tensor:
     """``layer``'s eval forward (a ``DGCConv2d``) through the compiled op; channels-last output.
 
-    ``x`` is what the convolution sees (after the layer's pre-activation, if
-    any). ``packed``: the layer's prepacked weight (``pack_weight`` with the
+    ``x`` is the layer's input after its pre-activation, if any, and before
+    any TF-'SAME' padding (the op pools ``x`` and pads it by ``padding``). ``packed``: the layer's prepacked weight (``pack_weight`` with the
     layer's heads and layout); taken from ``packed_weight_for(layer)`` when
     None. ``padding``: (height, width) zeros on each side, the layer's own when
     None (a TF-'SAME' layer passes what it needs at this input size). Equal to the layer's other inference paths up to float rounding.

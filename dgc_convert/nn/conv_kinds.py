@@ -78,15 +78,18 @@ def same_padding(
     total puts the extra pixel on the right/bottom. timm's own helper computes it."""
     from timm.layers.padding import pad_same_arg  # imported on demand: only these layers need timm
 
-    left, right, top, bottom = (
-        int(p) for p in pad_same_arg(list(input_size), list(kernel_size), list(stride), list(dilation))
-    )
+    # Not int(): while torch.export traces with a dynamic size these are symbolic,
+    # and converting them would fix the padding to the traced size's.
+    left, right, top, bottom = pad_same_arg(list(input_size), list(kernel_size), list(stride), list(dilation))
     return (left, right, top, bottom)
 
 
 def pad_input(x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
-    """``x`` zero-padded by (left, right, top, bottom); ``x`` itself when there is nothing to pad."""
-    return F.pad(x, pads) if any(pads) else x
+    """``x`` zero-padded by (left, right, top, bottom); ``x`` itself when every pad is a plain 0
+    (symbolic pads, while a graph is traced, always pad)."""
+    if all(isinstance(p, int) and p == 0 for p in pads):
+        return x
+    return F.pad(x, pads)
 
 
 def _from_timm(conv: nn.Conv2d) -> bool:

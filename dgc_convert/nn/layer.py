@@ -738,7 +738,7 @@ class DGCConv2d(nn.Module):
                 return out
             if self.inference_algorithm == "compiled":
                 reason = compiled.unavailable_reason() or "needs float32 on CPU"
-                if self._asymmetric_padding(x):
+                if compiled.in_use() and x.dtype == torch.float32 and self._asymmetric_padding(x):
                     reason = "its TF-'SAME' padding is one pixel larger on one side at this input size"
                 raise ValueError(f"inference_algorithm 'compiled' cannot run here: {reason}")
         if not self.training and self.inference_algorithm != "masked":
