@@ -40,9 +40,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from dgc_convert.checkpoint import MODEL_FILE
 from dgc_convert.errors import WeightsFileError, first_line
-from dgc_convert.serialize import MODEL_FORMAT
+from dgc_convert.serialize import MODEL_FORMAT, weights_file
 from dgc_convert.zoo import model_info
 
 __all__ = [
@@ -99,17 +98,9 @@ def find_weights_file(path: str | Path) -> Path:
         WeightsFileError: no such file, a directory without model.safetensors,
             or a suffix outside ``WEIGHTS_SUFFIXES``.
     """
-    given = Path(path).expanduser()
-    if given.is_dir():
-        file = given / MODEL_FILE
-        if not file.is_file():
-            hint = " (a run's checkpoints are its last/ and best/ directories)" if (given / "last").is_dir() else ""
-            raise WeightsFileError(f"{given}: a directory without {MODEL_FILE}{hint}")
-        return file
-    if not given.exists():
-        raise WeightsFileError(f"{given}: no such file")
-    if not given.is_file():
-        raise WeightsFileError(f"{given}: not a file")
+    given = weights_file(Path(path).expanduser(), WeightsFileError)
+    if given != Path(path).expanduser():  # a checkpoint directory's model.safetensors
+        return given
     if given.suffix.lower() not in WEIGHTS_SUFFIXES:
         raise WeightsFileError(
             f"{given}: unknown weights file type {given.suffix or '(no suffix)'!r}; expected {', '.join(WEIGHTS_SUFFIXES)} "

@@ -113,22 +113,25 @@ def save(model: nn.Module, path: str | Path, *, input_size: int | tuple[int, ...
     return path
 
 
-def _weights_file(path: Path) -> Path:
+def weights_file(path: Path, error: type[LoadError] = LoadError) -> Path:
+    """The file ``path`` names: itself, or a checkpoint directory's ``model.safetensors``;
+    ``error`` (one line naming the path) when there is none."""
     if path.is_dir():
         candidate = path / MODEL_FILE
         if not candidate.is_file():
-            raise LoadError(f"{path}: a directory without model.safetensors")
+            hint = " (a run's checkpoints are its last/ and best/ directories)" if (path / "last").is_dir() else ""
+            raise error(f"{path}: a directory without {MODEL_FILE}{hint}")
         return candidate
     if not path.exists():
-        raise LoadError(f"{path}: no such file")
+        raise error(f"{path}: no such file")
     if not path.is_file():
-        raise LoadError(f"{path}: not a file")
+        raise error(f"{path}: not a file")
     return path
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of a model file (or checkpoint directory), checked to be ours and not newer than this version."""
-    file = _weights_file(Path(path))
+    file = weights_file(Path(path))
     try:
         with safe_open(str(file), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -239,7 +242,7 @@ def load(path: str | Path) -> nn.Module:
             metadata, a model this environment cannot build, or tensors that
             do not match. Nothing is ever unpickled.
     """
-    file = _weights_file(Path(path))
+    file = weights_file(Path(path))
     metadata = read_metadata(file)
     layers = _field(metadata, "conversion", file)
     num_classes = _field(metadata, "num_classes", file)
