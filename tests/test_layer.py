@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -450,3 +451,47 @@ def test_preact_conversion_equals_a_hand_built_bn_relu_dgc_chain(gating):
             torch.testing.assert_close(layer.weight.grad, plain.weight.grad, rtol=0, atol=1e-12)
             torch.testing.assert_close(layer.norm.weight.grad, norm.weight.grad, rtol=0, atol=1e-12)
             torch.testing.assert_close(layer.norm.running_mean, norm.running_mean, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_shapes_batch_0_and_unbatched_input_behave_like_nn_conv2d(training):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 64, 3, padding=1, stride=2)
+    layer = DGCConv2d.from_conv(conv, heads=4, zeta=0.5).train(training)
+    conv.train(training)
+    for shape in [(0, 32, 9, 9), (32, 9, 9), (3, 32, 9, 9)]:
+        x = torch.randn(*shape)
+        assert layer(x).shape == conv(x).shape, shape
+    single = torch.randn(32, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(single), layer(single.unsqueeze(0)).squeeze(0))
+    for bad in [torch.randn(1, 16, 9, 9), torch.randn(16, 9, 9)]:
+        with pytest.raises(RuntimeError) as dense_error:
+            conv(bad)
+        with pytest.raises(RuntimeError) as dgc_error:
+            layer(bad)
+        assert str(dgc_error.value) == str(dense_error.value)  # "... to have 32 channels, but got 16 channels instead"
+
+
+def test_a_model_deep_copies_after_a_forward_with_gradients():
+    # EMA and "keep the best model" patterns copy the model mid-training.
+    model = nn.Sequential(DGCConv2d(16, 32, 3, padding=1, heads=4), nn.ReLU(), DGCConv2d(32, 32, 1, heads=4))
+    out = model(torch.randn(2, 16, 8, 8))
+    twin = copy.deepcopy(model)
+    assert all(layer.sparsity_loss is None for layer in twin if isinstance(layer, DGCConv2d))
+    assert (
+        model[0].sparsity_loss is not None and model[0].sparsity_loss.grad_fn is not None
+    )  # the original keeps its own
+    out.sum().backward()
+    x = torch.randn(2, 16, 8, 8)
+    model.eval()
+    twin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x))
+
+
+def test_inference_algorithm_is_checked_when_set():
+    layer = DGCConv2d(16, 32, 1)
+    with pytest.raises(ValueError, match="got None"):
+        layer.inference_algorithm = None
+    assert layer.inference_algorithm == "auto"

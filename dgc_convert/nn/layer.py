@@ -729,6 +729,38 @@ class DGCConv2d(nn.Module):
         return self._last_sparsity
 
     def forward(self, x: Tensor) -> Tensor:
+        """Same shapes as ``nn.Conv2d``: (B, C, H, W) or unbatched (C, H, W) in, (B, C', H', W') or
+        (C', H', W') out; an empty batch gives an empty output."""
+        if x.dim() == 3:  # unbatched, as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            # nn.Conv2d's own message, rather than a shape error from deep inside the gates.
+            raise RuntimeError(
+                f"Given groups=1, weight of size {list(self.weight.shape)}, expected input{list(x.shape)} to have "
+                f"{self.in_channels} channels, but got {x.shape[1] if x.dim() > 1 else 0} channels instead"
+            )
+        if x.shape[0] == 0:
+            return self._empty_forward(x)
+        return self._forward(x)
+
+    def _empty_forward(self, x: Tensor) -> Tensor:
+        """A batch of none: the dense convolution's empty output (nothing to gate, no
+        batch statistics to take: the pre-activation, which keeps channels, is skipped)."""
+        self._last_sparsity = x.new_zeros(())
+        conv_input = self._conv_input(x)
+        return torch.nn.functional.conv2d(
+            conv_input, self.conv_weight(), self.bias, self.stride, self.padding, self.dilation
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The last forward's sparsity term and gate record belong to that forward's graph:
+        # a copy (deepcopy for an EMA or a "best" model, pickling) starts without them.
+        state = dict(super().__getstate__())  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        state["_last_sparsity"] = None
+        state["last_gate_record"] = None
+        return state
+
+    def _forward(self, x: Tensor) -> Tensor:
         if not self.training and (self.inference_algorithm == "export" or _exporting()):
             return self._export_forward(x)
         x = self.preactivate(x)
