@@ -276,15 +276,26 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> MacReport:
     Products are counted by torch's ``FlopCounterMode``; normalization and
     average pooling modules by their rules (see the module docstring); DGC
     layers follow ``dgc_layer_macs`` at their current ``zeta_t`` (the
-    expected cost for network-gated layers: the report's ``expected``). The
-    model runs once in eval mode without gradients and every module is
-    returned to its previous mode.
+    expected cost for network-gated layers: the report's ``expected``).
+    Counting needs shapes only: a copy of the model with meta tensors for
+    weights (``tracing.meta_twin``) runs once in eval mode on fake tensors,
+    so any input size is counted in bounded memory and ``model`` itself never
+    runs. Where fake tensors fail (an operator without a shape rule) the
+    model runs once for real, without gradients, and every module is returned
+    to its previous mode.
     """
     size = normalize_input_size(input_size)
     parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-    example = torch.zeros(1, *size, device=device, dtype=dtype)
+    try:
+        return _count(meta_twin(model), torch.zeros(1, *size, device="meta", dtype=dtype), fake=True)
+    except Exception:  # any operator fake tensors cannot run: count a real run, once
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        return _count(model, torch.zeros(1, *size, device=device, dtype=dtype), fake=False)
+
+
+def _count(model: nn.Module, example: torch.Tensor, *, fake: bool) -> MacReport:
+    """``count_macs`` on ``example`` (batch 1), on fake tensors or for real."""
     named = dict(model.named_modules())
     # Reported rows: the leaves and the DGC layers, but nothing inside a DGC layer; not the model itself.
     inside_dgc = {id(sub) for m in named.values() if isinstance(m, DGCConv2d) for sub in m.modules() if sub is not m}
@@ -298,24 +309,27 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> MacReport:
     tally.macs = {m: 0 for _, m in rows}
     training = {m: m.training for m in model.modules()}
     handles = []
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     try:
         for m in named.values():
             handles.append(m.register_forward_pre_hook(tally.before, with_kwargs=True))
             handles.append(m.register_forward_hook(tally.after, with_kwargs=True))
         model.eval()
         # Counting needs shapes, not speed: DGC layers run their plain graph form
-        # instead of timing their sparse algorithms on this one-off input.
-        with dgc_mode(model, algorithm="export"), torch.no_grad(), counter:
+        # instead of timing their sparse algorithms on this one-off input. The
+        # counter is entered last, so it sees every operator before fake tensors run it.
+        with mode, dgc_mode(model, algorithm="export"), torch.no_grad(), counter:
             model(example)
     finally:
         for handle in handles:
             handle.remove()
-        for m, mode in training.items():
-            m.training = mode
+        for m, was_training in training.items():
+            m.training = was_training
     layers = [
         LayerMacs(name, type(m).__name__, tally.macs[m], sum(p.numel() for p in m.parameters())) for name, m in rows
     ]
     expected = any(isinstance(m, DGCConv2d) and m.gating == "network" for m in named.values())
+    size = (int(example.shape[1]), int(example.shape[2]), int(example.shape[3]))
     return MacReport(size, tally.total(), sum(p.numel() for p in model.parameters()), layers, expected=expected)
 
 

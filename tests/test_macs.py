@@ -258,3 +258,26 @@ def test_runtime_dependencies_are_permissively_licensed():
     }
     assert not refused, f"runtime dependencies without a permissive licence: {refused}"
     assert "ultralytics-thop" not in verdicts
+
+
+def test_any_input_size_is_counted_in_bounded_memory():
+    # A 20000 px ResNet-18 would need tens of GB of activations to run for real; counting
+    # runs a meta copy on fake tensors. The child's address space is capped, so a
+    # regression fails here with an allocation error instead of exhausting the machine.
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))\n"
+        "from dgc_convert import convert, create_model\n"
+        "from dgc_convert.macs import count_macs\n"
+        "model = create_model('resnet18')\n"
+        "dense = count_macs(model, 20000).total_macs\n"
+        "convert(model, input_size=20000)\n"
+        "print(dense, count_macs(model, 20000).total_macs)\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dense, dgc = map(int, done.stdout.split())
+    assert dense == 14_537_000_512_512 and 0 < dgc < dense  # 1.82 G at 224 px, times (20000 / 224)^2

@@ -755,9 +755,14 @@ class DGCConv2d(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # The last forward's sparsity term and gate record belong to that forward's graph:
         # a copy (deepcopy for an EMA or a "best" model, pickling) starts without them.
+        # The weight's eval arrangements are rebuilt on demand, not copied.
         state = dict(super().__getstate__())  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         state["_last_sparsity"] = None
         state["last_gate_record"] = None
+        state["_weight_cache"] = WeightCache()
+        state["_standardized"] = None
+        state["_packed_key"] = None
+        state["_buffers"] = {**state["_buffers"], "packed_weight": None}
         return state
 
     def _forward(self, x: Tensor) -> Tensor:
