@@ -91,6 +91,8 @@ class MacReport:
     (e.g. a norm layer with an activation inside). ``expected`` is True when
     some DGC layer is network-gated (DGC-G): its kept channels vary per
     sample, and the figures are the cost expected at the target.
+    ``largest_activation``: bytes of the largest tensor any module returns
+    for one sample (what a forward at this size must hold at least).
     """
 
     input_size: tuple[int, int, int]
@@ -98,6 +100,7 @@ class MacReport:
     total_params: int
     layers: list[LayerMacs] = field(default_factory=list)
     expected: bool = False
+    largest_activation: int = 0  # bytes of the largest tensor a module returns, per sample
 
     def by_name(self) -> dict[str, LayerMacs]:
         return {layer.name: layer for layer in self.layers}
@@ -237,6 +240,7 @@ class _Tally:
         self.dgc_flops = 0  # operator FLOPs run inside DGC layers, replaced by dgc_macs
         self._starts: list[int] = []
         self._inside_dgc = 0
+        self.largest_output = 0  # bytes of the largest tensor a module returned (per sample: batch 1)
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._starts.append(self.counter.get_total_flops())
@@ -245,6 +249,8 @@ class _Tally:
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         flops = self.counter.get_total_flops() - self._starts.pop()
+        if isinstance(output, torch.Tensor):
+            self.largest_output = max(self.largest_output, output.numel() * output.element_size())
         if isinstance(module, DGCConv2d):
             self._inside_dgc -= 1
             if self._inside_dgc:
@@ -330,7 +336,8 @@ def _count(model: nn.Module, example: torch.Tensor, *, fake: bool) -> MacReport:
     ]
     expected = any(isinstance(m, DGCConv2d) and m.gating == "network" for m in named.values())
     size = (int(example.shape[1]), int(example.shape[2]), int(example.shape[3]))
-    return MacReport(size, tally.total(), sum(p.numel() for p in model.parameters()), layers, expected=expected)
+    params = sum(p.numel() for p in model.parameters())
+    return MacReport(size, tally.total(), params, layers, expected=expected, largest_activation=tally.largest_output)
 
 
 def convolution_output_sizes(model: nn.Module, input_size: int | Sequence[int]) -> dict[str, tuple[int, int]]:

@@ -402,3 +402,16 @@ def test_a_recipe_converts_the_model_its_training_would_build(tmp_path):
     data = json.loads(result.stdout)
     assert data["input_size"] == [3, 32, 32] and data["totals"]["dense_macs"] == 37_220_352
     assert data["totals"]["dense_params"] == sum(p.numel() for p in dense.parameters())
+
+
+def test_check_refuses_a_size_whose_activations_would_not_fit(monkeypatch):
+    import dgc_convert.cli.summary as summary
+
+    monkeypatch.setattr(summary, "available_memory", lambda: 16 << 30)
+    result = invoke("resnet18", "--input-size", "20000", "--check")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --check at 20000x20000 would hold about 143.1 GiB of activations and 16.0 GiB")
+    assert result.stderr.count("\n") == 1
+    # Counting alone is bounded at any size.
+    data = json.loads(invoke("resnet18", "--input-size", "20000", "--json").stdout)
+    assert data["totals"]["dense_macs"] == 14_537_000_512_512

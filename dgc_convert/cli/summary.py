@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dgc_convert.build import build_model
+from dgc_convert.errors import SettingsError
 from dgc_convert.macs import count_macs, normalize_input_size
 from dgc_convert.recipe import ConvertSection, ModelSection
 from dgc_convert.surgery import ConversionReport, LayerDecision, check_identity
@@ -92,6 +93,36 @@ def _geometry(decision: LayerDecision) -> str:
     return text
 
 
+CHECK_BATCH = 2  # images the identity check runs
+# A forward without gradients holds about its input, its output and a residual at
+# once: this many of its largest activation is what the check is taken to need.
+_LIVE_ACTIVATIONS = 3
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to start new work (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _refuse_what_cannot_fit(size: tuple[int, int, int], largest_activation: int) -> None:
+    """One line, before any real forward, when the identity check's activations at ``size`` would not fit."""
+    need = _LIVE_ACTIVATIONS * CHECK_BATCH * largest_activation
+    available = available_memory()
+    if available is not None and need > available:
+        _, height, width = size
+        raise SettingsError(
+            f"--check at {height}x{width} would hold about {need / 2**30:.1f} GiB of activations and "
+            f"{available / 2**30:.1f} GiB is available; check at a smaller --input-size (counting MACs needs no memory)"
+        )
+
+
 def summarize_conversion(
     model_spec: ModelSection, settings: ConvertSection, *, check: bool = False
 ) -> ConversionSummary:
@@ -135,8 +166,9 @@ def summarize_conversion(
     ]
     identity = None
     if check:
+        _refuse_what_cannot_fit(size, max(dense.largest_activation, converted.largest_activation))
         generator = torch.Generator().manual_seed(0)
-        example = torch.randn(2, *size, generator=generator)
+        example = torch.randn(CHECK_BATCH, *size, generator=generator)
         identity = check_identity(dense_model, model, example)
     totals = {
         "dense_macs": dense.total_macs,
