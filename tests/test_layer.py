@@ -495,3 +495,30 @@ def test_inference_algorithm_is_checked_when_set():
     with pytest.raises(ValueError, match="got None"):
         layer.inference_algorithm = None
     assert layer.inference_algorithm == "auto"
+
+
+def test_a_converted_resnet18_traces_with_torch_fx_and_torch_jit():
+    """torch.fx: each DGC layer is one call_module node (a leaf); torch.jit.trace: the graph
+    form (no timing, no caches), so the trace checks out and takes other batch sizes."""
+    import warnings
+
+    from dgc_convert import convert, create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10)
+    convert(model, input_size=32)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    traced = torch.fx.symbolic_trace(model)
+    dgc_calls = [
+        n for n in traced.graph.nodes if n.op == "call_module" and isinstance(traced.get_submodule(n.target), DGCConv2d)
+    ]
+    assert len(dgc_calls) == 19
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace is deprecated in favour of torch.export
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        scripted = torch.jit.trace(model, x)  # check_trace: a second trace must give the same graph
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+        other = torch.randn(3, 3, 32, 32)
+        torch.testing.assert_close(scripted(other), model(other), rtol=1e-5, atol=1e-5)

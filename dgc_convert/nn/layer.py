@@ -73,10 +73,17 @@ _AUTHORS_HALVE_BELOW = 80
 _MIN_HIDDEN = 4
 
 
+def _jit_tracing() -> bool:
+    """True inside ``torch.jit.trace`` (torch leaves ``is_tracing`` unannotated)."""
+    tracing: bool = torch.jit.is_tracing()  # type: ignore[no-untyped-call]
+    return tracing
+
+
 def _exporting() -> bool:
-    """True while torch.export / torch.onnx trace the model."""
+    """True while torch.export, torch.onnx or torch.jit.trace trace the model: eval then
+    takes the graph form (one computation, no timing or caches that would differ between traces)."""
     compiler = getattr(torch, "compiler", None)
-    return bool(getattr(compiler, "is_exporting", lambda: False)() or torch.onnx.is_in_onnx_export())
+    return bool(getattr(compiler, "is_exporting", lambda: False)() or torch.onnx.is_in_onnx_export() or _jit_tracing())
 
 
 def kept_channel_count(in_channels: int, zeta: float) -> int:
@@ -731,6 +738,13 @@ class DGCConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Same shapes as ``nn.Conv2d``: (B, C, H, W) or unbatched (C, H, W) in, (B, C', H', W') or
         (C', H', W') out; an empty batch gives an empty output."""
+        if isinstance(x, torch.fx.Proxy):
+            # torch.fx tracing: the layer is one call in the graph (a leaf), which runs
+            # this forward for real when the traced module runs.
+            traced: Tensor = x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
+            return traced
+        if _jit_tracing():  # shapes are traced values there: no Python checks on them
+            return self._forward(x)
         if x.dim() == 3:  # unbatched, as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
