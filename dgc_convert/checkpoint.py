@@ -15,13 +15,18 @@ directory) holding:
 A new checkpoint is written to a temporary directory that then replaces the
 old one by rename, so an interrupted save leaves the previous checkpoint
 whole. Every file carries the same random ``checkpoint_id``; loading checks it.
+A save that fails removes its temporary directory; ``sweep_checkpoints`` (at
+the start of a run, under its lock) removes those a dead process left and puts
+back a checkpoint a save set aside (``.last.old``) when it died between renames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -35,6 +40,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
 from dgc_convert import __version__
+from dgc_convert.atomic import give_default_mode
 from dgc_convert.errors import CheckpointError
 
 __all__ = [
@@ -48,6 +54,7 @@ __all__ = [
     "load_optimizer_state",
     "read_checkpoint",
     "save_checkpoint",
+    "sweep_checkpoints",
     "unflatten_tensors",
 ]
 
@@ -280,6 +287,32 @@ def save_checkpoint(
     temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
+    try:
+        _write_checkpoint(temporary, model, state, training_state, checkpoint_id)
+    except BaseException:
+        # A full disk, an unwritable file, Ctrl-C: leave no half-written directory behind.
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    # Swap: old -> .old, new -> name, drop .old. At every instant one complete
+    # checkpoint exists under the name or under .old (``find_checkpoint`` looks at both).
+    previous = _set_aside(directory)
+    _recover(directory)  # a save that died between renames: its .old is the checkpoint, keep it
+    shutil.rmtree(previous, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, previous)
+    os.replace(temporary, directory)
+    shutil.rmtree(previous, ignore_errors=True)
+    return directory
+
+
+def _write_checkpoint(
+    temporary: Path,
+    model: nn.Module,
+    state: dict[str, Any],
+    training_state: dict[str, Any] | None,
+    checkpoint_id: str,
+) -> None:
+    """Write the checkpoint's files into ``temporary``."""
     metadata = {"checkpoint_id": checkpoint_id, "dgc_convert_version": __version__}
     if getattr(model, "dgc_model_info", None) is not None:
         # The same metadata as ``dgc_convert.save``: ``load`` opens trainer checkpoints.
@@ -300,24 +333,71 @@ def save_checkpoint(
         save_file(tensors, str(temporary / TRAINING_FILE), metadata={"checkpoint_id": checkpoint_id})
         full_state["training_state"] = skeleton
     _write_json(temporary / STATE_FILE, full_state)
-    # Swap: old -> .old, new -> name, drop .old. At every instant one complete
-    # checkpoint exists under the name or under .old (``find_checkpoint`` looks at both).
-    previous = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(previous, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, previous)
-    os.replace(temporary, directory)
-    shutil.rmtree(previous, ignore_errors=True)
-    return directory
+    give_default_mode(*(path for path in temporary.iterdir() if path.is_file()))
+
+
+def _set_aside(directory: Path) -> Path:
+    """Where a save moves the previous checkpoint while the new one takes its name."""
+    return directory.with_name(f".{directory.name}.old")
+
+
+def _recover(directory: Path) -> None:
+    """Put back the checkpoint a save set aside, when it died before the new one took the name."""
+    previous = _set_aside(directory)
+    if not (directory / STATE_FILE).is_file() and (previous / STATE_FILE).is_file():
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(previous, directory)
 
 
 def find_checkpoint(directory: str | Path) -> Path | None:
-    """The complete checkpoint at ``directory`` (or the one a save in progress set aside), or None."""
+    """The complete checkpoint at ``directory`` (or the one a save in progress set aside), or None.
+
+    The one place that decides which checkpoint a name stands for: ``--resume``,
+    ``read_checkpoint``, ``dgc_convert.load`` and ``dgc-convert eval`` all ask it.
+    """
     directory = Path(directory)
-    for candidate in (directory, directory.with_name(f".{directory.name}.old")):
+    for candidate in (directory, _set_aside(directory)):
         if (candidate / STATE_FILE).is_file():
             return candidate
     return None
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def sweep_checkpoints(output: str | Path, *, owned: bool = False) -> list[Path]:
+    """Tidy a run's output directory after a crash; returns the temporary directories removed.
+
+    Removes the ``.NAME.tmp-PID`` directories of saves that never finished,
+    those whose process is gone (every one but this process's own when
+    ``owned``: the caller holds the run lock, so no other save can be under
+    way), puts back a checkpoint a save set aside (``.NAME.old``) when it died
+    between its two renames, and drops a set-aside copy once the new checkpoint
+    is in place.
+    """
+    from dgc_convert.run_lock import pid_alive
+
+    output = Path(output)
+    removed: list[Path] = []
+    if not output.is_dir():
+        return removed
+    names: set[str] = set()
+    for entry in output.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if match is not None and entry.is_dir():
+            pid = int(match["pid"])
+            if pid != os.getpid() and (owned or not pid_alive(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        elif entry.name.startswith(".") and entry.name.endswith(".old") and entry.is_dir():
+            names.add(entry.name[1:-4])
+    for name in sorted(names):
+        directory = output / name
+        with contextlib.suppress(OSError):
+            _recover(directory)
+            if (directory / STATE_FILE).is_file():
+                shutil.rmtree(_set_aside(directory), ignore_errors=True)
+    return removed
 
 
 @dataclass

@@ -8,6 +8,10 @@ realised count takes, per sample and head, the kept channels with a nonzero
 score: ``min(k, #scores > 0)`` head-wise, so at most the static count; under
 network gating the channels above the threshold, which vary per sample and
 head and may exceed ``k``.
+
+A sample whose outputs are not all finite (NaN or infinite logits) counts as
+a miss for top-1 and top-5, and its loss (NaN or infinite) goes into the mean
+as it is; ``EvalReport.nonfinite_samples`` says how many there were.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class EvalReport:
     realised_mean: float
     realised_percentiles: dict[str, float]
     layers: list[LayerUsage] = field(default_factory=list)
+    nonfinite_samples: int = 0  # samples with a NaN or infinite output: misses, and the loss is not finite
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -86,13 +91,15 @@ def _percentiles(values: Tensor) -> dict[str, float]:
 
 @dataclass
 class Scores:
-    """Classification counts over some batches: summed loss, top-1 and top-5 hits, samples, classes."""
+    """Classification counts over some batches: summed loss, top-1 and top-5 hits, samples, classes,
+    and the samples with a NaN or infinite output (counted as misses)."""
 
     loss_sum: float = 0.0
     top1: int = 0
     top5: int = 0
     count: int = 0
     classes: int = 0
+    nonfinite: int = 0
 
     def percentages(self) -> tuple[float, float, float | None]:
         """(mean loss, top-1 %, top-5 % or None with 5 classes or fewer)."""
@@ -128,9 +135,12 @@ def score(
         with autocast():
             logits = model(images)
         scores.loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+        # topk ranks NaN above every number: a sample with a non-finite output is a miss, not a lucky hit.
+        finite = torch.isfinite(logits).all(dim=1)
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        scores.top1 += (ranked[:, 0] == labels).sum().item()
-        scores.top5 += (ranked == labels[:, None]).any(1).sum().item()
+        scores.top1 += ((ranked[:, 0] == labels) & finite).sum().item()
+        scores.top5 += ((ranked == labels[:, None]).any(1) & finite).sum().item()
+        scores.nonfinite += int((~finite).sum().item())
         scores.count += labels.shape[0]
         scores.classes = logits.shape[1]
     return scores
@@ -186,4 +196,5 @@ def evaluate(
         realised_mean=float(total.mean()),
         realised_percentiles=_percentiles(total),
         layers=rows,
+        nonfinite_samples=counts.nonfinite,
     )

@@ -8,7 +8,10 @@ order (layers from older files with interleaved heads add the channel
 shuffle as one Gather). The batch dimension stays dynamic; with
 ``dynamic_size`` the height and width do too. After export the file is run
 with onnxruntime on random inputs of batch 1 and 4 (at two image sizes with
-``dynamic_size``) and compared with PyTorch.
+``dynamic_size``) and compared with PyTorch. The file is written to a temporary
+file next to the target and renamed into place only when the export and the
+parity check both passed: a failed export, parity check or write keeps an
+existing file at the target as it was.
 """
 
 from __future__ import annotations
@@ -26,13 +29,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dgc_convert.atomic import atomic_write
 from dgc_convert.errors import ExportError
 from dgc_convert.nn.conv_kinds import conv_kind
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import dgc_mode
 from dgc_convert.zoo import model_info
 
-__all__ = ["ExportReport", "export_onnx", "second_check_size", "ExportError"]
+__all__ = [
+    "ExportReport",
+    "check_export_options",
+    "export_onnx",
+    "second_check_size",
+    "supported_opsets",
+    "ExportError",
+]
 
 
 # The operators that carry the per-sample choice of channels: TopK and the
@@ -46,6 +57,12 @@ _SIZE_MULTIPLE = 32
 
 # Terminal colour codes, which torch.onnx puts in its error messages.
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+# The lowest opset the export supports: the gating's TopK, ScatterElements and
+# GatherElements need their opset-13 forms.
+MIN_OPSET = 13
+# The highest opset when torch.onnx does not say its own (it is a private constant there).
+_FALLBACK_MAX_OPSET = 18
 
 _INPUT_NAME = "input"
 _OUTPUT_NAME = "output"
@@ -66,6 +83,7 @@ class ExportReport:
     input_shape: Shape  # e.g. ("batch", 3, "height", "width") with dynamic size, ("batch", 3, 224, 224) without
     output_name: str
     output_shape: Shape
+    written: bool = False  # True when the file is at ``path``: the export and the parity check both passed
 
     @property
     def passed(self) -> bool:
@@ -89,6 +107,52 @@ class ExportReport:
             + ", ".join(f"batch {b} {d:.1e}" for (b, h, w), d in self.max_abs_diff.items() if (h, w) == (height, width))
             for height, width in self.checked_sizes
         ]
+
+
+class _ParityFailed(Exception):
+    """Leaves ``atomic_write`` without renaming the exported file into place."""
+
+    def __init__(self, report: ExportReport) -> None:
+        super().__init__()
+        self.report = report
+
+
+def supported_opsets() -> tuple[int, int]:
+    """(lowest, highest) ONNX opset the installed exporter supports, e.g. (13, 23).
+
+    The highest is torch.onnx's own limit, capped at the installed onnx
+    package's newest opset.
+    """
+    highest = _FALLBACK_MAX_OPSET
+    try:
+        from torch.onnx import _constants
+
+        highest = int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        pass
+    try:
+        import onnx
+
+        highest = min(highest, int(onnx.defs.onnx_opset_version()))
+    except ImportError:
+        pass
+    return MIN_OPSET, max(highest, MIN_OPSET)
+
+
+def check_export_options(opset: int, tolerance: float) -> None:
+    """Refuse an ``opset`` outside ``supported_opsets()`` or a ``tolerance`` that is not a finite number above 0.
+
+    Raises:
+        ExportError: one line naming the value and what is allowed.
+    """
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise ExportError(f"tolerance must be a finite number above 0, got {tolerance}")
+    lowest, highest = supported_opsets()
+    if not lowest <= opset <= highest:
+        raise ExportError(
+            f"opset {opset} is not supported: the installed exporter (torch {torch.__version__}) "
+            f"supports opsets {lowest} to {highest}"
+        )
 
 
 def _require(module: str) -> None:
@@ -188,11 +252,19 @@ def export_onnx(
             (an odd side pads differently).
             Without ``dynamic_size`` only ``input_size``'s is allowed.
 
+    The file is written only when the export and the parity check both
+    passed (``report.written``); otherwise an existing file at ``path`` is
+    kept as it was, and so it is when writing fails (e.g. a full disk: the
+    ``OSError`` propagates).
+
     Raises:
-        ExportError: a missing export dependency, an export that fails, or a
-            parity check that cannot run (e.g. a model whose head needs a fixed
-            size, at a second size); the one-line message names the size.
+        ExportError: an unsupported ``opset`` or a ``tolerance`` that is not
+            a finite number above 0 (before any export work), a missing export
+            dependency, an export that fails, or a parity check that cannot
+            run (e.g. a model whose head needs a fixed size, at a second size);
+            the one-line message names the size.
     """
+    check_export_options(opset, tolerance)
     for module in ("onnx", "onnxscript", "onnxruntime"):
         _require(module)
     import onnx
@@ -215,7 +287,6 @@ def export_onnx(
                 f"check size {other[0]}x{other[1]} differs from the export size {traced[0]}x{traced[1]}: "
                 "a fixed-size graph takes only that size (export with dynamic size)"
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     example = torch.randn(2, *size)
     try:
@@ -243,16 +314,14 @@ def export_onnx(
             _quiet_loggers("torch", "onnxscript"),
         ):
             warnings.simplefilter("ignore")
-            torch.onnx.export(
+            program = torch.onnx.export(
                 model,
                 (example,),
-                str(path),
                 dynamo=True,
                 opset_version=opset,
                 input_names=[_INPUT_NAME],
                 output_names=[_OUTPUT_NAME],
                 dynamic_shapes=(axes,),
-                external_data=False,
                 verbose=False,
             )
     except Exception as error:  # the exporter fails in many ways; one line for the user
@@ -263,60 +332,85 @@ def export_onnx(
             cause = cause.__cause__
         what = f" with dynamic height and width (traced at {traced[0]}x{traced[1]})" if dynamic_size else ""
         raise ExportError(f"ONNX export{what} failed: {_ANSI_ESCAPE.sub('', _one_line(cause))}") from None
-    graph = onnx.load(str(path)).graph
-    counts: dict[str, int] = {}
-    for node in graph.node:
-        if node.op_type in _GATING_OPS:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    input_shape, output_shape = _shape(graph.input[0]), _shape(graph.output[0])
-    # torch.onnx refines the requested dynamic dims from torch.export's
-    # suggested fixes instead of failing: a size check or a size-dependent
-    # branch in the model silently fixes them. Noted here, reported below at
-    # the first size the fixed graph cannot take.
-    pinned = {
-        axis: dim for axis, dim in zip(("height", "width"), input_shape[2:]) if dynamic_size and isinstance(dim, int)
-    }
-    options = onnxruntime.SessionOptions()
-    # Fatal only: a failed run's error is logged to stderr and raised too; we
-    # report it once, in our own one-line message.
-    options.log_severity_level = 4
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    diffs: dict[tuple[int, int, int], float] = {}
-    scale = 1.0
-    generator = torch.Generator().manual_seed(0)
-    for height, width in sizes:
-        for batch_size in check_batches:
-            where = f"parity check at {height}x{width} (batch {batch_size})"
-            x = torch.randn(batch_size, size[0], height, width, generator=generator)
-            try:
-                with torch.no_grad():
-                    expected = model(x)
-            except Exception as error:  # the model's own limit, e.g. a head over a fixed-size map
-                hint = "; it needs a fixed input size: export without dynamic size" if (height, width) != traced else ""
-                raise ExportError(
-                    f"{where}: the model does not run at this size in PyTorch ({_one_line(error)}){hint}"
-                ) from None
-            wrong = [f"{axis} {dim}" for axis, dim in pinned.items() if dim != {"height": height, "width": width}[axis]]
-            if wrong:
-                raise ExportError(
-                    f"{where}: the exported graph takes only {' and '.join(wrong)} px: the exporter fixed it "
-                    "because the model depends on the size (a size check or branch); export without dynamic size"
-                )
-            try:
-                got = torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
-            except Exception as error:  # onnxruntime raises its own error types
-                raise ExportError(f"{where}: onnxruntime cannot run the exported graph ({_one_line(error)})") from None
-            scale = max(scale, float(expected.abs().max()))
-            diffs[(batch_size, height, width)] = float((got - expected).abs().max())
-    return ExportReport(
-        path,
-        opset,
-        counts,
-        diffs,
-        tolerance * scale,
-        graph.input[0].name,
-        input_shape,
-        graph.output[0].name,
-        output_shape,
-    )
+    if program is None:  # an older torch.onnx that returns nothing without a file to write
+        raise ExportError("ONNX export failed: torch.onnx.export returned no ONNX program")
+    try:
+        # Written next to ``path`` and renamed over it only when the parity
+        # check below passed: a failure keeps an existing file as it was.
+        with atomic_write(path) as temporary:
+            program.save(str(temporary), external_data=False)
+            graph = onnx.load(str(temporary)).graph
+            counts: dict[str, int] = {}
+            for node in graph.node:
+                if node.op_type in _GATING_OPS:
+                    counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            input_shape, output_shape = _shape(graph.input[0]), _shape(graph.output[0])
+            # torch.onnx refines the requested dynamic dims from torch.export's
+            # suggested fixes instead of failing: a size check or a size-dependent
+            # branch in the model silently fixes them. Noted here, reported below at
+            # the first size the fixed graph cannot take.
+            pinned = {
+                axis: dim
+                for axis, dim in zip(("height", "width"), input_shape[2:])
+                if dynamic_size and isinstance(dim, int)
+            }
+            options = onnxruntime.SessionOptions()
+            # Fatal only: a failed run's error is logged to stderr and raised too; we
+            # report it once, in our own one-line message.
+            options.log_severity_level = 4
+            session = onnxruntime.InferenceSession(str(temporary), options, providers=["CPUExecutionProvider"])
+            input_name = session.get_inputs()[0].name
+            diffs: dict[tuple[int, int, int], float] = {}
+            scale = 1.0
+            generator = torch.Generator().manual_seed(0)
+            for height, width in sizes:
+                for batch_size in check_batches:
+                    where = f"parity check at {height}x{width} (batch {batch_size})"
+                    x = torch.randn(batch_size, size[0], height, width, generator=generator)
+                    try:
+                        with torch.no_grad():
+                            expected = model(x)
+                    except Exception as error:  # the model's own limit, e.g. a head over a fixed-size map
+                        hint = (
+                            "; it needs a fixed input size: export without dynamic size"
+                            if (height, width) != traced
+                            else ""
+                        )
+                        raise ExportError(
+                            f"{where}: the model does not run at this size in PyTorch ({_one_line(error)}){hint}"
+                        ) from None
+                    wrong = [
+                        f"{axis} {dim}"
+                        for axis, dim in pinned.items()
+                        if dim != {"height": height, "width": width}[axis]
+                    ]
+                    if wrong:
+                        raise ExportError(
+                            f"{where}: the exported graph takes only {' and '.join(wrong)} px: the exporter fixed it "
+                            "because the model depends on the size (a size check or branch); export without dynamic size"
+                        )
+                    try:
+                        got = torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
+                    except Exception as error:  # onnxruntime raises its own error types
+                        raise ExportError(
+                            f"{where}: onnxruntime cannot run the exported graph ({_one_line(error)})"
+                        ) from None
+                    scale = max(scale, float(expected.abs().max()))
+                    diffs[(batch_size, height, width)] = float((got - expected).abs().max())
+            report = ExportReport(
+                path,
+                opset,
+                counts,
+                diffs,
+                tolerance * scale,
+                graph.input[0].name,
+                input_shape,
+                graph.output[0].name,
+                output_shape,
+            )
+            if not report.passed:
+                raise _ParityFailed(report)
+    except _ParityFailed as failed:
+        return failed.report
+    report.written = True
+    return report

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from dgc_convert.atomic import atomic_write
 from dgc_convert.nn.layer import DEFAULT_GATING, DGCConv2d
 from dgc_convert.nn.modes import watch_scores
 from dgc_convert.plots import new_figure, save_png
@@ -141,11 +142,11 @@ def _kept_text(layer: LayerChannelUsage) -> str:
 def write_summary(usage: list[LayerChannelUsage], path: str | Path, **context: Any) -> Path:
     """The JSON summary: context (model, data), then every layer's frequencies and collapse flags."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         **context,
         "layers": [layer.to_dict() for layer in usage],
         "collapsed": [{"layer": layer.name, "head": h, "reason": r} for layer in usage for h, r in layer.collapsed],
     }
-    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    with atomic_write(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=1), encoding="utf-8")
     return path

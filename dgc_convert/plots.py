@@ -10,11 +10,8 @@ so a crash mid-write never leaves half a picture.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from dgc_convert.atomic import atomic_write
 from dgc_convert.errors import DGCConvertError
 from dgc_convert.train_events import METRICS_FILE, RECIPE_FILE
 
@@ -79,20 +77,8 @@ def save_png(figure: Figure, path: str | Path, *, dpi: float = CURVES_DPI) -> Pa
     the old picture or the new one, never a part of one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # os.open, not tempfile: the file gets the usual permissions (0666 less the umask), not 0600.
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=dpi)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
+    with atomic_write(path) as temporary, open(temporary, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=dpi)
     return path
 
 

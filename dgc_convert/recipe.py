@@ -3,11 +3,15 @@
 A recipe describes one repeatable run: which model, how to convert it, how
 to train it, on which data, and where to write. Unknown keys are errors, and
 every error names the file, the key path, the bad value and what is allowed,
-in one line.
+in one line. Loading is bounded: at most ``MAX_RECIPE_BYTES`` of UTF-8, no YAML
+aliases or anchors (no alias bomb), no key written twice, and every quoted value
+cut to a short prefix (``shown``).
 """
 
 from __future__ import annotations
 
+import errno
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
@@ -43,9 +47,38 @@ __all__ = [
     "build_section",
     "convert_settings",
     "model_settings",
+    "shown",
+    "MAX_RECIPE_BYTES",
+    "MAX_NUM_CLASSES",
+    "MAX_INPUT_CHANNELS",
+    "MAX_INPUT_SIDE",
 ]
 
 SectionT = TypeVar("SectionT", bound="_Section")
+
+# Bounded inputs, in one place. A recipe is a short hand-written file; a model's
+# shape is bounded before anything is built (the recipe schema's num_classes and
+# saved-model metadata, serialize.read_metadata), so an absurd value is one line,
+# not an allocation that takes the machine down.
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB
+MAX_NUM_CLASSES = 1_000_000
+MAX_INPUT_CHANNELS = 64
+MAX_INPUT_SIDE = 8192
+# How much of a value an error message quotes.
+SHOWN_CHARACTERS = 80
+
+
+def shown(value: Any, limit: int = SHOWN_CHARACTERS, *, quoted: bool = True) -> str:
+    """``repr(value)`` (``str`` without ``quoted``: a key path) for an error message, cut to ``limit``
+    characters, an ellipsis and the full length after: how every recipe, settings and metadata error
+    quotes a value, however long it is."""
+    try:
+        text = repr(value) if quoted else str(value)
+    except ValueError:  # an int past Python's digit limit
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _not_a_boolean(value: Any) -> Any:
@@ -78,7 +111,7 @@ class ModelSection(_Section):
 
     name: str
     source: Literal["auto", "timm", "torchvision"] = "auto"
-    num_classes: Count | None = Field(default=None, ge=1)
+    num_classes: Count | None = Field(default=None, ge=1, le=MAX_NUM_CLASSES)
     input_size: int | None = Field(
         strict=True, default=None, ge=8, description="square input side in pixels; model default when unset"
     )
@@ -95,7 +128,7 @@ class ModelSection(_Section):
         if self.pretrained and self.checkpoint is not None:
             raise ValueError(
                 "pretrained and checkpoint are both set: start from the library's weights or from "
-                f"{self.checkpoint}, not both"
+                f"{shown(self.checkpoint, quoted=False)}, not both"
             )
         return self
 
@@ -237,18 +270,19 @@ class Recipe(_Section):
 
 def _first_error(error: ValidationError, source: str) -> RecipeError:
     detail = error.errors()[0]
-    path = ".".join(str(p) for p in detail["loc"]) or "(top level)"
+    keys = ".".join(str(p) for p in detail["loc"])
+    path = shown(keys, quoted=False) or "(top level)"
     value = detail.get("input")
     kind = detail["type"]
     if kind == "extra_forbidden":
-        message = f"unknown key {path!r}"
+        message = f"unknown key {shown(keys)}"
         allowed = _allowed_keys(detail["loc"][:-1])
         if allowed:
             message += f"; allowed: {', '.join(allowed)}"
     elif kind == "missing":
         message = f"{path}: required key is missing"
     else:
-        message = f"{path}={value!r}: {detail['msg'].removeprefix('Value error, ')}"
+        message = f"{path}={shown(value)}: {detail['msg'].removeprefix('Value error, ')}"
     return RecipeError(f"{source}: {message}")
 
 
@@ -306,11 +340,16 @@ def _allowed(field_info: Any, *, with_kind: bool = True) -> str:
     if annotation is int and bounds == {"ge": 1}:
         return "a positive integer"
     if lower and upper:
-        return f"in {lower[0]}{lower[1]:g}, {upper[1]:g}{upper[0]}"
+        return f"in {lower[0]}{_number(lower[1])}, {_number(upper[1])}{upper[0]}"
     if lower or upper:
         sign = {"[": ">=", "(": ">", "]": "<=", ")": "<"}[(lower or upper)[0]]  # type: ignore[index]
-        return f"{shown_kind}{sign} {(lower or upper)[1]:g}"  # type: ignore[index]
+        return f"{shown_kind}{sign} {_number((lower or upper)[1])}"  # type: ignore[index]
     return kind or f"of type {getattr(annotation, '__name__', annotation)}"
+
+
+def _number(bound: Any) -> str:
+    """A bound as written: 1000000, not 1e+06; 0.5, not 0.500000."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 def _settings_message(error: ValidationError, section: type[BaseModel]) -> str:
@@ -321,20 +360,20 @@ def _settings_message(error: ValidationError, section: type[BaseModel]) -> str:
     model: type[BaseModel] = section
     prefix = ""
     if loc[:1] == ["overrides"] and len(loc) >= 2:
-        prefix, model, loc = f"layer {loc[1]}: ", OverrideSection, loc[2:]
+        prefix, model, loc = f"layer {shown(loc[1], quoted=False)}: ", OverrideSection, loc[2:]
         if detail["type"] == "extra_forbidden":
-            return f"{prefix}unknown key {loc[0]!r}; allowed: {', '.join(model.model_fields)}"
+            return f"{prefix}unknown key {shown(loc[0])}; allowed: {', '.join(model.model_fields)}"
     if not loc:
         return prefix + detail["msg"].removeprefix("Value error, ")
     if detail["type"] == "extra_forbidden":
-        return f"unknown setting {loc[0]!r}; allowed: {', '.join(model.model_fields)}"
+        return f"unknown setting {shown(loc[0])}; allowed: {', '.join(model.model_fields)}"
     if detail["type"] == "missing":
-        return f"{prefix}{'.'.join(loc)} is required"
+        return f"{prefix}{shown('.'.join(loc), quoted=False)} is required"
     field_info = model.model_fields.get(loc[0])
     if field_info is None or len(loc) > 1:
-        return f"{prefix}{'.'.join(loc)}={detail.get('input')!r}: {detail['msg'].removeprefix('Value error, ')}"
+        return f"{prefix}{shown('.'.join(loc), quoted=False)}={shown(detail.get('input'))}: {detail['msg'].removeprefix('Value error, ')}"
     out_of_bounds = detail["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
-    return f"{prefix}{loc[0]} must be {_allowed(field_info, with_kind=not out_of_bounds)}, got {detail.get('input')!r}"
+    return f"{prefix}{loc[0]} must be {_allowed(field_info, with_kind=not out_of_bounds)}, got {shown(detail.get('input'))}"
 
 
 def build_section(
@@ -386,27 +425,107 @@ def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
         raise _first_error(error, source) from None
 
 
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
+class _Refused(yaml.YAMLError):
+    """YAML a recipe never needs (an alias or anchor, a key written twice), refused where it is written."""
+
+    def __init__(self, problem: str, mark: Any, note: str = "") -> None:
+        super().__init__(problem)
+        self.problem, self.mark, self.note = problem, mark, note
+
+    def where(self, of: str = "") -> str:
+        line = f"line {self.mark.line + 1}, " if self.mark.line or not of else ""
+        return f"{self.problem} ({line}column {self.mark.column + 1}{of}){self.note}"
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases and anchors (a recipe never needs them, and an alias bomb
+    would expand a small file into an exponential graph) and without duplicate keys (where the
+    second silently wins)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused("YAML aliases are not allowed", event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise _Refused("YAML anchors are not allowed", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: SafeConstructor says so below
+                continue
+            if duplicate:
+                raise _Refused(f"duplicate key {shown(key)}", key_node.start_mark, "; each key may appear once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_yaml(text: str) -> Any:
+    """``text`` parsed by ``_RecipeLoader``: plain data only, no aliases, no duplicate keys."""
+    loader = _RecipeLoader(text)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _read_text(path: Path) -> str:
+    """A recipe file's text: one line naming the path when it is missing, a directory, a symlink
+    loop, over ``MAX_RECIPE_BYTES`` or not UTF-8."""
+    try:
+        info = path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise RecipeError(f"{path}: a symlink loop, not a recipe file") from None
+        if isinstance(error, FileNotFoundError):
+            broken = " (a symlink to a missing file)" if path.is_symlink() else ""
+            raise RecipeError(f"{path}: no such recipe file{broken}") from None
+        raise RecipeError(f"{path}: cannot read the recipe ({error.strerror or type(error).__name__})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise RecipeError(f"{path}: is a directory, not a recipe file")
+    try:
+        with path.open("rb") as handle:  # bounded even for a pipe or a device
+            data = handle.read(MAX_RECIPE_BYTES + 1)
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read the recipe ({error.strerror or type(error).__name__})") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: over {MAX_RECIPE_BYTES // (1 << 20)} MiB; a recipe is a short text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{path}: not a text file (not UTF-8 at byte {error.start})") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    text = _read_text(path)
+    try:
+        return _safe_yaml(text)
+    except _Refused as error:
+        raise RecipeError(f"{path}: {error.where()}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a text file") from None
+        raise RecipeError(f"{path}: not valid YAML{where}: {shown(problem, quoted=False)}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
 
 
 def _parse_assignment(assignment: str) -> tuple[list[str], Any]:
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
-        raise RecipeError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. train.epochs=3")
+        raise RecipeError(f"--set {shown(assignment)}: expected KEY.PATH=VALUE, e.g. train.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = _safe_yaml(raw) if raw.strip() else None
+    except _Refused as error:
+        raise RecipeError(f"--set {shown(assignment)}: {error.where(' of the value')}") from None
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.strip().split("."), value
 
@@ -421,14 +540,15 @@ def apply_overrides(data: dict, assignments: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise RecipeError(f"--set {assignment!r}: {part!r} is not a section")
+                raise RecipeError(f"--set {shown(assignment)}: {shown(part)} is not a section")
             node = child
         node[path[-1]] = value
     return data
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load and validate a recipe YAML file (``yaml.safe_load`` only), then apply ``--set`` overrides."""
+    """Load and validate a recipe YAML file (a ``yaml.SafeLoader`` without aliases, anchors or duplicate
+    keys, at most ``MAX_RECIPE_BYTES``), then apply ``--set`` overrides."""
     path = Path(path)
     data = _read_yaml(path)
     if data is None:
@@ -438,5 +558,5 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if isinstance(data.get("model"), str):
         data["model"] = {"name": data["model"]}
     apply_overrides(data, list(overrides or []))
-    source = str(path) + (f" (with --set {', '.join(overrides)})" if overrides else "")
+    source = str(path) + (f" (with --set {shown(', '.join(overrides), quoted=False)})" if overrides else "")
     return recipe_from_dict(data, source)

@@ -25,6 +25,7 @@ threshold and a preact layer's ``norm`` are tensors of the weights file.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,9 +35,18 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from dgc_convert import __version__
-from dgc_convert.checkpoint import MODEL_FILE
-from dgc_convert.errors import DGCConvertError, LoadError, UnknownModelError
+from dgc_convert.atomic import atomic_write
+from dgc_convert.checkpoint import MODEL_FILE, find_checkpoint
+from dgc_convert.errors import DGCConvertError, LoadError, UnknownModelError, first_line
 from dgc_convert.nn.layer import DEFAULT_GATING, DEFAULT_SQUEEZE_RULE, GATINGS, SQUEEZE_RULES
+from dgc_convert.recipe import (
+    MAX_INPUT_CHANNELS,
+    MAX_INPUT_SIDE,
+    MAX_NUM_CLASSES,
+    OverrideSection,
+    build_section,
+    shown,
+)
 from dgc_convert.surgery import LayerSettings, apply_conversion, dgc_layers
 from dgc_convert.zoo import Library, ModelInfo, attach_model_info, create_model, model_info
 
@@ -57,6 +67,7 @@ _FORMAT_NAME, _FORMAT_VERSION = MODEL_FORMAT.rsplit("/", 1)
 # A conversion entry's "layout"; entries written before the key existed are interleaved.
 _LAYOUTS = {"blocked": False, "interleaved": True}  # name -> DGCConv2d.interleaved
 _LAYOUT_BEFORE_THE_KEY = "interleaved"
+_LIBRARIES = ("timm", "torchvision")
 
 
 def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = None) -> dict[str, str]:
@@ -106,16 +117,20 @@ def save(model: nn.Module, path: str | Path, *, input_size: int | tuple[int, ...
             "save the model before prepare_for_inference: folded BatchNorms cannot be rebuilt by name"
         )
     metadata = model_metadata(model, input_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_model(model, str(temporary), metadata=metadata)
-    temporary.replace(path)
+    # safetensors writes its files 0600; atomic_write gives the usual 0666 less the umask.
+    with atomic_write(path) as temporary:
+        save_model(model, str(temporary), metadata=metadata)
     return path
 
 
 def weights_file(path: Path, error: type[LoadError] = LoadError) -> Path:
     """The file ``path`` names: itself, or a checkpoint directory's ``model.safetensors``;
-    ``error`` (one line naming the path) when there is none."""
+    ``error`` (one line naming the path) when there is none. A checkpoint whose save was cut
+    between its two renames is found where ``--resume`` finds it (``find_checkpoint``)."""
+    if not path.is_file() and not (path / MODEL_FILE).is_file():
+        found = find_checkpoint(path)
+        if found is not None and (found / MODEL_FILE).is_file():
+            return found / MODEL_FILE
     if path.is_dir():
         candidate = path / MODEL_FILE
         if not candidate.is_file():
@@ -146,39 +161,113 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     version = fmt.rsplit("/", 1)[1]
     if not version.isdigit() or int(version) > int(_FORMAT_VERSION):
         raise LoadError(
-            f"{file}: written in format {fmt}, newer than this dgc-convert ({__version__}) reads ({MODEL_FORMAT}); upgrade dgc-convert"
+            f"{file}: written in format {shown(fmt)}, newer than this dgc-convert ({__version__}) reads ({MODEL_FORMAT}); upgrade dgc-convert"
         )
+    _check_metadata(metadata, file)
     return metadata
 
 
 def _field(metadata: dict[str, str], key: str, file: Path) -> Any:
     try:
         return json.loads(metadata[key])
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, ValueError, RecursionError):  # ValueError: JSONDecodeError, or an int of too many digits
         raise LoadError(f"{file}: metadata field {key!r} is missing or not valid JSON") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_metadata(metadata: dict[str, str], file: Path) -> None:
+    """Every field ``load`` builds from, checked for type and range before anything is built
+    (``recipe.MAX_*`` bound the shape): ``LoadError`` naming the file, the field and the value."""
+
+    def bad(key: str, value: Any, expected: str) -> LoadError:
+        return LoadError(f"{file}: metadata field {key!r} must be {expected}, got {shown(value)}")
+
+    name = metadata.get("model")
+    if not isinstance(name, str) or not name:
+        raise bad("model", name, "a model name")
+    library = metadata.get("library")
+    if library not in _LIBRARIES:
+        raise bad("library", library, " or ".join(_LIBRARIES))
+    num_classes = _field(metadata, "num_classes", file)
+    if not _is_int(num_classes) or not 1 <= num_classes <= MAX_NUM_CLASSES:
+        raise bad("num_classes", num_classes, f"an integer in [1, {MAX_NUM_CLASSES}]")
+    size = _field(metadata, "input_size", file)
+    if (
+        not isinstance(size, list)
+        or len(size) != 3
+        or not all(_is_int(v) for v in size)
+        or not 1 <= size[0] <= MAX_INPUT_CHANNELS
+        or not all(1 <= v <= MAX_INPUT_SIDE for v in size[1:])
+    ):
+        raise bad(
+            "input_size",
+            size,
+            f"[channels, height, width]: channels in [1, {MAX_INPUT_CHANNELS}], sides in [1, {MAX_INPUT_SIDE}]",
+        )
+    layers = _field(metadata, "conversion", file)
+    if not isinstance(layers, list):
+        raise bad("conversion", layers, "a list of layers")
+    names: set[str] = set()
+    for entry in layers:
+        try:
+            _layer_settings(entry)
+        except (KeyError, TypeError, AttributeError) as error:
+            detail = shown(str(error), quoted=False)
+            raise LoadError(f"{file}: metadata field 'conversion' is malformed ({detail})") from None
+        except ValueError as error:
+            raise LoadError(f"{file}: metadata field 'conversion': {error}") from None
+        if entry["name"] in names:
+            raise LoadError(f"{file}: metadata field 'conversion': layer {shown(entry['name'])} appears twice")
+        names.add(entry["name"])
 
 
 def _interleaved(entry: Any) -> bool:
     """Whether a saved conversion entry is an interleaved layer (no "layout": written before it existed)."""
     layout = entry.get("layout", _LAYOUT_BEFORE_THE_KEY)
-    if layout not in _LAYOUTS:
-        raise ValueError(f"layer {entry.get('name')!r}: unknown layout {layout!r} (expected blocked or interleaved)")
+    if not isinstance(layout, str) or layout not in _LAYOUTS:
+        raise ValueError(
+            f"layer {shown(entry.get('name'))}: unknown layout {shown(layout)} (expected blocked or interleaved)"
+        )
     return _LAYOUTS[layout]
 
 
 def _layer_settings(entry: Any) -> LayerSettings:
     """The ``LayerSettings`` a saved conversion entry records; keys added after the
-    format's first files default to what every layer was before them."""
+    format's first files default to what every layer was before them. The heads, squeeze ratio and
+    zeta are checked against the recipe schema's bounds (``OverrideSection``); a bad entry raises
+    ``ValueError`` naming the layer."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"each layer must be a mapping, got {shown(entry)}")
     name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"each layer needs a module name, got {shown(name)}")
     gating = entry.get("gating", DEFAULT_GATING)
-    if gating not in GATINGS:
-        raise ValueError(f"layer {name!r}: unknown gating {gating!r} (expected {' or '.join(GATINGS)})")
+    if not isinstance(gating, str) or gating not in GATINGS:
+        raise ValueError(f"layer {shown(name)}: unknown gating {shown(gating)} (expected {' or '.join(GATINGS)})")
     preact = entry.get("preact", False)
     if not isinstance(preact, bool):
-        raise ValueError(f"layer {name!r}: preact must be true or false, got {preact!r}")
+        raise ValueError(f"layer {shown(name)}: preact must be true or false, got {shown(preact)}")
     rule = entry.get("squeeze_rule", DEFAULT_SQUEEZE_RULE)
-    if rule not in SQUEEZE_RULES:
-        raise ValueError(f"layer {name!r}: unknown squeeze_rule {rule!r} (expected {' or '.join(SQUEEZE_RULES)})")
+    if not isinstance(rule, str) or rule not in SQUEEZE_RULES:
+        raise ValueError(
+            f"layer {shown(name)}: unknown squeeze_rule {shown(rule)} (expected {' or '.join(SQUEEZE_RULES)})"
+        )
+    numbers = {key: entry.get(key) for key in ("heads", "squeeze_ratio", "zeta")}
+    for key, value in numbers.items():
+        kind_ok = _is_int(value) if key == "heads" else isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not kind_ok or (isinstance(value, float) and not math.isfinite(value)):
+            kind = "an integer" if key == "heads" else "a finite number"
+            raise ValueError(f"layer {shown(name)}: {key} must be {kind}, got {shown(value)}")
+    zeta_t = entry.get("zeta_t", 0.0)
+    if not (isinstance(zeta_t, (int, float)) and not isinstance(zeta_t, bool) and 0.0 <= zeta_t < 1.0):
+        raise ValueError(f"layer {shown(name)}: zeta_t must be in [0, 1), got {shown(zeta_t)}")
+    try:
+        build_section(OverrideSection, numbers, error=LoadError)
+    except LoadError as error:
+        raise ValueError(f"layer {shown(name)}: {error}") from None
     return LayerSettings(
         int(entry["heads"]),
         float(entry["squeeze_ratio"]),
@@ -195,10 +284,11 @@ def saved_layer_settings(metadata: dict[str, str]) -> dict[str, LayerSettings]:
     (``read_metadata``): what ``apply_conversion`` rebuilds the layers with."""
     try:
         return {str(entry["name"]): _layer_settings(entry) for entry in json.loads(metadata["conversion"])}
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
-        raise LoadError(f"metadata field 'conversion' is missing or malformed ({error})") from None
-    except ValueError as error:
-        raise LoadError(f"metadata field 'conversion': {error}") from None
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, RecursionError) as error:
+        detail = shown(str(error), quoted=False)
+        raise LoadError(f"metadata field 'conversion' is missing or malformed ({detail})") from None
+    except ValueError as error:  # an int of too many digits too
+        raise LoadError(f"metadata field 'conversion': {shown(str(error), 300, quoted=False)}") from None
 
 
 def saved_layouts(metadata: dict[str, str]) -> dict[str, bool]:
@@ -246,13 +336,11 @@ def load(path: str | Path) -> nn.Module:
     metadata = read_metadata(file)
     layers = _field(metadata, "conversion", file)
     num_classes = _field(metadata, "num_classes", file)
-    name, library = metadata.get("model", ""), metadata.get("library", "auto")
-    if library not in ("timm", "torchvision"):
-        raise LoadError(f"{file}: metadata names library {library!r}; expected timm or torchvision")
+    name, library = metadata["model"], metadata["library"]  # checked by read_metadata
     try:
         model = create_model(name, source=library, num_classes=num_classes)
     except UnknownModelError as error:
-        raise LoadError(f"{file}: cannot rebuild {library} model {name!r} here ({error})") from None
+        raise LoadError(f"{file}: cannot rebuild {library} model {shown(name)} here ({first_line(error)})") from None
     if layers:
         try:
             # The saved per-layer settings, applied by name: today's eligibility

@@ -34,6 +34,7 @@ import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,11 +56,13 @@ from dgc_convert.checkpoint import (
     load_optimizer_state,
     read_checkpoint,
     save_checkpoint,
+    sweep_checkpoints,
 )
 from dgc_convert.distributed import Processes
 from dgc_convert.macs import count_macs
 from dgc_convert.nn.modes import dgc_mode
 from dgc_convert.recipe import Recipe, recipe_from_dict
+from dgc_convert.run_lock import run_lock
 from dgc_convert.serialize import apply_saved_layouts, read_metadata
 from dgc_convert.stop_signals import StopSignals
 from dgc_convert.surgery import dgc_layers, set_zeta
@@ -508,6 +511,13 @@ class _Run:
                 save_checkpoint(self.output / "best", model=self.setup.model, state=self._state("best"))
 
 
+def _lock_notice(reporter: TrainReporter | None) -> Any:
+    """Where the one line about taking over a stale run lock goes: the reporter, else a warning."""
+    if reporter is not None and hasattr(reporter, "on_message"):
+        return reporter.on_message
+    return lambda text: warnings.warn(text, stacklevel=4)
+
+
 def train(
     recipe: Recipe | dict,
     *,
@@ -533,6 +543,8 @@ def train(
 
     Raises:
         TrainingDiverged: the loss became non-finite.
+        RunLockedError: another live run holds ``output.directory``'s lock
+            (checked first, on rank 0, before anything is written).
         DGCConvertError: bad recipe values, data or checkpoints (one-line messages).
     """
     if not isinstance(recipe, Recipe):
@@ -543,7 +555,14 @@ def train(
     processes = Processes.from_env()
     output = Path(recipe.output.directory).expanduser()
     try:
-        with _determinism(recipe.train.seed, recipe.train.deterministic):
+        # Rank 0 holds the output directory's lock for the run's whole life, and tidies what a
+        # crashed run left there (temporary checkpoint directories, a checkpoint set aside).
+        with (
+            run_lock(output, enabled=processes.main, notify=_lock_notice(reporter)),
+            _determinism(recipe.train.seed, recipe.train.deterministic),
+        ):
+            if processes.main:
+                sweep_checkpoints(output, owned=True)
             opened = _open_checkpoint(recipe, output, resume)
             # A resumed run's weights are its own checkpoint's, not model.checkpoint's (not even read).
             setup = build_training(recipe, processes, load_checkpoint=opened is None)

@@ -210,3 +210,120 @@ def test_an_optimizer_state_that_does_not_fit_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(error.value)
     with pytest.raises(CheckpointError, match="does not fit"):
         load_optimizer_state(optimizer, {"state": {"first": {}}, "param_groups": []})
+
+
+# -- nothing lost: failed saves, leftovers of dead runs, deaths between renames -------
+
+
+def test_a_save_that_fails_removes_its_temporary_directory_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    import dgc_convert.checkpoint as checkpoint_module
+
+    save_checkpoint(tmp_path / "last", model=small_model(), state={"epochs_completed": 1})
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint_module, "_write_json", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path / "last", model=small_model(), state={"epochs_completed": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert read_checkpoint(tmp_path / "last").state["epochs_completed"] == 1
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_the_leftovers_of_a_dead_save_are_swept_and_a_set_aside_checkpoint_put_back(tmp_path):
+    import os
+
+    from dgc_convert.checkpoint import sweep_checkpoints
+
+    save_checkpoint(tmp_path / "last", model=small_model(), state={"epochs_completed": 1})
+    dead = tmp_path / f".last.tmp-{_dead_pid()}"
+    live = tmp_path / f".best.tmp-{os.getppid()}"  # a live process's save under way: kept
+    for leftover in (dead, live):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "last").rename(tmp_path / ".last.old")  # killed between the two renames
+    assert sweep_checkpoints(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "last"]
+    assert read_checkpoint(tmp_path / "last").state["epochs_completed"] == 1
+    assert sweep_checkpoints(tmp_path, owned=True) == [live]  # under the run lock no other save is under way
+
+
+def test_a_save_after_a_death_between_renames_never_drops_the_set_aside_checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "last", model=small_model(), state={"epochs_completed": 1})
+    (tmp_path / "last").rename(tmp_path / ".last.old")
+    save_checkpoint(tmp_path / "last", model=small_model(), state={"epochs_completed": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert read_checkpoint(tmp_path / "last").state["epochs_completed"] == 2
+
+
+def test_load_eval_and_resume_after_a_death_between_renames_and_the_next_run_sweeps(tmp_path):
+    from typer.testing import CliRunner
+
+    import dgc_convert
+    from dgc_convert.cli import app
+    from dgc_convert.recipe import load_recipe
+    from dgc_convert.trainer import train
+
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text(
+        "model: timm:test_resnet\n"
+        "convert: {heads: 2, zeta: 0.5}\n"
+        "train: {epochs: 2, batch_size: 16, lr: 0.02}\n"
+        "data: {dataset: synthetic, synthetic_size: 16}\n"
+        f"output: {{directory: {tmp_path / 'run'}}}\n"
+    )
+    run = tmp_path / "run"
+
+    class StopAfterOneEpoch:
+        def on_epoch_end(self, control, metrics):
+            control.request_stop()
+
+    assert train(load_recipe(recipe), callbacks=[StopAfterOneEpoch()]).status == "interrupted"
+    expected = dgc_convert.load(run / "last").state_dict()
+    # Killed between the renames: last/ set aside, the new one still in its temporary directory.
+    (run / "last").rename(run / ".last.old")
+    leftover = run / f".last.tmp-{_dead_pid()}"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    model = dgc_convert.load(run / "last")  # the checkpoint --resume continues from
+    assert model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    runner = CliRunner()
+    evaluated = runner.invoke(app, ["eval", str(run / "last"), "--data", "synthetic", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert read_checkpoint(run / "last").directory == run / ".last.old"
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".last.old", leftover.name]
+    # Reading moved nothing; the next run sweeps the dead save's directory and puts last/ back.
+    resumed = runner.invoke(app, ["train", str(recipe), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after iteration" in resumed.stdout and "finished 2 epochs" in resumed.stdout
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert read_checkpoint(run / "last").state["epochs_completed"] == 2
+
+
+def test_checkpoint_files_get_the_usual_mode(tmp_path):
+    # safetensors writes 0600; every file of a checkpoint gets 0666 less the umask, as the JSON did.
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(
+            tmp_path / "last",
+            model=small_model(),
+            state={"epochs_completed": 1},
+            training_state={"step": torch.zeros(1)},
+        )
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "last").iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -96,3 +97,52 @@ def test_evaluate_and_inspect_work_with_unit_scores(model):
     # Equal scores go to the lowest channels, for every sample.
     first = usage[0]
     assert bool((first.frequency[:, : first.kept] == 1).all()) and bool((first.frequency[:, first.kept :] == 0).all())
+
+
+class _Fixed(torch.nn.Module):
+    """Returns the same logits for every batch."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images):
+        return self.logits
+
+
+def test_non_finite_outputs_are_counted_and_are_misses():
+    from dgc_convert.evaluate import score
+
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[nan, 0.0, 0.0], [0.0, inf, 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, 5.0]])
+    labels = torch.tensor([0, 1, 2, 0])
+    scores = score(_Fixed(logits), [(torch.zeros(4, 1), labels)])
+    # topk puts NaN and inf first: without the check the first two would be top-1 hits.
+    assert scores.nonfinite == 2 and scores.top1 == 1 and scores.count == 4
+    assert not math.isfinite(scores.loss_sum)
+
+
+def test_eval_command_warns_about_non_finite_outputs(tmp_path):
+    torch.manual_seed(0)
+    broken = create_model("resnet18", num_classes=10)
+    convert(broken, zeta=0.5)
+    with torch.no_grad():
+        broken.fc.bias[3] = float("nan")  # every sample's logits hold a NaN
+    path = save(broken.eval(), tmp_path / "nan.safetensors", input_size=32)
+    runner = CliRunner()
+    shown = runner.invoke(app, ["eval", str(path), "--data", "synthetic"])
+    assert shown.exit_code == 0, shown.output
+    samples = int(shown.stdout.split(" samples, top-1")[0].split()[-1])
+    assert shown.stderr == (
+        f"warning: {samples} of {samples} samples gave non-finite outputs (NaN/inf logits); "
+        "accuracy counts them as wrong and the loss is nan\n"
+    )
+    assert "top-1 0.00%" in shown.stdout
+    as_json = runner.invoke(app, ["eval", str(path), "--data", "digits", "--json"])
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout)["nonfinite_samples"] == 360
+    assert as_json.stderr.startswith("warning: 360 of 360 samples gave non-finite outputs")
+
+
+def test_finite_outputs_give_no_warning(tmp_path, model):
+    report = evaluate(model, _data("synthetic").val, batch_size=32, input_size=(3, 32, 32))
+    assert report.nonfinite_samples == 0 and report.to_dict()["nonfinite_samples"] == 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -13,7 +16,7 @@ from typer.testing import CliRunner
 import dgc_convert.serialize
 from dgc_convert import convert, create_model, dgc_layers, save
 from dgc_convert.cli import app
-from dgc_convert.export import ExportError, export_onnx, second_check_size
+from dgc_convert.export import ExportError, export_onnx, second_check_size, supported_opsets
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.zoo import ModelInfo, attach_model_info
 
@@ -194,7 +197,11 @@ def test_export_command(tmp_path):
     assert "input 'input' (batch, 3, 32, 32) -> output 'output' (batch, 10)" in result.stdout
     assert "onnxruntime vs PyTorch max |difference| (tolerance" in result.stdout
     assert "  32x32: batch 1 " in result.stdout and "x64" not in result.stdout  # one size without --dynamic-size
-    assert (tmp_path / "r18.onnx").is_file()
+    assert (tmp_path / "r18.onnx").is_file() and f"wrote {tmp_path / 'r18.onnx'}" in result.stdout
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(tmp_path / "r18.onnx").st_mode & 0o777 == 0o666 & ~mask  # not a temporary file's 0600
+    assert sorted(os.listdir(tmp_path)) == ["r18.onnx", "r18.safetensors"]  # no temporary file left
     missing = CliRunner().invoke(
         app, ["export", str(tmp_path / "none.safetensors"), "--onnx", str(tmp_path / "x.onnx")]
     )
@@ -233,3 +240,93 @@ def test_export_command_dynamic_size_with_network_gating(tmp_path):
     assert "  32x32: batch 1 " in result.stdout and "  64x64: batch 1 " in result.stdout
     graph = onnx.load(str(tmp_path / "r18g.onnx")).graph
     assert _dims(graph.input[0]) == ["batch", 3, "height", "width"]
+
+
+def _flatten_head_loader(file):
+    model = _FlattenHead()
+    attach_model_info(model, ModelInfo("flatten_head", "torchvision", (3, 8, 8), 10))
+    return model
+
+
+def _old_file(tmp_path):
+    """An existing --onnx target, and the saved-model file the (monkeypatched) load reads."""
+    (tmp_path / "head.safetensors").touch()
+    out = tmp_path / "x.onnx"
+    out.write_bytes(b"the old export")
+    return out
+
+
+@pytest.mark.parametrize("value", ["0", "-1e-4", "nan", "inf"])
+def test_export_command_refuses_a_bad_tolerance_before_loading(tmp_path, value):
+    # The model file does not exist: the tolerance is refused first.
+    result = CliRunner().invoke(
+        app, ["export", str(tmp_path / "none.safetensors"), "--onnx", str(tmp_path / "x.onnx"), "--tolerance", value]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: tolerance must be a finite number above 0, got ")
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("opset", [12, 99])
+def test_export_command_refuses_an_opset_outside_the_supported_range(tmp_path, opset):
+    lowest, highest = supported_opsets()
+    assert lowest == 13 and 18 <= highest < 99
+    result = CliRunner().invoke(
+        app, ["export", str(tmp_path / "none.safetensors"), "--onnx", str(tmp_path / "x.onnx"), "--opset", str(opset)]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"opset {opset} is not supported" in result.stderr
+    assert f"supports opsets {lowest} to {highest}" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_export_onnx_checks_its_options_before_exporting(tmp_path):
+    for kwargs, message in [({"tolerance": math.nan}, "tolerance must be"), ({"opset": 7}, "opset 7 is not")]:
+        with pytest.raises(ExportError, match=message):
+            export_onnx(_FlattenHead().eval(), tmp_path / "x.onnx", input_size=(3, 8, 8), **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_parity_check_writes_nothing_and_keeps_the_old_file(tmp_path, monkeypatch):
+    class Off(onnxruntime.InferenceSession):
+        def run(self, *args, **kwargs):
+            return [output + 1.0 for output in super().run(*args, **kwargs)]
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Off)
+    out = _old_file(tmp_path)
+    torch.manual_seed(0)
+    report = export_onnx(_FlattenHead().eval(), out, input_size=(3, 8, 8))
+    assert not report.passed and not report.written
+    assert out.read_bytes() == b"the old export" and sorted(os.listdir(tmp_path)) == ["head.safetensors", "x.onnx"]
+
+    monkeypatch.setattr(dgc_convert.serialize, "load", _flatten_head_loader)
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "head.safetensors"), "--onnx", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "wrote" not in result.stdout and f"not written to {out}" in result.stdout
+    assert result.stderr.startswith(f"error: {out}: not written (the existing file is kept): onnxruntime output")
+    assert result.stderr.count("\n") == 1
+    assert out.read_bytes() == b"the old export" and sorted(os.listdir(tmp_path)) == ["head.safetensors", "x.onnx"]
+    (tmp_path / "new").mkdir()
+    result = CliRunner().invoke(
+        app, ["export", str(tmp_path / "head.safetensors"), "--onnx", str(tmp_path / "new/y.onnx")]
+    )
+    assert result.exit_code == 1 and "not written (nothing was written)" in result.stderr
+    assert os.listdir(tmp_path / "new") == []
+
+
+def test_a_full_disk_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", full_disk)
+    monkeypatch.setattr(onnx, "save_model", full_disk)
+    out = _old_file(tmp_path)
+    with pytest.raises(OSError, match="No space left on device"):
+        export_onnx(_FlattenHead().eval(), out, input_size=(3, 8, 8))
+    assert out.read_bytes() == b"the old export" and sorted(os.listdir(tmp_path)) == ["head.safetensors", "x.onnx"]
+
+    monkeypatch.setattr(dgc_convert.serialize, "load", _flatten_head_loader)
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "head.safetensors"), "--onnx", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: {out}: not written (the existing file is kept): No space left on device\n"
+    assert "wrote" not in result.stdout
+    assert out.read_bytes() == b"the old export" and sorted(os.listdir(tmp_path)) == ["head.safetensors", "x.onnx"]

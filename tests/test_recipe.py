@@ -144,3 +144,117 @@ def test_model_checkpoint_is_a_path_and_excludes_pretrained(tmp_path):
     assert load_recipe(path, ["model.checkpoint="]).model.checkpoint is None
     with pytest.raises(RecipeError, match=r"model.checkpoint='': String should have at least 1 character"):
         load_recipe(write(tmp_path, "model: {name: resnet18, checkpoint: ''}\n"))
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """The billion laughs: each level a list of nine aliases of the one before (9**levels strings)."""
+    import itertools
+
+    names = "abcdefghijklmnopqrstuvwxyz"
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for previous, name in itertools.pairwise(names[:levels]):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_at_once(tmp_path):
+    import time
+
+    path = write(tmp_path, "model: resnet18\n" + _alias_bomb())
+    started = time.perf_counter()
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert time.perf_counter() - started < 1.0
+    assert str(caught.value) == f"{path}: YAML anchors are not allowed (line 2, column 4)"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: r\nx: *a\n", "YAML aliases are not allowed (line 2, column 4)"),
+        ("model: r\nconvert: &c {zeta: 0.5}\n", "YAML anchors are not allowed (line 2, column 10)"),
+        (
+            "model: r\ntrain:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n",
+            "duplicate key 'epochs' (line 5, column 3); each key may appear once",
+        ),
+        ("model: r\nmodel: s\n", "duplicate key 'model' (line 2, column 1); each key may appear once"),
+        ("model: r\nconvert: {overrides: {a: {zeta: 0.5}, a: {}}}\n", "duplicate key 'a' (line 2, column 39)"),
+    ],
+)
+def test_aliases_anchors_and_duplicate_keys_are_one_line_with_line_and_column(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert str(caught.value).startswith(f"{path}: {message}") and "\n" not in str(caught.value)
+
+
+def test_set_values_refuse_aliases_and_duplicate_keys(tmp_path):
+    path = write(tmp_path, "model: resnet18\n")
+    with pytest.raises(
+        RecipeError, match=r"^--set 'convert=\{a: &x 1\}': YAML anchors are not allowed \(column 5 of the value\)$"
+    ):
+        load_recipe(path, ["convert={a: &x 1}"])
+    with pytest.raises(
+        RecipeError, match=r"duplicate key 'zeta' \(column 13 of the value\); each key may appear once$"
+    ):
+        load_recipe(path, ["convert={zeta: 0.5, zeta: 0.7}"])
+    assert load_recipe(path, ["output.directory=runs/x y"]).output.directory == "runs/x y"
+
+
+def test_oversized_non_utf8_directory_and_symlink_loop_recipes_are_one_line(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("model: resnet18\n" + "# padding\n" * 120_000)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("model: résnet\n".encode("latin-1"))
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(tmp_path / "loop2.yaml")
+    (tmp_path / "loop2.yaml").symlink_to(loop)
+    dangling = tmp_path / "dangling.yaml"
+    dangling.symlink_to(tmp_path / "gone.yaml")
+    for path, message in [
+        (big, "over 1 MiB; a recipe is a short text file"),
+        (latin, "not a text file (not UTF-8 at byte 8)"),
+        (folder, "is a directory, not a recipe file"),
+        (loop, "a symlink loop, not a recipe file"),
+        (dangling, "no such recipe file (a symlink to a missing file)"),
+    ]:
+        with pytest.raises(RecipeError) as caught:
+            load_recipe(path)
+        assert str(caught.value) == f"{path}: {message}"
+
+
+def test_long_values_are_quoted_short(tmp_path):
+    long = "x" * 5000
+    path = write(tmp_path, f"model: r\ntrain: {{amp: {long}}}\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    text = str(caught.value)
+    assert f"train.amp='{'x' * 79}... (5002 characters): Input should be" in text and len(text) < 300
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write(tmp_path, f"model: r\ntrain:\n  ? {long}\n  : 1\n"))  # an explicit key: any length
+    assert "unknown key 'train.xxx" in str(caught.value) and "(5008 characters)" in str(caught.value)
+    assert len(str(caught.value)) < 600
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write(tmp_path, "model: r\n"), [f"train.{long}=1"])
+    assert str(caught.value).count("(5008 characters)") == 2 and len(str(caught.value)) < 600
+
+
+def test_shown_cuts_long_values_and_huge_ints():
+    from dgc_convert.recipe import shown
+
+    assert shown("abc") == "'abc'"
+    assert shown("y" * 200) == "'" + "y" * 79 + "... (202 characters)"
+    assert shown("y" * 200, quoted=False) == "y" * 80 + "... (200 characters)"
+    assert shown(10**5000).startswith("an integer of about 5000 digits")
+
+
+def test_num_classes_is_bounded(tmp_path):
+    from dgc_convert.errors import SettingsError
+    from dgc_convert.recipe import model_settings
+
+    with pytest.raises(RecipeError, match=r"model.num_classes=1000000000000: Input should be less than or equal"):
+        load_recipe(write(tmp_path, "model: {name: r, num_classes: 1000000000000}\n"))
+    with pytest.raises(SettingsError, match=r"^num_classes must be in \[1, 1000000\], got 1000000000000$"):
+        model_settings(name="r", num_classes=10**12)

@@ -391,3 +391,107 @@ def test_saved_settings_must_match_a_model_built_from_settings(tmp_path):
     convert(head_wise, zeta=0.5, preact=True, squeeze_rule="authors")
     with pytest.raises(LoadError, match="layer layer1.0.conv1: saved with gating 'network', the model's is 'head'"):
         apply_saved_layouts(head_wise, read_metadata(path))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_saved_file_has_the_usual_permissions_and_an_old_file_survives_a_failed_save(tmp_path, monkeypatch, mask):
+    """safetensors writes 0600; save gives 0666 less the umask, and writes atomically."""
+    model = create_model("resnet18", num_classes=7).eval()
+    path = tmp_path / "m.safetensors"
+    previous = os.umask(mask)
+    try:
+        save(model, path, input_size=32)
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+    before = path.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("dgc_convert.serialize.save_model", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save(model, path, input_size=32)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"num_classes": str(10**12)},
+            "metadata field 'num_classes' must be an integer in [1, 1000000], got 1000000000000",
+        ),
+        ({"num_classes": "-3"}, "metadata field 'num_classes' must be an integer in [1, 1000000], got -3"),
+        ({"num_classes": "true"}, "metadata field 'num_classes' must be an integer in [1, 1000000], got True"),
+        ({"num_classes": "7.5"}, "metadata field 'num_classes' must be an integer in [1, 1000000], got 7.5"),
+        ({"num_classes": "1" * 5000}, "metadata field 'num_classes' is missing or not valid JSON"),
+        ({"input_size": "[3, 0, 32]"}, "metadata field 'input_size' must be [channels, height, width]"),
+        ({"input_size": "[3, 32, 100000]"}, "sides in [1, 8192], got [3, 32, 100000]"),
+        ({"input_size": "[1000, 32, 32]"}, "channels in [1, 64], sides in [1, 8192], got [1000, 32, 32]"),
+        ({"input_size": "[32, 32]"}, "got [32, 32]"),
+        ({"input_size": "0"}, "got 0"),
+        ({"model": ""}, "metadata field 'model' must be a model name, got ''"),
+        ({"model": None}, "metadata field 'model' must be a model name, got None"),
+        ({"library": "keras"}, "metadata field 'library' must be timm or torchvision, got 'keras'"),
+        ({"conversion": "{}"}, "metadata field 'conversion' must be a list of layers, got {}"),
+        ({"conversion": "[" * 100_000}, "metadata field 'conversion' is missing or not valid JSON"),
+        ({"conversion": "[1]"}, "metadata field 'conversion': each layer must be a mapping, got 1"),
+    ],
+)
+def test_absurd_metadata_is_refused_before_anything_is_built(tmp_path, saved, changes, message, monkeypatch):
+    import dgc_convert.serialize as serialize
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built from bad metadata")
+
+    monkeypatch.setattr(serialize, "create_model", never)
+    path = _rewrite(saved, tmp_path / "absurd.safetensors", **changes)
+    for call in (load, read_metadata):
+        with pytest.raises(LoadError) as caught:
+            call(path)
+        text = str(caught.value)
+        assert text.startswith(f"{path}: ") and message in text and "\n" not in text, text
+
+
+def _entry_with(saved, **changes):
+    entries = json.loads(read_metadata(saved)["conversion"])
+    entries[0].update(changes)
+    return json.dumps(entries)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"heads": 0}, "layer 'layer1.0.conv1': heads must be a positive integer, got 0"),
+        ({"heads": 10**12}, "heads=1000000000000 does not divide"),
+        ({"heads": "4"}, "layer 'layer1.0.conv1': heads must be an integer, got '4'"),
+        ({"heads": True}, "layer 'layer1.0.conv1': heads must be an integer, got True"),
+        ({"zeta": 1.5}, "layer 'layer1.0.conv1': zeta must be in [0, 1), got 1.5"),
+        ({"zeta": -0.1}, "layer 'layer1.0.conv1': zeta must be in [0, 1), got -0.1"),
+        ({"zeta": float("nan")}, "layer 'layer1.0.conv1': zeta must be a finite number, got nan"),
+        ({"squeeze_ratio": 0.5}, "layer 'layer1.0.conv1': squeeze_ratio must be >= 1, got 0.5"),
+        ({"squeeze_ratio": float("inf")}, "squeeze_ratio must be a finite number, got inf"),
+        ({"zeta_t": 3}, "layer 'layer1.0.conv1': zeta_t must be in [0, 1), got 3"),
+        ({"name": 7}, "each layer needs a module name, got 7"),
+        ({"name": "layer1.0.conv2"}, "layer 'layer1.0.conv2' appears twice"),
+    ],
+)
+def test_bad_conversion_entries_are_one_line(tmp_path, saved, changes, message):
+    path = _rewrite(saved, tmp_path / "entry.safetensors", conversion=_entry_with(saved, **changes))
+    with pytest.raises(LoadError) as caught:
+        load(path)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text, text
+
+
+def test_long_metadata_values_are_quoted_short(tmp_path, saved):
+    path = _rewrite(saved, tmp_path / "long.safetensors", library="k" * 10_000)
+    with pytest.raises(LoadError) as caught:
+        load(path)
+    assert str(caught.value).endswith("got '" + "k" * 79 + "... (10002 characters)")
+    path = _rewrite(saved, tmp_path / "long-name.safetensors", model="m" * 10_000)
+    with pytest.raises(LoadError) as caught:
+        load(path)
+    assert "(10002 characters)" in str(caught.value) and len(str(caught.value)) < 800

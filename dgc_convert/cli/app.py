@@ -633,6 +633,13 @@ def eval_command(
     report = evaluate(model, bundle.val, batch_size=batch_size, input_size=require_model_info(model).input_size)
     # DGC-G: the static figure is the cost expected at the target, not a fixed one.
     expected = any(layer.gating == "network" for _, layer in dgc_layers(model))
+    if report.nonfinite_samples:  # on stderr in both modes: --json keeps stdout to the JSON
+        error_console().print(
+            f"[yellow]warning:[/yellow] {report.nonfinite_samples} of {report.samples} samples gave non-finite "
+            f"outputs (NaN/inf logits); accuracy counts them as wrong and the loss is {report.loss:.4g}",
+            markup=True,
+            highlight=False,
+        )
     if json_output:
         print_json({"model": str(file), "data": section.dataset, **report.to_dict(), "static_macs_expected": expected})
     else:
@@ -679,7 +686,7 @@ def inspect_command(
 def export_command(
     file: SavedModelArgument,
     onnx: Path = typer.Option(..., "--onnx", help="Where to write the .onnx file."),
-    opset: int = typer.Option(18, "--opset", min=13, help="ONNX opset."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (the installed exporter's supported range)."),
     tolerance: float = typer.Option(
         1e-4, "--tolerance", help="Largest max |onnxruntime - torch|, relative to the output scale."
     ),
@@ -690,14 +697,23 @@ def export_command(
         "1.5x the saved input size, rounded up to a multiple of 32.",
     ),
 ) -> None:
-    from dgc_convert.export import export_onnx
+    from dgc_convert.export import check_export_options, export_onnx
     from dgc_convert.serialize import load
 
-    report = export_onnx(load(file), onnx, opset=opset, tolerance=tolerance, dynamic_size=dynamic_size)
+    check_export_options(opset, tolerance)  # before loading anything: one line, exit 2
+    model = load(file)
+    try:
+        report = export_onnx(model, onnx, opset=opset, tolerance=tolerance, dynamic_size=dynamic_size)
+    except OSError as error:  # writing the file, e.g. a full disk: nothing was renamed into place
+        kept = "the existing file is kept" if onnx.exists() else "nothing was written"
+        _fail(f"{onnx}: not written ({kept}): {error.strerror or error}")
+        return
     ops = ", ".join(f"{count} {op}" for op, count in sorted(report.gating_ops.items()))
     diffs = "; ".join(report.diffs_by_size())
     console = output_console()
-    console.print(f"wrote {report.path} (opset {report.opset}; gating kept: {ops or 'no DGC layers'})", highlight=False)
+    # The file is in place only when the parity check passed (report.written).
+    what = f"wrote {report.path}" if report.written else f"exported (not written to {report.path})"
+    console.print(f"{what} (opset {report.opset}; gating kept: {ops or 'no DGC layers'})", highlight=False)
     # The graph's signature: named dims are dynamic, ints fixed.
     inputs, outputs = (", ".join(map(str, shape)) for shape in (report.input_shape, report.output_shape))
     console.print(
@@ -710,7 +726,11 @@ def export_command(
     for line in report.diffs_by_size():
         console.print(f"  {line}", highlight=False)
     if not report.passed:
-        _fail(f"{report.path}: onnxruntime output differs from PyTorch beyond tolerance ({diffs})", EXIT_RUN_FAILED)
+        kept = "the existing file is kept" if report.path.exists() else "nothing was written"
+        _fail(
+            f"{report.path}: not written ({kept}): onnxruntime output differs from PyTorch beyond tolerance ({diffs})",
+            EXIT_RUN_FAILED,
+        )
 
 
 app.command("import-authors", help=IMPORT_AUTHORS_HELP)(handles_errors(import_authors_command))

@@ -1,0 +1,74 @@
+"""Atomic file writes: a temporary file in the target's directory, renamed over it once complete.
+
+Readers see the old file or the new one, never a part of one; a write that
+fails (a full disk, an error in the writer, Ctrl-C) leaves the old file as it
+was and no temporary file behind. The new file gets the usual permissions,
+0666 less the process umask (0644 by default), not the 0600 that
+``tempfile.mkstemp`` or some writers (safetensors) give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_write", "give_default_mode"]
+
+
+def give_default_mode(*paths: Path) -> None:
+    """Give files written by a library that narrows permissions (safetensors: 0600) the
+    usual mode, 0666 less the process umask, as ``atomic_write`` does."""
+    mask = os.umask(0)  # the only way to read the umask: set it and put it back at once
+    os.umask(mask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` to write to; on a clean exit it replaces ``path``.
+
+    The temporary file exists (empty) when the block starts, so a writer may
+    open it or overwrite it by name. On a clean exit the file is given the
+    mode ``0o666 & ~umask``, flushed to disk and renamed over ``path``; when
+    the block raises, it is removed and ``path`` is left untouched. The
+    target's directory is created if missing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # os.open applies the umask to 0o666 itself; the mode it gave is restored
+    # after writing, since a writer that recreates the file may narrow it.
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = stat.S_IMODE(os.fstat(descriptor).st_mode)
+    finally:
+        os.close(descriptor)
+    try:
+        yield temporary
+        os.chmod(temporary, mode)
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Flush the rename to disk where the platform allows (best effort: not on Windows)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)

@@ -1,0 +1,75 @@
+"""atomic_write: the old file or the new one, never a part; the usual permissions; no temporary files left."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from dgc_convert.atomic import atomic_write
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_replaces_the_file_with_the_umask_mode_and_leaves_nothing_behind(tmp_path):
+    path = tmp_path / "sub" / "out.bin"  # a missing directory is created
+    with atomic_write(path) as temporary:
+        assert temporary.parent == path.parent and temporary.exists() and not path.exists()
+        temporary.write_bytes(b"new")
+    assert path.read_bytes() == b"new"
+    assert _mode(path) == 0o666 & ~_umask()
+    assert os.listdir(path.parent) == ["out.bin"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_mode_follows_the_umask_even_when_the_writer_narrows_it(tmp_path, mask):
+    previous = os.umask(mask)
+    try:
+        with atomic_write(tmp_path / "out.bin") as temporary:
+            temporary.write_bytes(b"x")
+            os.chmod(temporary, 0o600)  # as safetensors and tempfile.mkstemp do
+    finally:
+        os.umask(previous)
+    assert _mode(tmp_path / "out.bin") == 0o666 & ~mask
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError, match="No space left"), atomic_write(path) as temporary:
+        temporary.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_an_interrupt_keeps_the_old_file_too(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), atomic_write(path) as temporary:
+        temporary.write_bytes(b"partial")
+        raise KeyboardInterrupt
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_a_failing_rename_removes_the_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+
+    def replace(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError), atomic_write(path) as temporary:
+        temporary.write_bytes(b"new")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
