@@ -21,9 +21,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dgc_convert.nn.layer import DGCConv2d, kept_channel_macs, saliency_macs
 from dgc_convert.nn.modes import dgc_mode
 from dgc_convert.tracing import meta_twin
+
+Result = TypeVar("Result")
 
 __all__ = [
     "LayerMacs",
@@ -283,21 +285,27 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> MacReport:
     average pooling modules by their rules (see the module docstring); DGC
     layers follow ``dgc_layer_macs`` at their current ``zeta_t`` (the
     expected cost for network-gated layers: the report's ``expected``).
-    Counting needs shapes only: a copy of the model with meta tensors for
-    weights (``tracing.meta_twin``) runs once in eval mode on fake tensors,
-    so any input size is counted in bounded memory and ``model`` itself never
-    runs. Where fake tensors fail (an operator without a shape rule) the
-    model runs once for real, without gradients, and every module is returned
-    to its previous mode.
+    Counting needs shapes only, and ``model`` itself never runs: see ``_run_copy``.
+    """
+    return _run_copy(model, input_size, _count)
+
+
+def _run_copy(model: nn.Module, input_size: int | Sequence[int], run: Callable[..., Result]) -> Result:
+    """``run(copy, example, fake=...)`` on a copy of ``model`` and one zero input of ``input_size``.
+
+    A copy with meta tensors for weights (``tracing.meta_twin``: no storage)
+    on fake tensors, so any input size runs in bounded memory and nothing a
+    forward caches lands in ``model``; where fake tensors fail (an operator
+    without a shape rule), a real copy on a real input, once.
     """
     size = normalize_input_size(input_size)
     parameter = next(model.parameters(), None)
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     try:
-        return _count(meta_twin(model), torch.zeros(1, *size, device="meta", dtype=dtype), fake=True)
-    except Exception:  # any operator fake tensors cannot run: count a real run, once
+        return run(meta_twin(model), torch.zeros(1, *size, device="meta", dtype=dtype), fake=True)
+    except Exception:  # any operator fake tensors cannot run: a real copy, once
         device = parameter.device if parameter is not None else torch.device("cpu")
-        return _count(model, torch.zeros(1, *size, device=device, dtype=dtype), fake=False)
+        return run(copy.deepcopy(model), torch.zeros(1, *size, device=device, dtype=dtype), fake=False)
 
 
 def _count(model: nn.Module, example: torch.Tensor, *, fake: bool) -> MacReport:
@@ -344,20 +352,9 @@ def convolution_output_sizes(model: nn.Module, input_size: int | Sequence[int]) 
     """Output (height, width) in pixels of every ``nn.Conv2d`` of ``model`` for one
     input of ``input_size``, by name; a convolution the forward does not call is absent.
 
-    Shapes only, and ``model`` itself is never run: a copy of it with meta
-    tensors for weights (no storage) runs in eval mode on fake tensors, so
-    nothing its forward caches or counts lands in the model. Where fake
-    tensors fail (an operator without a shape rule) a real copy runs once on
-    a batch of one under ``torch.no_grad()``.
+    Shapes only, and ``model`` itself never runs: see ``_run_copy``.
     """
-    size = normalize_input_size(input_size)
-    parameter = next(model.parameters(), None)
-    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-    try:
-        return _output_sizes(meta_twin(model), torch.zeros(1, *size, device="meta", dtype=dtype), fake=True)
-    except Exception:  # any operator fake tensors cannot run: measure a real copy, once
-        device = parameter.device if parameter is not None else torch.device("cpu")
-        return _output_sizes(copy.deepcopy(model), torch.zeros(1, *size, device=device, dtype=dtype), fake=False)
+    return _run_copy(model, input_size, _output_sizes)
 
 
 def _output_sizes(model: nn.Module, example: torch.Tensor, *, fake: bool) -> dict[str, tuple[int, int]]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from test_cli_train import write_small_recipe  # pytest puts tests/ on the path: one tiny recipe for both
 from typer.testing import CliRunner
 
 from dgc_convert.checkpoint import read_checkpoint
@@ -17,19 +18,6 @@ from dgc_convert.run_lock import LOCK_FILE, RunLock, RunLockedError, run_lock
 from dgc_convert.trainer import train
 
 runner = CliRunner()
-
-
-def write_small_recipe(tmp_path, epochs=1):
-    """timm's tiny test ResNet on 16 px synthetic data: a second or so per run."""
-    path = tmp_path / "small.yaml"
-    path.write_text(
-        "model: timm:test_resnet\n"
-        "convert: {heads: 2, zeta: 0.5}\n"
-        f"train: {{epochs: {epochs}, batch_size: 16, lr: 0.02}}\n"
-        "data: {dataset: synthetic, synthetic_size: 16}\n"
-        f"output: {{directory: {tmp_path / 'run'}}}\n"
-    )
-    return path
 
 
 def snapshot(directory):
