@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,16 +40,10 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # os.open applies the umask to 0o666 itself; the mode it gave is restored
-    # after writing, since a writer that recreates the file may narrow it.
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        mode = stat.S_IMODE(os.fstat(descriptor).st_mode)
-    finally:
-        os.close(descriptor)
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield temporary
-        os.chmod(temporary, mode)
+        give_default_mode(temporary)  # after writing: a writer that recreates the file may narrow it
         descriptor = os.open(temporary, os.O_RDONLY)
         try:
             os.fsync(descriptor)

@@ -84,7 +84,7 @@ class RunLock:
         content = json.dumps(record)
         for _ in range(5):
             try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # less the umask
             except FileExistsError:
                 holder, seen = self._holder()
                 if holder is None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -67,7 +67,7 @@ _FORMAT_NAME, _FORMAT_VERSION = MODEL_FORMAT.rsplit("/", 1)
 # A conversion entry's "layout"; entries written before the key existed are interleaved.
 _LAYOUTS = {"blocked": False, "interleaved": True}  # name -> DGCConv2d.interleaved
 _LAYOUT_BEFORE_THE_KEY = "interleaved"
-_LIBRARIES = ("timm", "torchvision")
+_LIBRARIES: tuple[str, ...] = get_args(Library)  # the zoo's libraries
 
 
 def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = None) -> dict[str, str]:
