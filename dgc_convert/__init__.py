@@ -63,12 +63,15 @@ _LAZY = {
     "BenchResult": "bench",
     "save": "serialize",
     "load": "serialize",
+    "TrainProgress": "cli.render",
+    "StepProgress": "cli.render",
 }
 
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from dgc_convert.bench import BenchResult, benchmark
     from dgc_convert.build import BuiltModel, build_model
+    from dgc_convert.cli.render import StepProgress, TrainProgress
     from dgc_convert.prepare import InferenceReport, prepare_for_inference
     from dgc_convert.recipe import ConvertSection, ModelSection, Recipe, load_recipe
     from dgc_convert.schedule import Schedule
@@ -142,5 +145,7 @@ __all__ = [
     "save",
     "load",
     "LoadError",
+    "TrainProgress",
+    "StepProgress",
     "__version__",
 ]

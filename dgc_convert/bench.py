@@ -54,6 +54,7 @@ from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import find_dgc_layers
 from dgc_convert.nn.network_gate import untrained_threshold
 from dgc_convert.prepare import InferenceReport, prepare_for_inference
+from dgc_convert.progress import NO_PROGRESS, Progress
 
 __all__ = ["BENCH_ENGINES", "BenchResult", "LayerTiming", "benchmark", "realized_fraction"]
 
@@ -179,6 +180,7 @@ def benchmark(
     threads: int | None = None,
     layers: bool = True,
     engine: str = "auto",
+    progress: Progress = NO_PROGRESS,
 ) -> BenchResult:
     """Time ``dense`` against ``dgc`` (a converted copy) on random input of ``batch_size``.
 
@@ -186,6 +188,7 @@ def benchmark(
     Returns medians of ``repeats`` interleaved runs after ``warmup`` runs each.
     ``engine``: ``"eager"``, ``"compile"`` (an error if compiling fails) or
     ``"auto"`` (compile, else eager with a note). See the module docstring.
+    ``progress`` is told each step and each timed run (see ``dgc_convert.progress``).
     """
     if engine not in BENCH_ENGINES:
         raise ValueError(f"engine must be one of {', '.join(BENCH_ENGINES)}, not {engine!r}")
@@ -198,6 +201,7 @@ def benchmark(
         x = torch.randn(batch_size, *size)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         notes: list[str] = []
+        progress.step("preparing the dense and DGC variants")
         with torch.no_grad():  # ordinary tensors: the weight caches track their versions
             dense_nchw, _ = _prepared(dense, channels_last=False, pack=False)
             dense_cl, _ = _prepared(dense, pack=False)
@@ -220,8 +224,8 @@ def benchmark(
         # setting: switched back off (torch's default) afterwards.
         torch.set_flush_denormal(True)
         if engine != "eager":
-            _compile_variants(dense, dgc, runs, engine, notes)
-        result = _measure(runs, name, repeats, warmup, layers, fastest_dgc=engine == "auto")
+            _compile_variants(dense, dgc, runs, engine, notes, progress)
+        result = _measure(runs, name, repeats, warmup, layers, fastest_dgc=engine == "auto", progress=progress)
         result.notes = notes + result.notes
         return result
     finally:
@@ -229,10 +233,14 @@ def benchmark(
         torch.set_num_threads(previous_threads)
 
 
-def _compile_variants(dense: nn.Module, dgc: nn.Module, runs: _Runs, engine: str, notes: list[str]) -> None:
+def _compile_variants(
+    dense: nn.Module, dgc: nn.Module, runs: _Runs, engine: str, notes: list[str], progress: Progress
+) -> None:
     """Compile both models (the first call compiles; timed as ``*_compile_s``), or note why not."""
     try:
+        progress.step("compiling the dense model (torch.compile)")
         dense_compiled, dense_report = _prepared(dense, engine="compile", example_input=runs.x_cl)
+        progress.step("compiling the DGC model (torch.compile)")
         dgc_compiled, dgc_report = _prepared(dgc, engine="compile", example_input=runs.x_cl)
     except Exception as error:  # torch.compile fails in many ways (no compiler, unsupported ops)
         if engine == "compile":
@@ -274,7 +282,9 @@ def _in(
     return run
 
 
-def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool, fastest_dgc: bool) -> BenchResult:
+def _measure(
+    runs: _Runs, name: str, repeats: int, warmup: int, layers: bool, fastest_dgc: bool, progress: Progress
+) -> BenchResult:
     # Eager models run under inference_mode (what serving code would use);
     # compiled ones under no_grad (inference_mode makes dynamo recompile).
     variants = {
@@ -286,13 +296,17 @@ def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool, fa
     if runs.dense_compiled is not None and runs.dgc_compiled is not None:
         variants["dense:compiled"] = _in(torch.no_grad, runs.dense_compiled, runs.x_cl)
         variants["dgc:compiled"] = _in(torch.no_grad, runs.dgc_compiled, runs.x_cl)
+    progress.step(f"warming up {len(variants)} variants", len(variants) * warmup)
     for run in variants.values():
         for _ in range(warmup):
             run()  # the sparse path times its algorithms on its first call per shape
+            progress.advance()
     times: dict[str, list[float]] = {key: [] for key in variants}
+    progress.step(f"timing {len(variants)} variants, interleaved", len(variants) * repeats)
     for _ in range(repeats):
         for key, run in variants.items():
             times[key].append(_time(run))
+            progress.advance()
     medians = {key: statistics.median(values) for key, values in times.items()}
     layout = min(runs.dense_eager, key=lambda name: medians[f"dense:{name}"])
     dense_eager_ms = medians[f"dense:{layout}"]
@@ -339,6 +353,7 @@ def _measure(runs: _Runs, name: str, repeats: int, warmup: int, layers: bool, fa
         )
     if layers:
         dense_x = runs.x if layout == "nchw" else runs.x_cl
+        progress.step("timing every layer")
         with torch.inference_mode():
             result.layers = _per_layer(runs, runs.dense_eager[layout], dense_x, max(3, repeats // 2))
     return result

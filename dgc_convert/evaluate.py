@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from dgc_convert.macs import count_macs, dgc_layer_costs
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import watch_scores
+from dgc_convert.progress import NO_PROGRESS, Progress, tracked
 from dgc_convert.surgery import dgc_layers
 
 __all__ = ["EvalReport", "LayerUsage", "Scores", "evaluate", "score", "kept_nonzero", "realised_layer_macs"]
@@ -154,8 +155,12 @@ def evaluate(
     batch_size: int = 64,
     input_size: tuple[int, int, int] | None = None,
     device: str | torch.device = "cpu",
+    progress: Progress = NO_PROGRESS,
 ) -> EvalReport:
-    """Top-1/top-5 (top-5 with more than 5 classes) and static vs realised MACs per sample on ``dataset``."""
+    """Top-1/top-5 (top-5 with more than 5 classes) and static vs realised MACs per sample on ``dataset``.
+
+    ``progress`` is told each step and each batch (see ``dgc_convert.progress``).
+    """
     model = model.to(device).eval()
     layers = dgc_layers(model)
     realised: dict[str, list[Tensor]] = {name: [] for name, _ in layers}
@@ -167,10 +172,12 @@ def evaluate(
         fullness[name].append((kept.float() / layer.kept_channels).mean(1).cpu())
 
     with watch_scores(layers, count):
-        counts = score(model, DataLoader(dataset, batch_size=batch_size, shuffle=False), device=device)
+        batches = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        counts = score(model, tracked(batches, progress, "evaluating (batches)"), device=device)
     seen = counts.count
     if seen == 0:
         raise ValueError("the data set is empty")
+    progress.step("counting static MACs per sample")
     static = count_macs(model, input_size or tuple(dataset[0][0].shape))
     static_by_name = static.by_name()
     rows, dgc_static = [], 0

@@ -34,6 +34,7 @@ from dgc_convert.errors import ExportError
 from dgc_convert.nn.conv_kinds import conv_kind
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import dgc_mode
+from dgc_convert.progress import NO_PROGRESS, Progress
 from dgc_convert.zoo import model_info
 
 __all__ = [
@@ -231,6 +232,7 @@ def export_onnx(
     check_batches: tuple[int, ...] = (1, 4),
     dynamic_size: bool = False,
     check_sizes: Sequence[tuple[int, int]] | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> ExportReport:
     """Export ``model`` (eval mode) to ONNX at ``path`` and check it against PyTorch with onnxruntime.
 
@@ -251,6 +253,7 @@ def export_onnx(
             and, for a model with TF-'SAME' padding, one pixel more than that
             (an odd side pads differently).
             Without ``dynamic_size`` only ``input_size``'s is allowed.
+        progress: told each step, and each parity check (see ``dgc_convert.progress``).
 
     The file is written only when the export and the parity check both
     passed (``report.written``); otherwise an existing file at ``path`` is
@@ -289,6 +292,7 @@ def export_onnx(
             )
     model = model.eval()
     example = torch.randn(2, *size)
+    progress.step(f"running the model in PyTorch at {traced[0]}x{traced[1]}")
     try:
         # A model that cannot run at the export size fails the export with
         # torch.export's symbolic-shape terms; PyTorch's own error is clearer.
@@ -304,6 +308,7 @@ def export_onnx(
         # check below is what shows the graph really takes another size.
         axes[2] = torch.export.Dim("height", min=1)
         axes[3] = torch.export.Dim("width", min=1)
+    progress.step(f"exporting to ONNX (opset {opset}{', dynamic height and width' if dynamic_size else ''})")
     try:
         # The exporter prints its progress on stdout, and a failing trace logs
         # dozens of lines (guards, stacks) on stderr; our output is the report.
@@ -338,6 +343,7 @@ def export_onnx(
         # Written next to ``path`` and renamed over it only when the parity
         # check below passed: a failure keeps an existing file as it was.
         with atomic_write(path) as temporary:
+            progress.step("writing the graph and loading it into onnxruntime")
             program.save(str(temporary), external_data=False)
             graph = onnx.load(str(temporary)).graph
             counts: dict[str, int] = {}
@@ -363,6 +369,7 @@ def export_onnx(
             diffs: dict[tuple[int, int, int], float] = {}
             scale = 1.0
             generator = torch.Generator().manual_seed(0)
+            progress.step("checking onnxruntime against PyTorch", len(sizes) * len(check_batches))
             for height, width in sizes:
                 for batch_size in check_batches:
                     where = f"parity check at {height}x{width} (batch {batch_size})"
@@ -397,6 +404,7 @@ def export_onnx(
                         ) from None
                     scale = max(scale, float(expected.abs().max()))
                     diffs[(batch_size, height, width)] = float((got - expected).abs().max())
+                    progress.advance()
             report = ExportReport(
                 path,
                 opset,

@@ -23,6 +23,7 @@ from dgc_convert.atomic import atomic_write
 from dgc_convert.nn.layer import DEFAULT_GATING, DGCConv2d
 from dgc_convert.nn.modes import watch_scores
 from dgc_convert.plots import new_figure, save_png
+from dgc_convert.progress import NO_PROGRESS, Progress, tracked
 from dgc_convert.surgery import dgc_layers
 
 __all__ = ["LayerChannelUsage", "channel_usage", "write_heatmaps", "write_summary"]
@@ -65,8 +66,11 @@ class LayerChannelUsage:
 
 
 @torch.no_grad()
-def channel_usage(model: nn.Module, dataset: Dataset, *, batch_size: int = 64) -> list[LayerChannelUsage]:
-    """Keep frequencies of every DGC layer's heads over ``dataset`` (eval mode)."""
+def channel_usage(
+    model: nn.Module, dataset: Dataset, *, batch_size: int = 64, progress: Progress = NO_PROGRESS
+) -> list[LayerChannelUsage]:
+    """Keep frequencies of every DGC layer's heads over ``dataset`` (eval mode); ``progress``
+    is told each batch (see ``dgc_convert.progress``)."""
     model.eval()
     layers = dgc_layers(model)
     counts = {name: torch.zeros(layer.heads, layer.in_channels, dtype=torch.float64) for name, layer in layers}
@@ -78,7 +82,8 @@ def channel_usage(model: nn.Module, dataset: Dataset, *, batch_size: int = 64) -
 
     samples = 0
     with watch_scores(layers, record):
-        for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        batches = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        for images, _ in tracked(batches, progress, "recording the channels each head keeps (batches)"):
             model(images)
             samples += images.shape[0]
     usage = []

@@ -96,6 +96,7 @@ _README_EDITS = {
     '"train.epochs=3"': '"train.epochs=1"',
     '"recipes/': f'"{ROOT}/recipes/',
     '"runs/digits-dgc/best"': '"runs/quick/best"',
+    "input_size=224, repeats=10,": 'input_size=32, repeats=1, layers=False, engine="eager",',
 }
 
 

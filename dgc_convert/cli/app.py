@@ -21,7 +21,14 @@ from typer.core import TyperGroup
 
 from dgc_convert import __version__
 from dgc_convert.cli.import_authors import IMPORT_AUTHORS_HELP, import_authors_command
-from dgc_convert.cli.render import error_console, output_console, print_conversion, print_json, print_model_list
+from dgc_convert.cli.render import (
+    StepProgress,
+    error_console,
+    output_console,
+    print_conversion,
+    print_json,
+    print_model_list,
+)
 from dgc_convert.dense_weights import WEIGHTS_SUFFIXES
 from dgc_convert.errors import DGCConvertError, TrainingDiverged
 from dgc_convert.recipe import ConvertSection, DataSection, ModelSection, Recipe
@@ -31,6 +38,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from dgc_convert.data import DataBundle
+    from dgc_convert.progress import Progress
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -292,13 +300,15 @@ def convert_command(
         exclude=exclude or None,
         min_channels=min_channels,
     )
-    summary = summarize_conversion(model_spec, settings, check=check)
-    saved = None
-    if save_path is not None:
-        assert summary.converted_model is not None  # summarize_conversion always returns it
-        from dgc_convert.serialize import save
+    with StepProgress() as progress:
+        summary = summarize_conversion(model_spec, settings, check=check, progress=progress)
+        saved = None
+        if save_path is not None:
+            assert summary.converted_model is not None  # summarize_conversion always returns it
+            from dgc_convert.serialize import save
 
-        saved = save(summary.converted_model, save_path, input_size=summary.input_size)
+            progress.step(f"saving to {save_path}")
+            saved = save(summary.converted_model, save_path, input_size=summary.input_size)
     if json_output:
         weights = {"checkpoint": model_spec.checkpoint} if model_spec.checkpoint else {}
         print_json({**summary.to_dict(), **weights, **({"saved": str(saved)} if saved else {})})
@@ -522,19 +532,22 @@ def bench_command(
         "squeeze_rule": squeeze_rule,
         "min_channels": min_channels,
     }
-    dense, dgc, name, default_size = models_for_bench(model, conversion, source=source, input_size=input_size)
-    result = benchmark(
-        dense,
-        dgc,
-        name=name,
-        batch_size=batch_size,
-        input_size=input_size or default_size,
-        repeats=repeats,
-        warmup=warmup,
-        threads=threads,
-        layers=json_output or layers > 0 or plot is not None,  # the plot draws every layer
-        engine=engine,
-    )
+    with StepProgress() as progress:
+        progress.step(f"building {model}")
+        dense, dgc, name, default_size = models_for_bench(model, conversion, source=source, input_size=input_size)
+        result = benchmark(
+            dense,
+            dgc,
+            name=name,
+            batch_size=batch_size,
+            input_size=input_size or default_size,
+            repeats=repeats,
+            warmup=warmup,
+            threads=threads,
+            layers=json_output or layers > 0 or plot is not None,  # the plot draws every layer
+            engine=engine,
+            progress=progress,
+        )
     drawn = None
     if plot is not None:
         from dgc_convert.plots import write_bench_layers
@@ -589,7 +602,9 @@ def plot_command(
         console.print(f"  {run.summary}", highlight=False, markup=False)
 
 
-def _model_and_held_out(file: Path, data: str, root: Path | None) -> tuple[nn.Module, DataSection, DataBundle]:
+def _model_and_held_out(
+    file: Path, data: str, root: Path | None, progress: Progress
+) -> tuple[nn.Module, DataSection, DataBundle]:
     """The saved model at FILE and the held-out split of --data (a recipe file or a data set name)."""
     from pydantic import ValidationError
 
@@ -597,6 +612,7 @@ def _model_and_held_out(file: Path, data: str, root: Path | None) -> tuple[nn.Mo
     from dgc_convert.recipe import load_recipe
     from dgc_convert.serialize import load
 
+    progress.step(f"loading {file}")
     model = load(file)
     info = require_model_info(model)
     if Path(data).suffix in (".yaml", ".yml") or Path(data).is_file():
@@ -606,6 +622,7 @@ def _model_and_held_out(file: Path, data: str, root: Path | None) -> tuple[nn.Mo
             section = DataSection.model_validate({"dataset": data, "root": str(root) if root else None})
         except ValidationError as error:  # an unknown data set, or a missing root
             _fail(f"--data {data!r}: {error.errors()[0]['msg'].removeprefix('Value error, ')}")
+    progress.step(f"loading the {section.dataset} data")
     bundle = build_data(
         section.model_copy(update={"augmentation": "none"}),
         image_size=info.input_size[-1],
@@ -629,8 +646,10 @@ def eval_command(
     from dgc_convert.evaluate import evaluate
     from dgc_convert.surgery import dgc_layers
 
-    model, section, bundle = _model_and_held_out(file, data, root)
-    report = evaluate(model, bundle.val, batch_size=batch_size, input_size=require_model_info(model).input_size)
+    with StepProgress() as progress:
+        model, section, bundle = _model_and_held_out(file, data, root, progress)
+        info = require_model_info(model)
+        report = evaluate(model, bundle.val, batch_size=batch_size, input_size=info.input_size, progress=progress)
     # DGC-G: the static figure is the cost expected at the target, not a fixed one.
     expected = any(layer.gating == "network" for _, layer in dgc_layers(model))
     if report.nonfinite_samples:  # on stderr in both modes: --json keeps stdout to the JSON
@@ -662,10 +681,12 @@ def inspect_command(
     from dgc_convert.cli.render import print_channel_usage
     from dgc_convert.gate_usage import channel_usage, write_heatmaps, write_summary
 
-    model, section, bundle = _model_and_held_out(file, data, root)
-    usage = channel_usage(model, bundle.val, batch_size=batch_size)
-    images = write_heatmaps(usage, out)
-    summary = write_summary(usage, out / "summary.json", model=str(file), data=section.dataset)
+    with StepProgress() as progress:
+        model, section, bundle = _model_and_held_out(file, data, root, progress)
+        usage = channel_usage(model, bundle.val, batch_size=batch_size, progress=progress)
+        progress.step(f"drawing {len(usage)} heat maps into {out}")
+        images = write_heatmaps(usage, out)
+        summary = write_summary(usage, out / "summary.json", model=str(file), data=section.dataset)
     console = output_console()
     print_channel_usage(usage, console)
     console.print(
@@ -701,9 +722,13 @@ def export_command(
     from dgc_convert.serialize import load
 
     check_export_options(opset, tolerance)  # before loading anything: one line, exit 2
-    model = load(file)
     try:
-        report = export_onnx(model, onnx, opset=opset, tolerance=tolerance, dynamic_size=dynamic_size)
+        with StepProgress() as progress:
+            progress.step(f"loading {file}")
+            model = load(file)
+            report = export_onnx(
+                model, onnx, opset=opset, tolerance=tolerance, dynamic_size=dynamic_size, progress=progress
+            )
     except OSError as error:  # writing the file, e.g. a full disk: nothing was renamed into place
         kept = "the existing file is kept" if onnx.exists() else "nothing was written"
         _fail(f"{onnx}: not written ({kept}): {error.strerror or error}")

@@ -33,6 +33,7 @@ __all__ = [
     "print_evaluation",
     "error_console",
     "TrainProgress",
+    "StepProgress",
 ]
 
 
@@ -316,6 +317,70 @@ class TrainProgress:
                 f"checkpoints: {result.output_dir / 'last'}, {result.output_dir / 'best'}; "
                 f"metrics: {result.output_dir / 'metrics.jsonl'}"
             )
+
+
+class StepProgress:
+    """A long command's steps as one transient rich line on stderr: a spinner, the
+    step, a bar with done/total where the step counts its work, and the time spent.
+
+    Shown only when stderr is a terminal (stdout may carry JSON, and logs stay
+    clean); it disappears when the command ends, leaving only the result. Use it
+    as a context manager and pass it as ``progress=`` (see ``dgc_convert.progress``).
+    """
+
+    def __init__(self, console: Console | None = None, *, show: bool | None = None) -> None:
+        self.console = console or error_console()
+        self.show = self.console.is_terminal if show is None else show
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+        self.done = 0  # units of the current step
+        self.total: int | None = None
+
+    def __enter__(self) -> StepProgress:
+        if self.show:
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[count]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def step(self, description: str, total: int | None = None) -> None:
+        """Show ``description`` in place of the previous step; a bar when ``total`` is known."""
+        if self.progress is None:
+            return
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.done, self.total = 0, total
+        # An uncounted step shows a pulsing bar and no count.
+        self.task = self.progress.add_task(description, total=total, count=self._count())
+
+    def advance(self, amount: int = 1) -> None:
+        """Move the current step's bar on."""
+        if self.progress is not None and self.task is not None:
+            self.done += amount
+            self.progress.update(self.task, advance=amount, count=self._count())
+
+    def _count(self) -> str:
+        return "" if self.total is None else f"{self.done}/{self.total}"
 
 
 def _ratio(value: float | None) -> str:

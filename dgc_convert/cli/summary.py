@@ -16,6 +16,7 @@ from torch import nn
 from dgc_convert.build import build_model
 from dgc_convert.errors import SettingsError
 from dgc_convert.macs import count_macs, normalize_input_size
+from dgc_convert.progress import NO_PROGRESS, Progress
 from dgc_convert.recipe import ConvertSection, ModelSection
 from dgc_convert.surgery import ConversionReport, LayerDecision, check_identity
 from dgc_convert.zoo import require_model_info
@@ -124,15 +125,16 @@ def _refuse_what_cannot_fit(size: tuple[int, int, int], largest_activation: int)
 
 
 def summarize_conversion(
-    model_spec: ModelSection, settings: ConvertSection, *, check: bool = False
+    model_spec: ModelSection, settings: ConvertSection, *, check: bool = False, progress: Progress = NO_PROGRESS
 ) -> ConversionSummary:
     """Build the model ``model_spec`` names, convert it with ``settings``, count MACs per sample before and after.
 
     ``model_spec.input_size`` is the square side in pixels (the model's
     default when None). With ``check`` the converted model is compared with
     the original at zeta 0 and unit scores (``check_identity``) on a batch of
-    two random images.
+    two random images. ``progress`` is told each step.
     """
+    progress.step(f"building and converting {model_spec.name}")
     built = build_model(model_spec, settings.model_copy(update={"enabled": True}), keep_dense=True)
     model, dense_model, report = built.model, built.dense, built.report
     assert dense_model is not None and report is not None  # keep_dense, and conversion enabled
@@ -143,6 +145,7 @@ def summarize_conversion(
         else normalize_input_size(model_spec.input_size, info.input_size[0])
     )
     model.eval()
+    progress.step(f"counting MACs per sample at {size[1]}x{size[2]}")
     dense = count_macs(dense_model, size)
     converted = count_macs(model, size)
     dense_by_name, dgc_by_name = dense.by_name(), converted.by_name()
@@ -167,6 +170,7 @@ def summarize_conversion(
     identity = None
     if check:
         _refuse_what_cannot_fit(size, max(dense.largest_activation, converted.largest_activation))
+        progress.step("checking the converted model equals the original at zeta 0")
         generator = torch.Generator().manual_seed(0)
         example = torch.randn(CHECK_BATCH, *size, generator=generator)
         identity = check_identity(dense_model, model, example)
