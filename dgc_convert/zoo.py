@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 from dataclasses import asdict, dataclass
@@ -11,6 +12,7 @@ import torchvision
 from torch import nn
 
 from dgc_convert.errors import SettingsError, UnknownModelError, first_line
+from dgc_convert.network import hub_endpoint, hub_offline, unreachable
 
 Library = Literal["timm", "torchvision"]
 SOURCES = ("auto", "timm", "torchvision")
@@ -122,6 +124,16 @@ def default_input_size(name: str, library: Library) -> tuple[int, int, int]:
         return (3, 224, 224)
 
 
+def _hub_unreachable(bare: str) -> str | None:
+    """Why the hub holding timm's weights for ``bare`` cannot be reached, or None (reachable, or not on the hub)."""
+    import timm
+
+    config = timm.models.get_pretrained_cfg(bare)
+    if config is None or not config.hf_hub_id:
+        return None
+    return unreachable(hub_endpoint())
+
+
 def _describe(kwargs: dict[str, Any], pretrained: bool) -> str:
     settings = [f"{key}={value!r}" for key, value in kwargs.items()] + (["pretrained weights"] if pretrained else [])
     return ", ".join(settings) or "its defaults"
@@ -148,11 +160,15 @@ def create_model(
     """
     bare, library, auto_picked = resolve(name, source)
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    # timm's weights live on the Hugging Face hub, whose client retries for about
+    # 50 s without a network: ask once, and read its cache alone when it is out of reach.
+    offline = _hub_unreachable(bare) if library == "timm" and pretrained else None
     try:
         if library == "timm":
             import timm
 
-            model = timm.create_model(bare, pretrained=pretrained, **kwargs)
+            with hub_offline() if offline else contextlib.nullcontext():
+                model = timm.create_model(bare, pretrained=pretrained, **kwargs)
         else:
             if bare in ("inception_v3", "googlenet") and not pretrained:
                 # Keep today's init and silence torchvision's warning that it will change.
@@ -163,6 +179,14 @@ def create_model(
             f"{library} cannot build {bare} with {_describe(kwargs, pretrained)}: {first_line(error)}"
         ) from None
     except OSError as error:  # downloading weights without a network, a full cache disk
+        if offline:
+            from huggingface_hub import constants
+
+            raise SettingsError(
+                f"{bare}: pretrained weights are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                f"the hub cannot be reached ({offline}); connect once to download them, or start from a "
+                "weights file with --checkpoint / model.checkpoint"
+            ) from None
         raise SettingsError(f"{bare}: pretrained weights could not be fetched ({first_line(error)})") from None
     classes = num_classes
     if classes is None:
