@@ -10,12 +10,14 @@ was and no temporary file behind. The new file gets the usual permissions,
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "give_default_mode"]
+__all__ = ["atomic_write", "give_default_mode", "make_directory", "naming_os_errors"]
 
 
 def give_default_mode(*paths: Path) -> None:
@@ -25,6 +27,22 @@ def give_default_mode(*paths: Path) -> None:
     os.umask(mask)
     for path in paths:
         os.chmod(path, 0o666 & ~mask)
+
+
+def make_directory(path: str | Path) -> Path:
+    """Create the directory ``path`` and its parents (nothing if it exists); returns it.
+
+    Raises:
+        NotADirectoryError: a file stands where ``path`` or one of its parents
+            should be; it names that file (``mkdir`` alone says "File exists").
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # the path itself, or a parent, is a file
+        in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise NotADirectoryError(errno.ENOTDIR, "a file, where a directory is needed", str(in_the_way)) from None
+    return path
 
 
 @contextlib.contextmanager
@@ -38,23 +56,49 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     target's directory is created if missing.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(path.parent)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        yield temporary
-        give_default_mode(temporary)  # after writing: a writer that recreates the file may narrow it
-        descriptor = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
+        with naming_os_errors(path):
+            yield temporary
+            give_default_mode(temporary)  # after writing: a writer that recreates the file may narrow it
+            descriptor = os.open(temporary, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
     _fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def naming_os_errors(path: str | Path) -> Iterator[None]:
+    """Make a write the OS refused an ``OSError`` that names ``path``.
+
+    A writer's own ``write()`` failing (a full disk) raises an ``OSError``
+    with no file name, and safetensors reports it as ``SafetensorError("...
+    I/O error: No space left on device (os error 28)")``: both are re-raised
+    as ``OSError(errno, strerror, path)``, which the CLI turns into one line.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as error:
+        if error.errno is None or error.filename:
+            raise
+        raise OSError(error.errno, error.strerror or os.strerror(error.errno), str(path)) from error
+    except SafetensorError as error:
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from None
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
 from dgc_convert import __version__
-from dgc_convert.atomic import give_default_mode
+from dgc_convert.atomic import give_default_mode, make_directory, naming_os_errors
 from dgc_convert.errors import CheckpointError
 
 __all__ = [
@@ -282,13 +282,14 @@ def save_checkpoint(
     """
     directory = Path(directory)
     state = state.to_json() if isinstance(state, RunState) else dict(state)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(directory.parent)
     checkpoint_id = uuid.uuid4().hex
     temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     try:
-        _write_checkpoint(temporary, model, state, training_state, checkpoint_id)
+        with naming_os_errors(directory):  # a full disk: an OSError naming the checkpoint
+            _write_checkpoint(temporary, model, state, training_state, checkpoint_id)
     except BaseException:
         # A full disk, an unwritable file, Ctrl-C: leave no half-written directory behind.
         shutil.rmtree(temporary, ignore_errors=True)

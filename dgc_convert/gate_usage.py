@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dgc_convert.atomic import atomic_write
+from dgc_convert.atomic import atomic_write, make_directory
 from dgc_convert.nn.layer import DEFAULT_GATING, DGCConv2d
 from dgc_convert.nn.modes import watch_scores
 from dgc_convert.plots import new_figure, save_png
@@ -115,7 +115,7 @@ def channel_usage(
 def write_heatmaps(usage: list[LayerChannelUsage], directory: str | Path) -> list[Path]:
     """One PNG per layer: heads x input channels, colour = keep frequency. Returns the paths."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_directory(directory)
     paths = []
     for layer in usage:
         width = min(16.0, max(6.0, layer.in_channels / 16))

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dgc_convert.atomic import make_directory
 from dgc_convert.errors import DGCConvertError
 
 __all__ = ["LOCK_FILE", "RunLock", "RunLockedError", "pid_alive", "run_lock"]
@@ -73,7 +74,7 @@ class RunLock:
         Raises:
             RunLockedError: a live run holds it (one line: pid, host, start time).
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_directory(self.directory)
         pid = os.getpid()
         record = {
             "pid": pid,

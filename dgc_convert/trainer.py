@@ -45,6 +45,7 @@ import torch.distributed as dist
 import yaml
 from timm.utils import distribute_bn
 
+from dgc_convert.atomic import atomic_write
 from dgc_convert.checkpoint import (
     MODEL_FILE,
     TRAINING_FILE,
@@ -329,10 +330,10 @@ class _Run:
         setup, progress, t = self.setup, self.progress, self.setup.recipe.train
         with self.signals, contextlib.closing(self.watch):
             if setup.processes.main:
-                self.output.mkdir(parents=True, exist_ok=True)
-                (self.output / RECIPE_FILE).write_text(
-                    yaml.safe_dump(setup.recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
-                )
+                with atomic_write(self.output / RECIPE_FILE) as written:
+                    written.write_text(
+                        yaml.safe_dump(setup.recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+                    )
             notify(self.reporter, "on_start", self._info())
             status: Literal["finished", "interrupted"] = "finished"
             while progress.epochs_completed < t.epochs:

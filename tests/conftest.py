@@ -25,3 +25,39 @@ def library_calls(monkeypatch):
     monkeypatch.setattr(torchvision.models, "get_model", torchvision_get_model)
     monkeypatch.setattr(timm, "create_model", timm_create_model)
     return calls
+
+
+def _mounted_tmpfs(tmp_path, name: str, options: str):
+    """A tmpfs at tmp_path/name with mount ``options`` (root with mount rights only; else skip)."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real tmpfs needs root and mount(8)")
+    mount_point = tmp_path / name
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    return mount_point
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a 512 KiB tmpfs: small files fit, a model's weights fill it (ENOSPC)."""
+    import subprocess
+
+    mount_point = _mounted_tmpfs(tmp_path, "small-disk", "size=512k")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A directory on a read-only tmpfs (EROFS, which even root cannot write)."""
+    import subprocess
+
+    mount_point = _mounted_tmpfs(tmp_path, "read-only", "size=64k,ro")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -9,6 +9,7 @@ Bad input is one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import tempfile
 import traceback
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+# A disk that fills up or fails while we write is the run failing, not bad input.
+_OUT_OF_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -176,6 +179,12 @@ def _internal_error(error: BaseException) -> None:
     )
 
 
+def _os_error_exit(error: OSError) -> int:
+    """A path the user gave that cannot be written (read-only, missing, a file in the way) is bad
+    input (2); a disk that fills up or fails while we write is the run failing (1)."""
+    return EXIT_RUN_FAILED if error.errno in _OUT_OF_ROOM else EXIT_BAD_INPUT
+
+
 def handles_errors(command: Command) -> Command:
     """The project's own errors become one line on stderr and exit 2 (a diverged
     run exits 1); anything else is an internal error (exit 1, traceback in a file)."""
@@ -190,9 +199,9 @@ def handles_errors(command: Command) -> Command:
             _fail(str(error), EXIT_RUN_FAILED)
         except DGCConvertError as error:
             _fail(str(error))
-        except OSError as error:  # a path the user gave: unwritable, missing, disk full
+        except OSError as error:  # a path the user gave (unwritable, missing: 2), or a full disk (1)
             where = f"{error.filename}: " if error.filename else ""
-            _fail(f"{where}{error.strerror or error}")
+            _fail(f"{where}{error.strerror or error}", _os_error_exit(error))
         except KeyboardInterrupt:
             _fail("interrupted", EXIT_INTERRUPTED)
         except Exception as error:
@@ -731,7 +740,7 @@ def export_command(
             )
     except OSError as error:  # writing the file, e.g. a full disk: nothing was renamed into place
         kept = "the existing file is kept" if onnx.exists() else "nothing was written"
-        _fail(f"{onnx}: not written ({kept}): {error.strerror or error}")
+        _fail(f"{onnx}: not written ({kept}): {error.strerror or error}", _os_error_exit(error))
         return
     ops = ", ".join(f"{count} {op}" for op, count in sorted(report.gating_ops.items()))
     diffs = "; ".join(report.diffs_by_size())
