@@ -95,6 +95,9 @@ class MacReport:
     sample, and the figures are the cost expected at the target.
     ``largest_activation``: bytes of the largest tensor any module returns
     for one sample (what a forward at this size must hold at least).
+    ``training_activations``: bytes per sample of every leaf module's and DGC
+    layer's output, about what a training step keeps for its backward pass
+    (a lower bound: operators between modules keep theirs too).
     """
 
     input_size: tuple[int, int, int]
@@ -103,6 +106,7 @@ class MacReport:
     layers: list[LayerMacs] = field(default_factory=list)
     expected: bool = False
     largest_activation: int = 0  # bytes of the largest tensor a module returns, per sample
+    training_activations: int = 0  # bytes of all leaf modules' outputs, per sample
 
     def by_name(self) -> dict[str, LayerMacs]:
         return {layer.name: layer for layer in self.layers}
@@ -243,6 +247,7 @@ class _Tally:
         self._starts: list[int] = []
         self._inside_dgc = 0
         self.largest_output = 0  # bytes of the largest tensor a module returned (per sample: batch 1)
+        self.leaf_outputs = 0  # bytes of every leaf module's and DGC layer's output (batch 1)
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._starts.append(self.counter.get_total_flops())
@@ -252,7 +257,11 @@ class _Tally:
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         flops = self.counter.get_total_flops() - self._starts.pop()
         if isinstance(output, torch.Tensor):
-            self.largest_output = max(self.largest_output, output.numel() * output.element_size())
+            size = output.numel() * output.element_size()
+            self.largest_output = max(self.largest_output, size)
+            leaf = isinstance(module, DGCConv2d) or next(module.children(), None) is None
+            if leaf and not any(output is arg for arg in args):  # an in-place op's output is its input
+                self.leaf_outputs += size
         if isinstance(module, DGCConv2d):
             self._inside_dgc -= 1
             if self._inside_dgc:
@@ -345,7 +354,15 @@ def _count(model: nn.Module, example: torch.Tensor, *, fake: bool) -> MacReport:
     expected = any(isinstance(m, DGCConv2d) and m.gating == "network" for m in named.values())
     size = (int(example.shape[1]), int(example.shape[2]), int(example.shape[3]))
     params = sum(p.numel() for p in model.parameters())
-    return MacReport(size, tally.total(), params, layers, expected=expected, largest_activation=tally.largest_output)
+    return MacReport(
+        size,
+        tally.total(),
+        params,
+        layers,
+        expected=expected,
+        largest_activation=tally.largest_output,
+        training_activations=tally.leaf_outputs,
+    )
 
 
 def convolution_output_sizes(model: nn.Module, input_size: int | Sequence[int]) -> dict[str, tuple[int, int]]:

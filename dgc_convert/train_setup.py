@@ -23,6 +23,7 @@ from dgc_convert.data import DataBundle, build_data, dataset_classes, native_ima
 from dgc_convert.distributed import Processes
 from dgc_convert.errors import DGCConvertError
 from dgc_convert.macs import count_macs
+from dgc_convert.memory import available_memory, gib
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.recipe import Recipe, TrainSection
 from dgc_convert.schedule import Schedule
@@ -182,6 +183,18 @@ class TrainingSetup:
         )
 
 
+def _refuse_what_cannot_fit(need: int, image_size: int, settings: TrainSection, device: torch.device) -> None:
+    """One line, before any batch is drawn, when a training step's activations (``need`` bytes,
+    a lower bound) exceed the memory available on ``device``."""
+    available = available_memory(device)
+    if available is not None and need > available:
+        raise DGCConvertError(
+            f"training at {image_size}x{image_size} with batch {settings.batch_size} would keep at least "
+            f"{gib(need)} of activations for the backward pass and {gib(available)} is available on {device}; "
+            "lower the image size (data.image_size) or train.batch_size"
+        )
+
+
 def build_training(recipe: Recipe, processes: Processes, *, load_checkpoint: bool = True) -> TrainingSetup:
     """Build model, data, optimizer, scaler, loss, sampler and schedule for ``recipe`` on ``processes``.
 
@@ -217,7 +230,11 @@ def build_training(recipe: Recipe, processes: Processes, *, load_checkpoint: boo
     model, dense = built.model, built.dense
     assert dense is not None  # keep_dense
     image_size = resolve_image_size(recipe, require_model_info(model).input_size[-1])
-    dense_macs = count_macs(dense, image_size).total_macs  # the baseline; the copy goes when this returns
+    dense_count = count_macs(dense, image_size)  # the baseline; the copy goes when this returns
+    dense_macs = dense_count.total_macs
+    _refuse_what_cannot_fit(
+        dense_count.training_activations * (t.batch_size // processes.world_size), image_size, t, processes.device
+    )
     data = build_data(recipe.data, image_size=image_size, num_classes=classes, seed=t.seed, model=model)
     per_epoch = iterations_per_epoch(len(data.train), t.batch_size, processes.world_size)
     if per_epoch < 1:

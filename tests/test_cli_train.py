@@ -261,3 +261,18 @@ def test_tensorboard_without_its_package_fails_at_train_start(tmp_path, monkeypa
         'error: train.tensorboard needs the tensorboard package: pip install "dgc-convert[tensorboard]"'
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_training_at_a_size_whose_activations_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    import dgc_convert.train_setup as train_setup
+
+    monkeypatch.setattr(train_setup, "available_memory", lambda device: 1 << 30)
+    recipe = write_small_recipe(tmp_path)
+    result = runner.invoke(app, ["train", str(recipe), "--set", "data.image_size=1024"])
+    message = _one_line_error(result)
+    assert message.startswith("error: training at 1024x1024 with batch 16 would keep at least ")
+    assert message.endswith(
+        "of activations for the backward pass and 1.0 GiB is available on cpu; "
+        "lower the image size (data.image_size) or train.batch_size"
+    )
+    assert not (tmp_path / "run" / "last").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()

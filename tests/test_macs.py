@@ -281,3 +281,14 @@ def test_any_input_size_is_counted_in_bounded_memory():
     assert done.returncode == 0, done.stderr[-2000:]
     dense, dgc = map(int, done.stdout.split())
     assert dense == 14_537_000_512_512 and 0 < dgc < dense  # 1.82 G at 224 px, times (20000 / 224)^2
+
+
+def test_activation_figures_count_module_outputs_once_per_sample():
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 1))
+    report = count_macs(model, (3, 16, 16))
+    map_bytes = 16 * 16 * 4  # one float32 channel
+    assert report.largest_activation == 8 * map_bytes
+    # conv, batch norm and the last conv; the in-place ReLU's output is the norm's own tensor
+    assert report.training_activations == (8 + 8 + 4) * map_bytes

@@ -16,6 +16,7 @@ from torch import nn
 from dgc_convert.build import build_model
 from dgc_convert.errors import SettingsError
 from dgc_convert.macs import count_macs, normalize_input_size
+from dgc_convert.memory import available_memory, gib
 from dgc_convert.progress import NO_PROGRESS, Progress
 from dgc_convert.recipe import ConvertSection, ModelSection
 from dgc_convert.surgery import ConversionReport, LayerDecision, check_identity
@@ -100,18 +101,6 @@ CHECK_BATCH = 2  # images the identity check runs
 _LIVE_ACTIVATIONS = 3
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to start new work (Linux ``MemAvailable``); None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _refuse_what_cannot_fit(size: tuple[int, int, int], largest_activation: int) -> None:
     """One line, before any real forward, when the identity check's activations at ``size`` would not fit."""
     need = _LIVE_ACTIVATIONS * CHECK_BATCH * largest_activation
@@ -119,8 +108,8 @@ def _refuse_what_cannot_fit(size: tuple[int, int, int], largest_activation: int)
     if available is not None and need > available:
         _, height, width = size
         raise SettingsError(
-            f"--check at {height}x{width} would hold about {need / 2**30:.1f} GiB of activations and "
-            f"{available / 2**30:.1f} GiB is available; check at a smaller --input-size (counting MACs needs no memory)"
+            f"--check at {height}x{width} would hold about {gib(need)} of activations and "
+            f"{gib(available)} is available; check at a smaller --input-size (counting MACs needs no memory)"
         )
 
 
