@@ -272,6 +272,14 @@ def test_bench_opens_a_trainer_checkpoint(tmp_path):
         assert data["input_size"] == [3, 32, 32] and data["mac_ratio"] < 0.6
     refused = runner.invoke(app, ["bench", str(tmp_path / "run" / "best"), "--zeta", "0.3"])
     assert refused.exit_code == 2 and "applies to model names" in refused.stderr
+    # killed between the two renames of a save: last/ is only the copy set aside, found as load finds it
+    (tmp_path / "run" / "last").rename(tmp_path / "run" / ".last.old")
+    result = runner.invoke(
+        app, ["bench", str(tmp_path / "run" / "last"), "--repeats", "1", "--warmup", "1", "--engine", "eager"]
+    )
+    assert result.exit_code == 0, result.output
+    missing = runner.invoke(app, ["bench", str(tmp_path / "run" / "gone")])
+    assert missing.exit_code == 2 and missing.stderr == f"error: {tmp_path / 'run' / 'gone'}: no such file\n"
 
 
 @LAYOUTS

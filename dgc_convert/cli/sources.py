@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from dgc_convert.build import build_model, create_dense
+from dgc_convert.checkpoint import find_checkpoint
 from dgc_convert.errors import DGCConvertError
 from dgc_convert.recipe import convert_settings, model_settings
 from dgc_convert.serialize import load
@@ -30,7 +31,9 @@ def models_for_bench(
     untrained: only speed is measured.
     """
     path = Path(target)
-    if path.exists():
+    # Model names hold no path separator; a run's last/ cut between its two renames
+    # exists only as the copy set aside, which load finds (find_checkpoint).
+    if path.exists() or path.suffix == ".safetensors" or "/" in target or find_checkpoint(path) is not None:
         given = [key for key, value in conversion.items() if value is not None] + (["source"] if source else [])
         if given:
             flag = given[0].replace("_", "-")
