@@ -7,13 +7,14 @@ The one path from a ``ModelSection`` (which model) and a ``ConvertSection``
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from dgc_convert.dense_weights import load_dense_weights
 from dgc_convert.recipe import ConvertSection, ModelSection
-from dgc_convert.surgery import ConversionReport, convert
+from dgc_convert.surgery import ConversionReport, LayerSettings, apply_conversion, convert
 from dgc_convert.zoo import create_model
 
 __all__ = ["BuiltModel", "build_model", "create_dense"]
@@ -49,6 +50,7 @@ def build_model(
     keep_dense: bool = False,
     load_checkpoint: bool = True,
     input_size: int | None = None,
+    layers: Mapping[str, LayerSettings] | None = None,
 ) -> BuiltModel:
     """Build the model ``spec`` names and convert it with ``settings``.
 
@@ -63,9 +65,18 @@ def build_model(
         input_size: square input side in pixels the conversion weighs each
             layer's MACs at (``surgery.plan_conversion``); ``spec.input_size``,
             else the model's own, when None.
+        layers: the conversion to apply, by module name, instead of planning
+            one from ``settings`` (a resumed run's saved layers: what an
+            earlier version's rules converted stays converted); no report is
+            made then (``report`` is None).
     """
     model = create_dense(spec, num_classes=num_classes, load_checkpoint=load_checkpoint)
     dense = copy.deepcopy(model) if keep_dense else None
     size = input_size if input_size is not None else spec.input_size
-    report = convert(model, settings, input_size=size) if settings is not None and settings.enabled else None
+    report = None
+    if settings is not None and settings.enabled:
+        if layers is None:
+            report = convert(model, settings, input_size=size)
+        else:
+            apply_conversion(model, layers)
     return BuiltModel(model, report, dense)

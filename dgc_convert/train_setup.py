@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,7 @@ from dgc_convert.memory import available_memory, gib
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.recipe import Recipe, TrainSection
 from dgc_convert.schedule import Schedule
-from dgc_convert.surgery import ConversionReport, dgc_layers
+from dgc_convert.surgery import ConversionReport, LayerSettings, dgc_layers
 from dgc_convert.zoo import require_model_info
 
 __all__ = [
@@ -195,14 +195,22 @@ def _refuse_what_cannot_fit(need: int, image_size: int, settings: TrainSection, 
         )
 
 
-def build_training(recipe: Recipe, processes: Processes, *, load_checkpoint: bool = True) -> TrainingSetup:
+def build_training(
+    recipe: Recipe,
+    processes: Processes,
+    *,
+    load_checkpoint: bool = True,
+    layers: Mapping[str, LayerSettings] | None = None,
+) -> TrainingSetup:
     """Build model, data, optimizer, scaler, loss, sampler and schedule for ``recipe`` on ``processes``.
 
     The model gets the data set's class count unless ``model.num_classes``
     says otherwise (``build_data`` refuses a disagreement), and the weights of
     ``model.checkpoint`` unless ``load_checkpoint`` is false (a resumed run,
-    whose own checkpoint then replaces them). Random state: seed before
-    calling for a reproducible model.
+    whose own checkpoint then replaces them). ``layers``: the DGC layers to
+    build, by module name, instead of converting by ``recipe.convert`` with
+    today's rules (a resumed run's saved ones, layouts included). Random
+    state: seed before calling for a reproducible model.
 
     Raises:
         DGCConvertError: settings that cannot work here (batch not divisible
@@ -226,6 +234,7 @@ def build_training(recipe: Recipe, processes: Processes, *, load_checkpoint: boo
         keep_dense=True,
         load_checkpoint=load_checkpoint,
         input_size=recipe_image_size(recipe),  # the layers' MACs weighed at the size the run trains at
+        layers=layers,
     )
     model, dense = built.model, built.dense
     assert dense is not None  # keep_dense

@@ -64,7 +64,7 @@ from dgc_convert.macs import count_macs
 from dgc_convert.nn.modes import dgc_mode
 from dgc_convert.recipe import Recipe, recipe_from_dict
 from dgc_convert.run_lock import run_lock
-from dgc_convert.serialize import apply_saved_layouts, read_metadata
+from dgc_convert.serialize import apply_saved_layouts, read_metadata, saved_layer_settings
 from dgc_convert.stop_signals import StopSignals
 from dgc_convert.surgery import dgc_layers, set_zeta
 from dgc_convert.train_events import (
@@ -261,8 +261,8 @@ def _restore(
             f"{checkpoint.directory}: saved with {state.iterations_per_epoch} iterations per epoch, now "
             f"{setup.schedule.iterations_per_epoch} (different data or process count); cannot resume exactly"
         )
-    # A checkpoint written before blocked head ownership holds interleaved layers: give the
-    # rebuilt layers the layout their weights were trained in before loading them.
+    # ``train`` builds a resumed model from the checkpoint's saved layers; a setup built otherwise
+    # gets their layouts (interleaved, before blocked head ownership), or a one-line mismatch.
     apply_saved_layouts(setup.model, read_metadata(checkpoint.directory / MODEL_FILE))
     checkpoint.load_weights(setup.model, device="cpu")
     setup.model.to(setup.processes.device)
@@ -373,7 +373,7 @@ class _Run:
             start_iteration=self.progress.iteration,
             world_size=setup.processes.world_size,
             device=str(setup.processes.device),
-            converted_layers=len(setup.report.converted) if setup.report else 0,
+            converted_layers=len(dgc_layers(setup.model)),
             dense_macs=setup.dense_macs,
             target_macs=target.total_macs,
             macs_expected=target.expected,
@@ -565,8 +565,10 @@ def train(
             if processes.main:
                 sweep_checkpoints(output, owned=True)
             opened = _open_checkpoint(recipe, output, resume)
-            # A resumed run's weights are its own checkpoint's, not model.checkpoint's (not even read).
-            setup = build_training(recipe, processes, load_checkpoint=opened is None)
+            # A resumed run's weights are its own checkpoint's, not model.checkpoint's (not even read),
+            # and so are its DGC layers: what the version that started it converted.
+            saved = None if opened is None else saved_layer_settings(read_metadata(opened[0].directory / MODEL_FILE))
+            setup = build_training(recipe, processes, load_checkpoint=opened is None, layers=saved)
             if opened is not None:
                 progress = _restore(setup, *opened, output, reporter if processes.main else None, started)
             else:

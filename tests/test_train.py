@@ -198,3 +198,26 @@ def test_a_dgc_g_run_learns_one_threshold_and_resumes_exactly(tmp_path):
     resumed = weights(tmp_path / "stopped")
     assert any(key.endswith(".threshold") for key in resumed)
     assert_same_weights(resumed, weights(tmp_path / "full"))
+
+
+def test_a_resumed_run_keeps_the_layers_its_checkpoint_was_converted_with(reference, tmp_path, monkeypatch):
+    """A run started by a version whose rules converted a layer that today's keep dense resumes
+    with the saved conversion, exactly where it stopped."""
+    import dgc_convert.build as build
+
+    ref_dir, _ = reference
+    recipe = make_recipe(tmp_path)
+    train(recipe, callbacks=[StopAt(epoch=1)])
+    convert_today = build.convert
+
+    def stricter_rules(model, settings, **kwargs):  # today's rules keep layer1.0.conv1 dense
+        return convert_today(model, settings.model_copy(update={"exclude": ["layer1.0.conv1"]}), **kwargs)
+
+    monkeypatch.setattr(build, "convert", stricter_rules)
+    resumed = train(recipe, resume=True)
+    assert resumed.status == "finished"
+    assert "layer1.0.conv1" in dict(dgc_layers(resumed.model)) and len(dgc_layers(resumed.model)) == 19
+    assert_same_weights(weights(tmp_path), weights(ref_dir))
+    # a fresh run follows today's rules
+    fresh = train(make_recipe(tmp_path / "fresh", train_settings={"epochs": 1}))
+    assert "layer1.0.conv1" not in dict(dgc_layers(fresh.model))
