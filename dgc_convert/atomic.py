@@ -58,7 +58,10 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     make_directory(path.parent)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as error:  # name the file asked for, not our hidden temporary one
+        raise OSError(error.errno, error.strerror, str(path)) from None
     try:
         with naming_os_errors(path):
             yield temporary

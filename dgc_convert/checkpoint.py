@@ -286,7 +286,10 @@ def save_checkpoint(
     checkpoint_id = uuid.uuid4().hex
     temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
+    try:
+        temporary.mkdir()
+    except OSError as error:  # name the checkpoint asked for, not our hidden temporary one
+        raise OSError(error.errno, error.strerror, str(directory)) from None
     try:
         with naming_os_errors(directory):  # a full disk: an OSError naming the checkpoint
             _write_checkpoint(temporary, model, state, training_state, checkpoint_id)

@@ -27,6 +27,7 @@ class Processes:
     local_rank: int
     device: torch.device
     owns_group: bool
+    local_world_size: int = 1  # processes on this host (they share its memory)
 
     @classmethod
     def from_env(cls) -> Processes:
@@ -42,7 +43,8 @@ class Processes:
                 torch.cuda.set_device(device)
             dist.init_process_group(backend="nccl" if cuda else "gloo")
             owns_group = True
-        return cls(world_size, rank, local_rank, device, owns_group)
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return cls(world_size, rank, local_rank, device, owns_group, local_world_size)
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> Processes:

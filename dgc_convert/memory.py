@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["available_memory", "gib"]
+from dgc_convert.errors import SettingsError
+
+__all__ = ["available_memory", "gib", "require_memory"]
 
 
 def available_memory(device: torch.device | str = "cpu") -> int | None:
-    """Bytes available to start new work on ``device``: Linux ``MemAvailable`` for the CPU,
-    the free memory of a CUDA device; None where unknown."""
+    """Bytes available to start new work on ``device``: Linux ``MemAvailable`` for the CPU;
+    for a CUDA device its free memory plus what PyTorch holds cached but unused. None where unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         try:
-            return int(torch.cuda.mem_get_info(device)[0])
+            free = int(torch.cuda.mem_get_info(device)[0])
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         except RuntimeError:
             return None
     if device.type != "cpu":
@@ -32,3 +35,15 @@ def available_memory(device: torch.device | str = "cpu") -> int | None:
 def gib(size: float) -> str:
     """``size`` bytes as GiB for a message, e.g. ``"12.3 GiB"``."""
     return f"{size / 2**30:.1f} GiB"
+
+
+def require_memory(need: int, available: int | None, *, doing: str, advice: str) -> None:
+    """Refuse, in one line, work whose activations (``need`` bytes) exceed ``available`` bytes (None: unknown, allowed).
+
+    The message reads ``"{doing} {need} of activations and {available} is available; {advice}"``.
+
+    Raises:
+        SettingsError: ``need`` is more than ``available``.
+    """
+    if available is not None and need > available:
+        raise SettingsError(f"{doing} {gib(need)} of activations and {gib(available)} is available; {advice}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -31,22 +32,37 @@ def hub_endpoint() -> str:
 def unreachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
     """Why ``url``'s host cannot be reached (a one-line reason), or None when it can or we cannot tell.
 
-    Behind a proxy (``HTTPS_PROXY``/``ALL_PROXY``) the host is not dialled
-    directly, so the answer is None and the download itself decides.
+    The whole check (name lookup and connection, to every address the name
+    has) takes at most ``timeout`` seconds: it runs in a daemon thread that is
+    left behind when it overruns, because neither a stalled resolver nor a
+    firewall that drops packets answers sooner. Behind a proxy
+    (``HTTPS_PROXY``/``ALL_PROXY``) the host is not dialled directly, so the
+    answer is None and the download itself decides.
     """
     if any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return None
-    parts = urlsplit(url)
-    if not parts.hostname:
-        return None
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        with socket.create_connection((parts.hostname, port), timeout=timeout):
-            return None
-    except TimeoutError:
-        return f"no answer from {parts.hostname} within {timeout:g} s"
-    except OSError as error:  # name resolution, refused, no route
-        return f"{parts.hostname}: {error.strerror or error}"
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a malformed HF_ENDPOINT: let the download report it
+        return None
+    if not host:
+        return None
+    outcome: list[str | None] = []
+
+    def dial() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append(None)
+        except TimeoutError:
+            outcome.append(f"no answer from {host} within {timeout:g} s")
+        except OSError as error:  # name resolution, refused, no route
+            outcome.append(f"{host}: {error.strerror or error}")
+
+    worker = threading.Thread(target=dial, name="dgc-convert-reachability", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return outcome[0] if outcome else f"no answer from {host} within {timeout:g} s"
 
 
 @contextlib.contextmanager

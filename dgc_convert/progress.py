@@ -48,8 +48,11 @@ def tracked(items: Iterable[Item], progress: Progress, description: str, total: 
 
     ``total`` defaults to ``len(items)`` where it has one (a DataLoader does).
     """
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
+    if total is None:
+        try:  # a DataLoader over a streaming data set has __len__ but no length
+            total = len(items)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
     progress.step(description, total)
     for item in items:
         yield item

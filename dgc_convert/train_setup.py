@@ -10,11 +10,13 @@ optimizer steps per epoch, shared by the trainer and ``dgc-convert recipe show``
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
@@ -23,7 +25,7 @@ from dgc_convert.data import DataBundle, build_data, dataset_classes, native_ima
 from dgc_convert.distributed import Processes
 from dgc_convert.errors import DGCConvertError
 from dgc_convert.macs import count_macs
-from dgc_convert.memory import available_memory, gib
+from dgc_convert.memory import available_memory, require_memory
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.recipe import Recipe, TrainSection
 from dgc_convert.schedule import Schedule
@@ -183,16 +185,25 @@ class TrainingSetup:
         )
 
 
-def _refuse_what_cannot_fit(need: int, image_size: int, settings: TrainSection, device: torch.device) -> None:
-    """One line, before any batch is drawn, when a training step's activations (``need`` bytes,
-    a lower bound) exceed the memory available on ``device``."""
-    available = available_memory(device)
-    if available is not None and need > available:
-        raise DGCConvertError(
-            f"training at {image_size}x{image_size} with batch {settings.batch_size} would keep at least "
-            f"{gib(need)} of activations for the backward pass and {gib(available)} is available on {device}; "
-            "lower the image size (data.image_size) or train.batch_size"
-        )
+def _refuse_what_cannot_fit(per_sample: int, image_size: int, settings: TrainSection, processes: Processes) -> None:
+    """One line on every process, before any batch is drawn, when a training step's activations
+    (``per_sample`` bytes in float32, a lower bound) exceed the memory available."""
+    need = per_sample * (settings.batch_size // processes.world_size)
+    if settings.amp != "off":
+        need //= 2  # autocast keeps most activations in 16 bits
+    if processes.device.type == "cpu":
+        need *= processes.local_world_size  # the processes on one host share its memory
+    available = available_memory(processes.device)
+    if processes.distributed:  # every process decides alike, on the scarcest memory of them all
+        (lowest,) = processes.all_reduce([math.inf if available is None else float(available)], op=dist.ReduceOp.MIN)
+        available = None if math.isinf(lowest) else int(lowest)
+    require_memory(
+        need,
+        available,
+        doing=f"training at {image_size}x{image_size} with batch {settings.batch_size} on {processes.device.type} "
+        "would keep at least",
+        advice="lower the image size (data.image_size) or train.batch_size",
+    )
 
 
 def build_training(
@@ -241,9 +252,7 @@ def build_training(
     image_size = resolve_image_size(recipe, require_model_info(model).input_size[-1])
     dense_count = count_macs(dense, image_size)  # the baseline; the copy goes when this returns
     dense_macs = dense_count.total_macs
-    _refuse_what_cannot_fit(
-        dense_count.training_activations * (t.batch_size // processes.world_size), image_size, t, processes.device
-    )
+    _refuse_what_cannot_fit(dense_count.training_activations, image_size, t, processes)
     data = build_data(recipe.data, image_size=image_size, num_classes=classes, seed=t.seed, model=model)
     per_epoch = iterations_per_epoch(len(data.train), t.batch_size, processes.world_size)
     if per_epoch < 1:

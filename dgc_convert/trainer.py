@@ -45,7 +45,7 @@ import torch.distributed as dist
 import yaml
 from timm.utils import distribute_bn
 
-from dgc_convert.atomic import atomic_write
+from dgc_convert.atomic import atomic_write, naming_os_errors
 from dgc_convert.checkpoint import (
     MODEL_FILE,
     TRAINING_FILE,
@@ -220,8 +220,9 @@ def _kept_metrics(path: Path, epochs_completed: int, rewrite: bool) -> list[Epoc
             continue
         if isinstance(row, dict) and row.get("epoch", 0) <= epochs_completed:
             kept.append(row)
-    if rewrite:
-        path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+    if rewrite:  # atomically: a failure keeps the whole history
+        with atomic_write(path) as written:
+            written.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
     return [EpochMetrics(**row) for row in kept if set(row) == set(EpochMetrics.__dataclass_fields__)]
 
 
@@ -422,7 +423,11 @@ class _Run:
         metrics = self._metrics(figures, epoch_start)
         progress.metrics.append(metrics)
         if p.main:
-            with open(self.output / METRICS_FILE, "a", encoding="utf-8") as handle:
+            # Appended in place (a line per epoch); a failed write names the file.
+            with (
+                naming_os_errors(self.output / METRICS_FILE),
+                open(self.output / METRICS_FILE, "a", encoding="utf-8") as handle,
+            ):
                 handle.write(json.dumps(asdict(metrics)) + "\n")
         notify(self.reporter, "on_epoch", metrics)
         at_target = setup.schedule.zeta_fraction(progress.iteration) >= 1.0

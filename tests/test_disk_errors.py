@@ -76,7 +76,7 @@ def test_inspect_onto_a_full_disk_is_one_line_exit_1(saved_model, small_disk):
 def test_writing_to_a_read_only_disk_is_one_line_exit_2(tmp_path, saved_model, read_only_disk):
     target = read_only_disk / "r18.safetensors"
     line = _one_line(runner.invoke(app, ["resnet18", "--input-size", "32", "--save", str(target)]), 2)
-    assert line.startswith(f"error: {read_only_disk}") and line.endswith("Read-only file system")
+    assert line == f"error: {target}: Read-only file system"  # the file asked for, not a temporary one
     recipe = write_small_recipe(tmp_path)
     result = runner.invoke(app, ["train", str(recipe), "--set", f"output.directory={read_only_disk / 'run'}"])
     assert _one_line(result, 2).endswith("Read-only file system")
@@ -119,3 +119,15 @@ def test_a_writer_failing_without_a_file_name_is_named_after_the_target(tmp_path
             raise OSError(28, "No space left on device")  # what a file object's write() raises
     assert raised.value.filename == str(target) and raised.value.errno == 28
     assert os.listdir(tmp_path) == []
+
+
+def test_exit_codes_bad_paths_are_bad_input_everything_else_a_failed_run():
+    import errno
+
+    from dgc_convert.cli.app import EXIT_BAD_INPUT, EXIT_RUN_FAILED, _os_error_exit
+
+    for code in (errno.EACCES, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+        assert _os_error_exit(OSError(code, "x")) == EXIT_BAD_INPUT
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE):
+        assert _os_error_exit(OSError(code, "x")) == EXIT_RUN_FAILED
+    assert _os_error_exit(OSError("no errno")) == EXIT_RUN_FAILED

@@ -97,3 +97,28 @@ def test_cached_weights_load_without_a_network(tmp_path):
     assert result["stem"] == pytest.approx(reference.conv1.weight.flatten()[:5].tolist())
     assert result["seconds"] < 10
     assert not torch.equal(torch.tensor(result["stem"]), torch.zeros(5))
+
+
+def test_a_stalled_lookup_or_connection_costs_at_most_the_timeout(monkeypatch):
+    import time
+
+    import dgc_convert.network as network
+
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+    def stalled(address, timeout=None):  # a resolver that never answers, then a dropped SYN per address
+        time.sleep(5)
+        raise TimeoutError
+
+    monkeypatch.setattr(network.socket, "create_connection", stalled)
+    start = time.perf_counter()
+    reason = unreachable("https://huggingface.co", timeout=0.5)
+    assert time.perf_counter() - start < 2
+    assert reason == "no answer from huggingface.co within 0.5 s"
+
+
+def test_a_malformed_endpoint_is_left_to_the_download(monkeypatch):
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert unreachable("http://host:notaport") is None

@@ -171,3 +171,16 @@ def test_no_progress_on_stderr_when_it_is_not_a_terminal():
     result = CliRunner().invoke(app, ["resnet18", "--input-size", "32", "--json"])
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
+
+
+def test_step_progress_shows_brackets_as_text_and_can_be_entered_again():
+    console, out = _terminal()
+    progress = StepProgress(console)
+    with progress:
+        progress.step("loading runs/[/best]/m.safetensors", 2)  # rich markup would choke on it
+        progress.advance()
+    with progress:  # a second use starts clean
+        progress.step("second use", 1)
+        progress.advance()
+    drawn = out.getvalue()
+    assert "loading runs/[/best]/m.safetensors" in drawn and "second use" in drawn and "1/1" in drawn

@@ -312,3 +312,18 @@ def test_resuming_a_checkpoint_from_before_blocked_heads_keeps_its_interleaved_l
     checkpoint = read_checkpoint(directory)
     _restore(resumed, checkpoint, checkpoint.run_state(), tmp_path, None, started=0.0)
     assert resumed.dgc and all(layer.interleaved for layer in resumed.dgc)
+
+
+def test_the_memory_refusal_halves_under_autocast_and_counts_every_process_on_the_host(monkeypatch):
+    import dgc_convert.train_setup as train_setup
+    from dgc_convert.recipe import TrainSection
+
+    monkeypatch.setattr(train_setup, "available_memory", lambda device: 3 << 30)
+    per_sample = 1 << 30  # 4 GiB at batch 4
+    alone = Processes.single()
+    with pytest.raises(DGCConvertError, match=r"would keep at least 4\.0 GiB of activations and 3\.0 GiB is available"):
+        train_setup._refuse_what_cannot_fit(per_sample, 64, TrainSection(batch_size=4), alone)
+    train_setup._refuse_what_cannot_fit(per_sample, 64, TrainSection(batch_size=4, amp="bf16"), alone)  # 2 GiB
+    two_on_this_host = Processes(1, 0, 0, torch.device("cpu"), False, local_world_size=2)
+    with pytest.raises(DGCConvertError, match=r"at least 4\.0 GiB"):
+        train_setup._refuse_what_cannot_fit(per_sample, 64, TrainSection(batch_size=4, amp="bf16"), two_on_this_host)

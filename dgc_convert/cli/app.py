@@ -44,8 +44,19 @@ if TYPE_CHECKING:
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
-# A disk that fills up or fails while we write is the run failing, not bad input.
-_OUT_OF_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+# The OS refusing a path the user gave is bad input; any other OSError (a disk
+# that fills up or fails, out of memory or file handles) is the run failing.
+_BAD_PATH = (
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+)
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -180,9 +191,15 @@ def _internal_error(error: BaseException) -> None:
 
 
 def _os_error_exit(error: OSError) -> int:
-    """A path the user gave that cannot be written (read-only, missing, a file in the way) is bad
-    input (2); a disk that fills up or fails while we write is the run failing (1)."""
-    return EXIT_RUN_FAILED if error.errno in _OUT_OF_ROOM else EXIT_BAD_INPUT
+    """A path the user gave that cannot be written or read (read-only, missing, a file in the way)
+    is bad input (2); anything else, a full disk first, is the run failing (1)."""
+    return EXIT_BAD_INPUT if error.errno in _BAD_PATH else EXIT_RUN_FAILED
+
+
+def _os_error_text(error: OSError) -> str:
+    """``PATH: what the OS said`` (just the latter when no path is known)."""
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror or error}"
 
 
 def handles_errors(command: Command) -> Command:
@@ -200,8 +217,7 @@ def handles_errors(command: Command) -> Command:
         except DGCConvertError as error:
             _fail(str(error))
         except OSError as error:  # a path the user gave (unwritable, missing: 2), or a full disk (1)
-            where = f"{error.filename}: " if error.filename else ""
-            _fail(f"{where}{error.strerror or error}", _os_error_exit(error))
+            _fail(_os_error_text(error), _os_error_exit(error))
         except KeyboardInterrupt:
             _fail("interrupted", EXIT_INTERRUPTED)
         except Exception as error:
@@ -324,9 +340,11 @@ def convert_command(
     else:
         print_conversion(summary)
         if model_spec.checkpoint:
-            output_console().print(f"started from the weights in {model_spec.checkpoint}", highlight=False)
+            output_console().print(
+                f"started from the weights in {model_spec.checkpoint}", highlight=False, markup=False
+            )
         if saved:
-            output_console().print(f"saved to {saved} (load it with dgc_convert.load)", highlight=False)
+            output_console().print(f"saved to {saved} (load it with dgc_convert.load)", highlight=False, markup=False)
 
 
 @app.command("list-models", help="List model names from timm and torchvision matching PATTERN (glob or substring).")
@@ -567,7 +585,7 @@ def bench_command(
     else:
         print_bench(result, layer_rows=layers)
         if drawn:
-            output_console().print(f"per-layer times drawn to {drawn}", highlight=False)
+            output_console().print(f"per-layer times drawn to {drawn}", highlight=False, markup=False)
 
 
 def _require_png(path: Path | None, option: str) -> None:
@@ -702,6 +720,7 @@ def inspect_command(
         f"{len(images)} heat maps in {out}/ (heads x input channels, keep frequency over "
         f"{usage[0].samples if usage else 0} samples); summary: {summary}",
         highlight=False,
+        markup=False,
     )
     for layer in usage:
         for head, reason in layer.collapsed:
@@ -727,27 +746,31 @@ def export_command(
         "1.5x the saved input size, rounded up to a multiple of 32.",
     ),
 ) -> None:
-    from dgc_convert.export import check_export_options, export_onnx
+    from dgc_convert.export import ExportReport, check_export_options, export_onnx
     from dgc_convert.serialize import load
 
     check_export_options(opset, tolerance)  # before loading anything: one line, exit 2
-    try:
-        with StepProgress() as progress:
-            progress.step(f"loading {file}")
-            model = load(file)
-            report = export_onnx(
+    with StepProgress() as progress:
+        progress.step(f"loading {file}")
+        model = load(file)  # its own errors name FILE, not the ONNX file
+        try:
+            report: ExportReport | None = export_onnx(
                 model, onnx, opset=opset, tolerance=tolerance, dynamic_size=dynamic_size, progress=progress
             )
-    except OSError as error:  # writing the file, e.g. a full disk: nothing was renamed into place
+        except OSError as error:  # writing the file, e.g. a full disk: nothing was renamed into place
+            report, failure = None, error
+    if report is None:  # after the progress line is gone
         kept = "the existing file is kept" if onnx.exists() else "nothing was written"
-        _fail(f"{onnx}: not written ({kept}): {error.strerror or error}", _os_error_exit(error))
+        _fail(f"{onnx}: not written ({kept}): {failure.strerror or failure}", _os_error_exit(failure))
         return
     ops = ", ".join(f"{count} {op}" for op, count in sorted(report.gating_ops.items()))
     diffs = "; ".join(report.diffs_by_size())
     console = output_console()
     # The file is in place only when the parity check passed (report.written).
     what = f"wrote {report.path}" if report.written else f"exported (not written to {report.path})"
-    console.print(f"{what} (opset {report.opset}; gating kept: {ops or 'no DGC layers'})", highlight=False)
+    console.print(
+        f"{what} (opset {report.opset}; gating kept: {ops or 'no DGC layers'})", highlight=False, markup=False
+    )
     # The graph's signature: named dims are dynamic, ints fixed.
     inputs, outputs = (", ".join(map(str, shape)) for shape in (report.input_shape, report.output_shape))
     console.print(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape  # names and paths are text: "runs/[best]" is no markup
 from rich.table import Table
 
 from dgc_convert.cli.summary import ConversionSummary
@@ -238,14 +239,14 @@ class TrainProgress:
         resumed = f", resuming after iteration {info.start_iteration}" if info.start_iteration else ""
         procs = f" on {info.world_size} processes" if info.world_size > 1 else ""
         self.console.print(
-            f"training [bold]{info.model}[/bold] ({info.converted_layers} DGC layers) on {info.dataset} "
+            f"training [bold]{escape(info.model)}[/bold] ({info.converted_layers} DGC layers) on {info.dataset} "
             f"({info.train_samples} train / {info.val_samples} held out, {info.image_size}x{info.image_size}, "
             f"{info.num_classes} classes) on {info.device}{procs}{resumed}"
         )
         self.console.print(
             f"{info.epochs} epoch{'s' if info.epochs != 1 else ''} x {info.iterations_per_epoch} iterations; MACs per sample: dense "
             f"{format_macs(info.dense_macs)}, {'expected ' if info.macs_expected else ''}at target "
-            f"{format_macs(info.target_macs)}; writing to {info.output_dir}"
+            f"{format_macs(info.target_macs)}; writing to {escape(str(info.output_dir))}"
         )
         stages = ", ".join(f"{s} {e}" for s, e, _, _ in _stage_rows(info.stages) if e != "-")
         self.console.print(f"stages by epoch: {stages}")
@@ -315,7 +316,8 @@ class TrainProgress:
             )
             self.console.print(
                 f"checkpoints: {result.output_dir / 'last'}, {result.output_dir / 'best'}; "
-                f"metrics: {result.output_dir / 'metrics.jsonl'}"
+                f"metrics: {result.output_dir / 'metrics.jsonl'}",
+                markup=False,
             )
 
 
@@ -348,7 +350,7 @@ class StepProgress:
 
             self.progress = Progress(
                 SpinnerColumn(),
-                TextColumn("{task.description}"),
+                TextColumn("{task.description}", markup=False),  # paths may hold brackets
                 BarColumn(),
                 TextColumn("{task.fields[count]}"),
                 TimeElapsedColumn(),
@@ -362,6 +364,7 @@ class StepProgress:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        self.task, self.done, self.total = None, 0, None  # ready to be entered again
 
     def step(self, description: str, total: int | None = None) -> None:
         """Show ``description`` in place of the previous step; a bar when ``total`` is known."""
@@ -392,7 +395,7 @@ def print_bench(result: BenchResult, console: Console | None = None, layer_rows:
     console = console or output_console()
     c, h, w = result.input_size
     console.print(
-        f"[bold]{result.model}[/bold], batch {result.batch_size}, input {c}x{h}x{w}, {result.threads} threads, "
+        f"[bold]{escape(result.model)}[/bold], batch {result.batch_size}, input {c}x{h}x{w}, {result.threads} threads, "
         f"median of {result.repeats} interleaved runs (ms per batch)",
         highlight=False,
     )
@@ -458,7 +461,7 @@ def print_evaluation(
     console = console or output_console()
     top5 = f" (top-5 {report.top5:.2f}%)" if report.top5 is not None else ""
     console.print(
-        f"[bold]{name}[/bold] on {dataset}: {report.samples} samples, top-1 {report.top1:.2f}%{top5}, "
+        f"[bold]{escape(name)}[/bold] on {dataset}: {report.samples} samples, top-1 {report.top1:.2f}%{top5}, "
         f"loss {report.loss:.4f}",
         highlight=False,
     )

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from dgc_convert.build import build_model
-from dgc_convert.errors import SettingsError
 from dgc_convert.macs import count_macs, normalize_input_size
-from dgc_convert.memory import available_memory, gib
+from dgc_convert.memory import available_memory, require_memory
 from dgc_convert.progress import NO_PROGRESS, Progress
 from dgc_convert.recipe import ConvertSection, ModelSection
 from dgc_convert.surgery import ConversionReport, LayerDecision, check_identity
@@ -101,18 +100,6 @@ CHECK_BATCH = 2  # images the identity check runs
 _LIVE_ACTIVATIONS = 3
 
 
-def _refuse_what_cannot_fit(size: tuple[int, int, int], largest_activation: int) -> None:
-    """One line, before any real forward, when the identity check's activations at ``size`` would not fit."""
-    need = _LIVE_ACTIVATIONS * CHECK_BATCH * largest_activation
-    available = available_memory()
-    if available is not None and need > available:
-        _, height, width = size
-        raise SettingsError(
-            f"--check at {height}x{width} would hold about {gib(need)} of activations and "
-            f"{gib(available)} is available; check at a smaller --input-size (counting MACs needs no memory)"
-        )
-
-
 def summarize_conversion(
     model_spec: ModelSection, settings: ConvertSection, *, check: bool = False, progress: Progress = NO_PROGRESS
 ) -> ConversionSummary:
@@ -158,7 +145,13 @@ def summarize_conversion(
     ]
     identity = None
     if check:
-        _refuse_what_cannot_fit(size, max(dense.largest_activation, converted.largest_activation))
+        # Before any real forward: one line when the check's activations would not fit.
+        require_memory(
+            _LIVE_ACTIVATIONS * CHECK_BATCH * max(dense.largest_activation, converted.largest_activation),
+            available_memory(),
+            doing=f"--check at {size[1]}x{size[2]} would hold about",
+            advice="check at a smaller --input-size (counting MACs needs no memory)",
+        )
         progress.step("checking the converted model equals the original at zeta 0")
         generator = torch.Generator().manual_seed(0)
         example = torch.randn(CHECK_BATCH, *size, generator=generator)
