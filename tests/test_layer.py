@@ -522,3 +522,35 @@ def test_a_converted_resnet18_traces_with_torch_fx_and_torch_jit():
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
         other = torch.randn(3, 3, 32, 32)
         torch.testing.assert_close(scripted(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_trains_and_serves_a_converted_model():
+    """Beside fx and jit: torch.compile keeps a converted model's train step (gradients
+    included) and its eval forward equal to eager."""
+    from dgc_convert import convert, dgc_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 1, bias=False),
+    )
+    convert(model, heads=2, zeta=0.5, input_size=16)
+    assert len(dgc_layers(model)) == 2  # not the stem
+    compiled = torch.compile(model)
+    x = torch.randn(4, 3, 16, 16)
+    model.train()
+    compiled(x).square().mean().backward()
+    compiled_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(x).square().mean().backward()
+    assert compiled_grads and compiled_grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in compiled_grads.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-3, atol=1e-5, msg=name)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
