@@ -140,15 +140,12 @@ def test_step_progress_writes_nothing_off_a_terminal():
     assert out.getvalue() == ""
 
 
-def test_the_cli_shows_steps_on_a_terminal_stderr_and_keeps_stdout_json():
-    """stderr a terminal, stdout a pipe (``dgc-convert ... --json | jq``): steps on stderr, JSON intact."""
+def _on_a_terminal(*args: str) -> tuple[int, bytes, bytes]:
+    """Run ``dgc-convert ARGS`` with stderr a terminal and stdout a pipe: (exit code, stdout, what the terminal got)."""
     leader, follower = pty.openpty()
     env = {**os.environ, "COLUMNS": "120", "TERM": "xterm"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "dgc_convert.cli", "resnet18", "--input-size", "32", "--check", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=follower,
-        env=env,
+        [sys.executable, "-m", "dgc_convert.cli", *args], stdout=subprocess.PIPE, stderr=follower, env=env
     )
     os.close(follower)
     shown = b""
@@ -162,9 +159,27 @@ def test_the_cli_shows_steps_on_a_terminal_stderr_and_keeps_stdout_json():
         shown += chunk
     stdout, _ = process.communicate(timeout=120)
     os.close(leader)
-    assert process.returncode == 0
+    return process.returncode, stdout, shown
+
+
+def test_the_cli_shows_steps_on_a_terminal_stderr_and_keeps_stdout_json():
+    """stderr a terminal, stdout a pipe (``dgc-convert ... --json | jq``): steps on stderr, JSON intact."""
+    code, stdout, shown = _on_a_terminal("resnet18", "--input-size", "32", "--check", "--json")
+    assert code == 0
     assert json.loads(stdout)["check"]["passed"] is True
     assert b"checking the converted model equals the original" in shown
+
+
+def test_an_error_inside_a_step_is_printed_after_the_progress_line_is_erased(tmp_path, model):
+    """Printed while the line is shown, the error would be erased with it."""
+    from dgc_convert import save
+
+    path = save(model, tmp_path / "m.safetensors", input_size=32)
+    code, _, shown = _on_a_terminal("eval", str(path), "--data", "bogus")
+    assert code == 2
+    assert b"loading " in shown  # the progress line was drawn
+    erased = shown.rindex(b"\x1b[2K")  # the last erase is the progress line going
+    assert b"error: --data 'bogus'" in shown[erased:].replace(b"\x1b[31m", b"").replace(b"\x1b[0m", b"")
 
 
 def test_no_progress_on_stderr_when_it_is_not_a_terminal():

@@ -173,7 +173,21 @@ app = typer.Typer(
 )
 
 
+class _CommandFailed(Exception):
+    """A command's one-line failure, printed by ``handles_errors`` once the command's progress
+    line is gone (printed while it is shown, the line would be erased with it)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """End the command with ``error: MESSAGE`` on stderr and exit ``code``."""
+    raise _CommandFailed(message, code)
+
+
+def _print_failure(message: str, code: int) -> None:
     from rich.markup import escape  # a message's own brackets (pip install "x[extra]") are text, not markup
 
     error_console().print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
@@ -185,7 +199,7 @@ def _internal_error(error: BaseException) -> None:
     with tempfile.NamedTemporaryFile("w", prefix="dgc-convert-error-", suffix=".txt", delete=False) as handle:
         handle.write("".join(traceback.format_exception(error)))
     first = str(error).splitlines()[0] if str(error) else ""
-    _fail(
+    _print_failure(
         f"internal error ({type(error).__name__}: {first[:200]}); traceback written to {handle.name}", EXIT_RUN_FAILED
     )
 
@@ -212,14 +226,16 @@ def handles_errors(command: Command) -> Command:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own exits and usage errors
             raise
+        except _CommandFailed as failure:
+            _print_failure(failure.message, failure.code)
         except TrainingDiverged as error:
-            _fail(str(error), EXIT_RUN_FAILED)
+            _print_failure(str(error), EXIT_RUN_FAILED)
         except DGCConvertError as error:
-            _fail(str(error))
+            _print_failure(str(error), EXIT_BAD_INPUT)
         except OSError as error:  # a path the user gave (unwritable, missing: 2), or a full disk (1)
-            _fail(_os_error_text(error), _os_error_exit(error))
+            _print_failure(_os_error_text(error), _os_error_exit(error))
         except KeyboardInterrupt:
-            _fail("interrupted", EXIT_INTERRUPTED)
+            _print_failure("interrupted", EXIT_INTERRUPTED)
         except Exception as error:
             _internal_error(error)
 
@@ -486,6 +502,9 @@ def train_command(
         result = train(loaded, resume=resume, reporter=reporter)
     except KeyboardInterrupt:
         _fail("aborted before a checkpoint could be written; the last one written (if any) is kept", EXIT_INTERRUPTED)
+    finally:  # a run that raised never reached on_finish: its bars go before the error line
+        if reporter is not None:
+            reporter.close()
     if result.status == "interrupted":
         given = [*[f"--set {v}" for v in set_values or []], *([f"--checkpoint {checkpoint}"] if checkpoint else [])]
         again = " ".join(["dgc-convert train", str(recipe), *given, "--resume"])

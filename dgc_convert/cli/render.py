@@ -298,11 +298,15 @@ class TrainProgress:
         """A note from the trainer (resuming, stopping, ...)."""
         self.console.print(text, markup=False, highlight=False)
 
-    def on_finish(self, result: TrainResult) -> None:
-        """Close the bars and sum up."""
+    def close(self) -> None:
+        """Stop the bars (idempotent): at the end of a run, also one that raised."""
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+    def on_finish(self, result: TrainResult) -> None:
+        """Close the bars and sum up."""
+        self.close()
         final = result.final
         if result.status == "finished":
             expected = " (expected)" if self.macs_expected else ""
