@@ -50,6 +50,7 @@ from torch import nn
 
 from dgc_convert.errors import first_line
 from dgc_convert.macs import MacReport, count_macs, normalize_input_size
+from dgc_convert.memory import require_batch_memory
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import find_dgc_layers
 from dgc_convert.nn.network_gate import untrained_threshold
@@ -197,11 +198,13 @@ def benchmark(
     try:
         if threads is not None:
             torch.set_num_threads(threads)
+        progress.step("preparing the dense and DGC variants")
+        dense_macs = count_macs(dense, size)
+        require_batch_memory(dense_macs, batch_size, what="timing")
         torch.manual_seed(0)
         x = torch.randn(batch_size, *size)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         notes: list[str] = []
-        progress.step("preparing the dense and DGC variants")
         with torch.no_grad():  # ordinary tensors: the weight caches track their versions
             dense_nchw, _ = _prepared(dense, channels_last=False, pack=False)
             dense_cl, _ = _prepared(dense, pack=False)
@@ -216,7 +219,7 @@ def benchmark(
                 dense_eager={"nchw": dense_nchw, "channels_last": dense_cl, "channels_last+packed": dense_packed},
                 masked=masked,
                 sparse=sparse,
-                dense_macs=count_macs(dense, size),
+                dense_macs=dense_macs,
                 dgc_macs=count_macs(dgc, size),
             )
         # Untrained weights can produce denormal floats, which slow CPUs down and

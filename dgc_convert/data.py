@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from dgc_convert.errors import DataError
+from dgc_convert.memory import available_memory, require_memory
 from dgc_convert.recipe import DataSection
 
 __all__ = [
@@ -44,6 +45,9 @@ _DIGITS_SAMPLES = 1797
 _DIGITS_VAL_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0  # fixed: the held-out set must not move with the run's seed
 _SYNTHETIC_TEMPLATE_SEED = 1234
+# Building an in-memory set holds its resized images, a transformed copy and the
+# split copies at its peak: this many float32 copies of every image.
+_IN_MEMORY_COPIES = 3
 _CIFAR = {
     "cifar10": ("CIFAR10", 10, "cifar-10-batches-py", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ("CIFAR100", 100, "cifar-100-python", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -305,6 +309,15 @@ def build_data(
     """
     train: Dataset[Any]
     val: Dataset[Any]
+    if data.dataset in ("digits", "synthetic"):  # held in memory as float32 tensors
+        samples, channels = (_DIGITS_SAMPLES, 1) if data.dataset == "digits" else (2 * data.synthetic_size, 3)
+        require_memory(
+            _IN_MEMORY_COPIES * samples * channels * image_size * image_size * 4,
+            available_memory(),
+            doing=f"data.dataset={data.dataset} at {image_size}x{image_size} would hold about",
+            held="images in memory",
+            advice="lower data.image_size" + (" or data.synthetic_size" if data.dataset == "synthetic" else ""),
+        )
     if data.dataset == "digits":
         train, val = _digits(image_size)
         classes, augmentation = 10, _tensor_augmentation(data.augmentation, "digits", image_size)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dgc_convert.macs import count_macs, dgc_layer_costs
+from dgc_convert.memory import require_batch_memory
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import watch_scores
 from dgc_convert.progress import NO_PROGRESS, Progress, tracked
@@ -171,14 +172,15 @@ def evaluate(
         realised[name].append(realised_layer_macs(layer, scores, out.shape[2], out.shape[3], kept).cpu())
         fullness[name].append((kept.float() / layer.kept_channels).mean(1).cpu())
 
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError("the data set is empty")
+    progress.step("counting static MACs per sample")
+    static = count_macs(model, input_size or tuple(dataset[0][0].shape))
+    require_batch_memory(static, min(batch_size, len(dataset)), what="evaluating", device=device)  # type: ignore[arg-type]
     with watch_scores(layers, count):
         batches = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         counts = score(model, tracked(batches, progress, "evaluating (batches)"), device=device)
     seen = counts.count
-    if seen == 0:
-        raise ValueError("the data set is empty")
-    progress.step("counting static MACs per sample")
-    static = count_macs(model, input_size or tuple(dataset[0][0].shape))
     static_by_name = static.by_name()
     rows, dgc_static = [], 0
     total_realised = torch.zeros(seen, dtype=torch.float64)

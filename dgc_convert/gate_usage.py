@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dgc_convert.atomic import atomic_write, make_directory
+from dgc_convert.macs import count_macs
+from dgc_convert.memory import require_batch_memory
 from dgc_convert.nn.layer import DEFAULT_GATING, DGCConv2d
 from dgc_convert.nn.modes import watch_scores
 from dgc_convert.plots import new_figure, save_png
@@ -80,6 +82,9 @@ def channel_usage(
         counts[name] += layer.selection_mask(scores).sum(0).double().cpu()
         nonzero[name] |= scores.gt(0).any(dim=2).any(dim=0).cpu()
 
+    if len(dataset):  # type: ignore[arg-type]
+        shapes = count_macs(model, tuple(dataset[0][0].shape))
+        require_batch_memory(shapes, min(batch_size, len(dataset)), what="recording the gates")  # type: ignore[arg-type]
     samples = 0
     with watch_scores(layers, record):
         batches = DataLoader(dataset, batch_size=batch_size, shuffle=False)

@@ -83,6 +83,9 @@ class LayerMacs:
     params: int
 
 
+LIVE_ACTIVATIONS = 3  # activations of the largest size a forward without gradients holds at once
+
+
 @dataclass
 class MacReport:
     """MACs per sample and parameters of a model at one input size.
@@ -110,6 +113,12 @@ class MacReport:
 
     def by_name(self) -> dict[str, LayerMacs]:
         return {layer.name: layer for layer in self.layers}
+
+    def forward_memory(self, batch_size: int) -> int:
+        """About the bytes a forward without gradients holds at once at ``batch_size``: its input,
+        and its largest activation ``LIVE_ACTIVATIONS`` times (a layer's input, output and a residual)."""
+        channels, height, width = self.input_size
+        return batch_size * (4 * channels * height * width + LIVE_ACTIVATIONS * self.largest_activation)
 
     def macs_of(self, *kinds: type[nn.Module], model: nn.Module) -> int:
         """MACs per sample of the layers of ``model`` that are instances of ``kinds``."""

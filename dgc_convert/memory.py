@@ -3,11 +3,16 @@ refused in one line instead of growing until the kernel kills the process."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from dgc_convert.errors import SettingsError
 
-__all__ = ["available_memory", "gib", "require_memory"]
+if TYPE_CHECKING:
+    from dgc_convert.macs import MacReport
+
+__all__ = ["available_memory", "gib", "require_batch_memory", "require_memory"]
 
 
 def available_memory(device: torch.device | str = "cpu") -> int | None:
@@ -37,13 +42,31 @@ def gib(size: float) -> str:
     return f"{size / 2**30:.1f} GiB"
 
 
-def require_memory(need: int, available: int | None, *, doing: str, advice: str) -> None:
-    """Refuse, in one line, work whose activations (``need`` bytes) exceed ``available`` bytes (None: unknown, allowed).
+def require_memory(need: int, available: int | None, *, doing: str, advice: str, held: str = "activations") -> None:
+    """Refuse, in one line, work that would hold ``need`` bytes when ``available`` bytes are
+    available (None: unknown, allowed).
 
-    The message reads ``"{doing} {need} of activations and {available} is available; {advice}"``.
+    The message reads ``"{doing} {need} of {held} and {available} is available; {advice}"``.
 
     Raises:
         SettingsError: ``need`` is more than ``available``.
     """
     if available is not None and need > available:
-        raise SettingsError(f"{doing} {gib(need)} of activations and {gib(available)} is available; {advice}")
+        raise SettingsError(f"{doing} {gib(need)} of {held} and {gib(available)} is available; {advice}")
+
+
+def require_batch_memory(report: MacReport, batch_size: int, *, what: str, device: torch.device | str = "cpu") -> None:
+    """Refuse, in one line, forwards without gradients of ``batch_size`` samples of ``report``'s
+    model and input size (``MacReport.forward_memory``) that would not fit on ``device``; ``what``
+    names the work in the message (e.g. ``"evaluating"``).
+
+    Raises:
+        SettingsError: they would not fit.
+    """
+    _, height, width = report.input_size
+    require_memory(
+        report.forward_memory(batch_size),
+        available_memory(device),
+        doing=f"{what} in batches of {batch_size} at {height}x{width} would hold about",
+        advice="lower the batch size (--batch-size)",
+    )

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dgc_convert.data import DataError, build_data, dataset_classes, train_set_size
+from dgc_convert.errors import DGCConvertError
 from dgc_convert.recipe import DataSection
 
 
@@ -83,3 +84,29 @@ def test_image_folder_uses_timm_transforms(tmp_path):
     image, label = bundle.train[0]
     assert image.shape == (3, 32, 32) and label == 0
     assert bundle.val[3][0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "section, size, message",
+    [
+        (
+            {"dataset": "digits"},
+            4096,
+            r"^data\.dataset=digits at 4096x4096 would hold about 336\.9 GiB of images in memory and .* is "
+            r"available; lower data\.image_size$",
+        ),
+        (
+            {"dataset": "synthetic", "synthetic_size": 10**8},
+            32,
+            r"^data\.dataset=synthetic at 32x32 would hold about \d+\.\d GiB of images in memory and .* is "
+            r"available; lower data\.image_size or data\.synthetic_size$",
+        ),
+    ],
+)
+def test_an_in_memory_set_that_cannot_fit_is_refused_before_it_is_built(section, size, message):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(DGCConvertError, match=message):
+        build_data(DataSection(**section), image_size=size, num_classes=10, seed=0)
+    assert time.perf_counter() - start < 5  # nothing was allocated

@@ -95,9 +95,6 @@ def _geometry(decision: LayerDecision) -> str:
 
 
 CHECK_BATCH = 2  # images the identity check runs
-# A forward without gradients holds about its input, its output and a residual at
-# once: this many of its largest activation is what the check is taken to need.
-_LIVE_ACTIVATIONS = 3
 
 
 def summarize_conversion(
@@ -147,7 +144,7 @@ def summarize_conversion(
     if check:
         # Before any real forward: one line when the check's activations would not fit.
         require_memory(
-            _LIVE_ACTIVATIONS * CHECK_BATCH * max(dense.largest_activation, converted.largest_activation),
+            max(dense.forward_memory(CHECK_BATCH), converted.forward_memory(CHECK_BATCH)),
             available_memory(),
             doing=f"--check at {size[1]}x{size[2]} would hold about",
             advice="check at a smaller --input-size (counting MACs needs no memory)",
