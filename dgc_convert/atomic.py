@@ -53,11 +53,15 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     open it or overwrite it by name. On a clean exit the file is given the
     mode ``0o666 & ~umask``, flushed to disk and renamed over ``path``; when
     the block raises, it is removed and ``path`` is left untouched. The
-    target's directory is created if missing.
+    target's directory is created if missing. The temporary file is named
+    ``.NAME.PID-TOKEN.tmp``: one left by a process killed while writing
+    ``path`` (nothing can remove it then) is removed by the next write to
+    ``path`` once that process is gone.
     """
     path = Path(path)
     make_directory(path.parent)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    _sweep_temporaries(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as error:  # name the file asked for, not our hidden temporary one
@@ -77,6 +81,22 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             temporary.unlink()
         raise
     _fsync_directory(path.parent)
+
+
+def _sweep_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files of earlier writes to ``path`` whose process is gone (this host's pids)."""
+    from dgc_convert.run_lock import pid_alive  # run_lock builds on this module
+
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?P<pid>\d+)-[0-9a-f]{{8}}\.tmp$")
+    removed = []
+    with contextlib.suppress(OSError):  # tidying up must never fail the write itself
+        for entry in path.parent.iterdir():
+            match = pattern.match(entry.name)
+            if match is not None and not pid_alive(int(match["pid"])) and entry.is_file():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager

@@ -73,3 +73,20 @@ def test_a_failing_rename_removes_the_temporary(tmp_path, monkeypatch):
     with pytest.raises(OSError), atomic_write(path) as temporary:
         temporary.write_bytes(b"new")
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_a_temporary_file_left_by_a_killed_writer_is_swept_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now
+    dead = tmp_path / f".m.bin.{gone.pid}-deadbeef.tmp"
+    alive = tmp_path / f".m.bin.{os.getpid()}-0123abcd.tmp"  # a write under way in this process
+    other = tmp_path / f".other.bin.{gone.pid}-deadbeef.tmp"  # another target's: not ours to judge
+    for leftover in (dead, alive, other):
+        leftover.write_bytes(b"half a file")
+    with atomic_write(tmp_path / "m.bin") as temporary:
+        temporary.write_bytes(b"new")
+    assert (tmp_path / "m.bin").read_bytes() == b"new"
+    assert not dead.exists() and alive.exists() and other.exists()
