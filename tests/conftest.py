@@ -61,3 +61,16 @@ def read_only_disk(tmp_path):
     mount_point = _mounted_tmpfs(tmp_path, "read-only", "size=64k,ro")
     yield mount_point
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture(scope="module")
+def late_dgc_resnet18():
+    """ResNet-18 (10 classes) with only its last stage converted (zeta 0.5), in eval mode: quick to run."""
+    import torch
+
+    from dgc_convert import convert, create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10)
+    convert(model, zeta=0.5, include=["layer4.*"])
+    return model.eval()

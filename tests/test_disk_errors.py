@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 from test_cli_train import write_small_recipe  # pytest puts tests/ on the path
 from typer.testing import CliRunner
 
-from dgc_convert import convert, create_model, save
+from dgc_convert import save
 from dgc_convert.atomic import atomic_write, make_directory
 from dgc_convert.cli import app
 
@@ -31,11 +30,8 @@ def _hidden(directory) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_model("resnet18", num_classes=10)
-    convert(model, zeta=0.5, include=["layer4.*"])
-    return save(model, tmp_path_factory.mktemp("saved") / "m.safetensors", input_size=32)
+def saved_model(tmp_path_factory, late_dgc_resnet18):
+    return save(late_dgc_resnet18, tmp_path_factory.mktemp("saved") / "m.safetensors", input_size=32)
 
 
 def test_save_to_a_full_disk_is_one_line_exit_1_and_leaves_nothing(small_disk):

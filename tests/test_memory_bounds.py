@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dgc_convert import convert, count_macs, create_model
+from dgc_convert import count_macs
 from dgc_convert.cli import app
 from dgc_convert.data import build_data
 from dgc_convert.errors import SettingsError
@@ -35,11 +35,8 @@ def test_bench_refuses_a_batch_that_cannot_fit_before_allocating_it():
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    built = create_model("resnet18", num_classes=10)
-    convert(built, zeta=0.5, include=["layer4.*"])
-    return built.eval()
+def model(late_dgc_resnet18):
+    return late_dgc_resnet18
 
 
 def test_evaluate_and_channel_usage_refuse_batches_that_cannot_fit(model, monkeypatch):

@@ -11,11 +11,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from dgc_convert import convert, create_model
+from dgc_convert import create_model
 from dgc_convert.bench import benchmark
 from dgc_convert.cli import app
 from dgc_convert.cli.render import StepProgress
@@ -46,11 +45,8 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    built = create_model("resnet18", num_classes=10)
-    convert(built, zeta=0.5, include=["layer4.*"])
-    return built.eval()
+def model(late_dgc_resnet18):
+    return late_dgc_resnet18
 
 
 @pytest.fixture(scope="module")
