@@ -67,6 +67,7 @@ class RunLock:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_FILE
         self.content: str | None = None
+        self.created = False  # acquire made the directory: release removes it if the run left it empty
 
     def acquire(self, notify: Callable[[str], None] | None = None) -> RunLock:
         """Take the lock (creating the directory if needed); take over a stale one, saying so via ``notify``.
@@ -74,6 +75,7 @@ class RunLock:
         Raises:
             RunLockedError: a live run holds it (one line: pid, host, start time).
         """
+        self.created = not self.directory.is_dir()
         make_directory(self.directory)
         pid = os.getpid()
         record = {
@@ -111,10 +113,14 @@ class RunLock:
         raise RunLockedError(f"{self.path}: could not take the run lock (other runs keep taking it)")
 
     def release(self) -> None:
-        """Remove the lock if this process still holds it."""
+        """Remove the lock if this process still holds it, and the directory if ``acquire``
+        created it and the run wrote nothing (refused before it started)."""
         if self.content is not None and self._read() == self.content:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+            if self.created:
+                with contextlib.suppress(OSError):  # not empty: the run's files stay
+                    self.directory.rmdir()
         self.content = None
 
     def __enter__(self) -> RunLock:
