@@ -143,7 +143,19 @@ def _tensor_augmentation(kind: str, dataset: str, size: int) -> Callable | None:
     return v2.Compose(steps) if steps else None
 
 
+def _require_room(dataset: str, samples: int, channels: int, size: int, advice: str) -> None:
+    """Refuse, in one line, an in-memory set whose float32 images would not fit while it is built."""
+    require_memory(
+        _IN_MEMORY_COPIES * samples * channels * size * size * 4,
+        available_memory(),
+        doing=f"data.dataset={dataset} at {size}x{size} would hold about",
+        held="images in memory",
+        advice=advice,
+    )
+
+
 def _digits(size: int) -> tuple[_TensorSet, _TensorSet]:
+    _require_room("digits", _DIGITS_SAMPLES, 1, size, "lower data.image_size")
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -173,6 +185,7 @@ def _digits(size: int) -> tuple[_TensorSet, _TensorSet]:
 
 def _synthetic(size: int, num_classes: int, samples: int) -> tuple[_TensorSet, _TensorSet]:
     """Learnable, deterministic data: a smooth random template per class plus noise."""
+    _require_room("synthetic", 2 * samples, 3, size, "lower data.image_size or data.synthetic_size")
     templates_generator = torch.Generator().manual_seed(_SYNTHETIC_TEMPLATE_SEED)
     coarse = torch.randn(num_classes, 3, 4, 4, generator=templates_generator)
     templates = nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
@@ -309,15 +322,6 @@ def build_data(
     """
     train: Dataset[Any]
     val: Dataset[Any]
-    if data.dataset in ("digits", "synthetic"):  # held in memory as float32 tensors
-        samples, channels = (_DIGITS_SAMPLES, 1) if data.dataset == "digits" else (2 * data.synthetic_size, 3)
-        require_memory(
-            _IN_MEMORY_COPIES * samples * channels * image_size * image_size * 4,
-            available_memory(),
-            doing=f"data.dataset={data.dataset} at {image_size}x{image_size} would hold about",
-            held="images in memory",
-            advice="lower data.image_size" + (" or data.synthetic_size" if data.dataset == "synthetic" else ""),
-        )
     if data.dataset == "digits":
         train, val = _digits(image_size)
         classes, augmentation = 10, _tensor_augmentation(data.augmentation, "digits", image_size)
