@@ -127,3 +127,13 @@ def test_exit_codes_bad_paths_are_bad_input_everything_else_a_failed_run():
     for code in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE):
         assert _os_error_exit(OSError(code, "x")) == EXIT_RUN_FAILED
     assert _os_error_exit(OSError("no errno")) == EXIT_RUN_FAILED
+
+
+def test_export_to_a_full_disk_keeps_the_old_file(saved_model, small_disk):
+    """The acceptance's tmpfs case: a 512 KiB disk cannot take the ResNet-18 graph (about 45 MB)."""
+    out = small_disk / "m.onnx"
+    out.write_bytes(b"the old export")
+    result = runner.invoke(app, ["export", str(saved_model), "--onnx", str(out)])
+    line = _one_line(result, 1)
+    assert line == f"error: {out}: not written (the existing file is kept): No space left on device"
+    assert out.read_bytes() == b"the old export" and os.listdir(small_disk) == ["m.onnx"]
