@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgc_convert import DGCConv2d
-from dgc_convert.macs import dgc_layer_macs
+from dgc_convert.measuring.macs import dgc_layer_macs
 from dgc_convert.nn import compiled
 
 # (name, in, out, kernel, size)

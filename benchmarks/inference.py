@@ -10,7 +10,7 @@ dense eager (BatchNorm folded, the fastest of NCHW, channels-last and
 channels-last with prepacked weights), dense compiled (``torch.compile`` with
 inductor freezing), the DGC model eager and compiled, the speedup of the
 faster DGC engine over the fastest dense one, the MAC ratio, and the target
-beside it. Figures come from ``dgc_convert.bench.benchmark`` (medians of
+beside it. Figures come from ``dgc_convert.measuring.bench.benchmark`` (medians of
 interleaved repeats, milliseconds per batch; compiling is not timed, its
 first-call time is printed). Then the peak memory of one inference per
 variant, in a fresh process each (Linux): the resident high-water mark
@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from dgc_convert import DGCConv2d, convert, create_model
-from dgc_convert.bench import benchmark, realized_fraction
-from dgc_convert.macs import dgc_layer_macs
+from dgc_convert.measuring.bench import benchmark, realized_fraction
+from dgc_convert.measuring.macs import dgc_layer_macs
 
 SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]
 
@@ -173,7 +173,7 @@ def _status_kib(field: str) -> int:
 
 def memory_child(name: str, batch: int, zeta: float, variant: str, threads: int) -> None:
     """In a fresh process: prepare one variant, warm it up (compile), reset the high-water mark, run once."""
-    from dgc_convert.prepare import prepare_for_inference
+    from dgc_convert.serving.prepare import prepare_for_inference
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)

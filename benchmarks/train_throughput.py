@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/train_throughput.py [--repeats 3] [--iterations 12]
 
-Each case trains a recipe with ``dgc_convert.trainer`` on synthetic data for one
+Each case trains a recipe with ``dgc_convert.training.trainer`` on synthetic data for one
 epoch of ``--iterations`` iterations, with the schedule set so that zeta_t is
 at its target from the first iteration (warm-up 0, fine-tune 1: the steady
 state of a DGC run). The trainer's own figure is used: training images per
@@ -22,8 +22,8 @@ import tempfile
 
 import torch
 
-from dgc_convert.recipe import recipe_from_dict
-from dgc_convert.trainer import train
+from dgc_convert.training.recipe import recipe_from_dict
+from dgc_convert.training.trainer import train
 
 CASES = [("digits model: resnet18 32x32", 32, 64), ("resnet18 64x64", 64, 32)]
 

@@ -1,90 +1,116 @@
 """dgc-convert: Dynamic Group Convolution for any timm or torchvision CNN.
 
-The public API is re-exported here; see README.md for a tour.
+The public API is re-exported here, lazily (PEP 562): ``import dgc_convert`` loads nothing but
+this file, and each name imports its module on first use, so a caller (the CLI's ``--help``
+first) pays only for what it uses. See README.md for a tour.
 """
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _installed_version
+from __future__ import annotations
+
+import importlib
 from typing import TYPE_CHECKING, Any
 
-try:  # the version is written once, in pyproject.toml, and read from the installed metadata
-    __version__ = _installed_version("dgc-convert")
-except PackageNotFoundError:  # a source tree on sys.path, never installed
-    __version__ = "0+unknown"
+from dgc_convert._version import __version__
 
-from dgc_convert.errors import (
-    CheckpointError,
-    ConversionError,
-    DataError,
-    DGCConvertError,
-    ExportError,
-    IdentityCheckError,
-    LoadError,
-    RecipeError,
-    SettingsError,
-    TrainingDiverged,
-    UnknownModelError,
-)
-from dgc_convert.macs import LayerMacs, MacReport, count_macs
-from dgc_convert.nn.layer import DGCConv2d, Gates, SaliencyGenerator, kept_channel_count
-from dgc_convert.nn.modes import dgc_mode
-from dgc_convert.nn.network_gate import update_threshold
-from dgc_convert.surgery import (
-    ConversionReport,
-    LayerDecision,
-    LayerOverride,
-    LayerSettings,
-    apply_conversion,
-    check_identity,
-    convert,
-    dgc_layers,
-    plan_conversion,
-    set_zeta,
-    sparsity_loss,
-)
-from dgc_convert.zoo import ModelInfo, create_model, list_models
-
-# Training, serving and file formats load on first use: `dgc-convert MODEL`
-# needs none of them, and the CLI's start-up time is what a user feels first.
-_LAZY = {
-    "Recipe": "recipe",
-    "load_recipe": "recipe",
-    "ConvertSection": "recipe",
-    "ModelSection": "recipe",
-    "build_model": "build",
-    "BuiltModel": "build",
-    "Schedule": "schedule",
-    "train": "trainer",
-    "TrainResult": "trainer",
-    "EpochMetrics": "trainer",
-    "prepare_for_inference": "prepare",
-    "InferenceReport": "prepare",
-    "benchmark": "bench",
-    "BenchResult": "bench",
-    "save": "serialize",
-    "load": "serialize",
-    "TrainProgress": "cli.render",
-    "StepProgress": "cli.render",
+# Public name -> the module (under dgc_convert) that defines it.
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "CheckpointError",
+            "ConversionError",
+            "DataError",
+            "DGCConvertError",
+            "ExportError",
+            "IdentityCheckError",
+            "LoadError",
+            "RecipeError",
+            "SettingsError",
+            "TrainingDiverged",
+            "UnknownModelError",
+        ],
+        "errors",
+    ),
+    **dict.fromkeys(["LayerMacs", "MacReport", "count_macs"], "measuring.macs"),
+    **dict.fromkeys(["DGCConv2d", "Gates", "SaliencyGenerator", "kept_channel_count"], "nn.layer"),
+    **dict.fromkeys(["dgc_mode"], "nn.modes"),
+    **dict.fromkeys(["update_threshold"], "nn.network_gate"),
+    **dict.fromkeys(
+        [
+            "ConversionReport",
+            "LayerDecision",
+            "LayerOverride",
+            "LayerSettings",
+            "apply_conversion",
+            "check_identity",
+            "convert",
+            "dgc_layers",
+            "plan_conversion",
+            "set_zeta",
+            "sparsity_loss",
+        ],
+        "conversion.surgery",
+    ),
+    **dict.fromkeys(["ModelInfo", "create_model", "list_models"], "conversion.zoo"),
+    **dict.fromkeys(["ConvertSection", "ModelSection"], "conversion.settings"),
+    **dict.fromkeys(["BuiltModel", "build_model"], "conversion.build"),
+    **dict.fromkeys(["load", "save"], "conversion.saved_models"),
+    **dict.fromkeys(["BenchResult", "benchmark"], "measuring.bench"),
+    **dict.fromkeys(["InferenceReport", "prepare_for_inference"], "serving.prepare"),
+    **dict.fromkeys(["Recipe", "load_recipe"], "training.recipe"),
+    **dict.fromkeys(["Schedule"], "training.schedule"),
+    **dict.fromkeys(["EpochMetrics", "TrainResult", "train"], "training.trainer"),
+    **dict.fromkeys(["TrainProgress"], "training.progress_bars"),
+    **dict.fromkeys(["StepProgress"], "display"),
 }
 
-
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
-    from dgc_convert.bench import BenchResult, benchmark
-    from dgc_convert.build import BuiltModel, build_model
-    from dgc_convert.cli.render import StepProgress, TrainProgress
-    from dgc_convert.prepare import InferenceReport, prepare_for_inference
-    from dgc_convert.recipe import ConvertSection, ModelSection, Recipe, load_recipe
-    from dgc_convert.schedule import Schedule
-    from dgc_convert.serialize import load, save
-    from dgc_convert.trainer import EpochMetrics, TrainResult, train
+    from dgc_convert.conversion.build import BuiltModel, build_model
+    from dgc_convert.conversion.saved_models import load, save
+    from dgc_convert.conversion.settings import ConvertSection, ModelSection
+    from dgc_convert.conversion.surgery import (
+        ConversionReport,
+        LayerDecision,
+        LayerOverride,
+        LayerSettings,
+        apply_conversion,
+        check_identity,
+        convert,
+        dgc_layers,
+        plan_conversion,
+        set_zeta,
+        sparsity_loss,
+    )
+    from dgc_convert.conversion.zoo import ModelInfo, create_model, list_models
+    from dgc_convert.display import StepProgress
+    from dgc_convert.errors import (
+        CheckpointError,
+        ConversionError,
+        DataError,
+        DGCConvertError,
+        ExportError,
+        IdentityCheckError,
+        LoadError,
+        RecipeError,
+        SettingsError,
+        TrainingDiverged,
+        UnknownModelError,
+    )
+    from dgc_convert.measuring.bench import BenchResult, benchmark
+    from dgc_convert.measuring.macs import LayerMacs, MacReport, count_macs
+    from dgc_convert.nn.layer import DGCConv2d, Gates, SaliencyGenerator, kept_channel_count
+    from dgc_convert.nn.modes import dgc_mode
+    from dgc_convert.nn.network_gate import update_threshold
+    from dgc_convert.serving.prepare import InferenceReport, prepare_for_inference
+    from dgc_convert.training.progress_bars import TrainProgress
+    from dgc_convert.training.recipe import Recipe, load_recipe
+    from dgc_convert.training.schedule import Schedule
+    from dgc_convert.training.trainer import EpochMetrics, TrainResult, train
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dgc_convert' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f"dgc_convert.{module}"), name)
     globals()[name] = value
     return value

@@ -2,6 +2,26 @@
 that names the culprit; the CLI prints it and exits with code 2 (1 for a run
 that failed: a diverged training run, an export that does not match)."""
 
+from __future__ import annotations
+
+from typing import Any
+
+# How much of a value an error message quotes.
+SHOWN_CHARACTERS = 80
+
+
+def shown(value: Any, limit: int = SHOWN_CHARACTERS, *, quoted: bool = True) -> str:
+    """``repr(value)`` (``str`` without ``quoted``: a key path) for an error message, cut to ``limit``
+    characters, an ellipsis and the full length after: how every recipe, settings and metadata error
+    quotes a value, however long it is."""
+    try:
+        text = repr(value) if quoted else str(value)
+    except ValueError:  # an int past Python's digit limit
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
 
 def first_line(error: BaseException, limit: int = 300) -> str:
     """The first line of an error's message (its class name when empty), at most ``limit`` characters:

@@ -5,8 +5,8 @@ import sys
 
 from safetensors.torch import save_file
 
-from dgc_convert.recipe import load_recipe
-from dgc_convert.trainer import train
+from dgc_convert.training.recipe import load_recipe
+from dgc_convert.training.trainer import train
 
 if __name__ == "__main__":
     recipe_path, weights_dir = sys.argv[1], sys.argv[2]

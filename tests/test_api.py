@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_importing_the_trainer_module_does_not_shadow_the_train_function():
     code = (
-        "from dgc_convert.trainer import TrainResult\n"
+        "from dgc_convert.training.trainer import TrainResult\n"
         "from dgc_convert import train\n"
-        "import dgc_convert.trainer\n"
+        "import dgc_convert.training.trainer\n"
         "assert callable(train) and train is dgc_convert.train, train\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

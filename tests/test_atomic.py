@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from dgc_convert.atomic import atomic_write
+from dgc_convert.files.atomic import atomic_write
 
 
 def _umask() -> int:

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from dgc_convert import DGCConv2d
-from dgc_convert.checkpoint import (
+from dgc_convert.files.checkpoint_dirs import find_checkpoint
+from dgc_convert.training.checkpoint import (
     CheckpointError,
     RunState,
-    find_checkpoint,
     flatten_tensors,
     load_optimizer_state,
     read_checkpoint,
@@ -216,7 +216,7 @@ def test_an_optimizer_state_that_does_not_fit_is_refused_in_one_line(tmp_path):
 
 
 def test_a_save_that_fails_removes_its_temporary_directory_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
-    import dgc_convert.checkpoint as checkpoint_module
+    import dgc_convert.training.checkpoint as checkpoint_module
 
     save_checkpoint(tmp_path / "last", model=small_model(), state={"epochs_completed": 1})
 
@@ -242,7 +242,7 @@ def _dead_pid():
 def test_the_leftovers_of_a_dead_save_are_swept_and_a_set_aside_checkpoint_put_back(tmp_path):
     import os
 
-    from dgc_convert.checkpoint import sweep_checkpoints
+    from dgc_convert.training.checkpoint import sweep_checkpoints
 
     save_checkpoint(tmp_path / "last", model=small_model(), state={"epochs_completed": 1})
     dead = tmp_path / f".last.tmp-{_dead_pid()}"
@@ -270,8 +270,8 @@ def test_load_eval_and_resume_after_a_death_between_renames_and_the_next_run_swe
 
     import dgc_convert
     from dgc_convert.cli import app
-    from dgc_convert.recipe import load_recipe
-    from dgc_convert.trainer import train
+    from dgc_convert.training.recipe import load_recipe
+    from dgc_convert.training.trainer import train
 
     recipe = tmp_path / "small.yaml"
     recipe.write_text(

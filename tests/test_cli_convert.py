@@ -150,8 +150,8 @@ def test_options_get_the_recipe_schema_bounds_and_messages():
 
 
 def test_recipe_pretrained_is_honoured_by_convert_and_save(tmp_path, monkeypatch):
-    import dgc_convert.build as build
-    from dgc_convert.zoo import create_model
+    import dgc_convert.conversion.build as build
+    from dgc_convert.conversion.zoo import create_model
 
     asked = []
 
@@ -168,7 +168,7 @@ def test_recipe_pretrained_is_honoured_by_convert_and_save(tmp_path, monkeypatch
 
 
 def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(monkeypatch):
-    import dgc_convert.cli.summary as summary
+    import dgc_convert.measuring.conversion_summary as summary
 
     def broken(*args, **kwargs):
         raise ValueError("an internal bug\nsecond line")
@@ -201,7 +201,7 @@ def test_library_refusals_and_unwritable_paths_are_one_line_not_internal_errors(
 
 def test_settings_refuse_booleans_for_counts_and_accept_plain_mappings():
     from dgc_convert import ConversionError, convert, create_model
-    from dgc_convert.recipe import model_settings
+    from dgc_convert.conversion.settings import model_settings
 
     with pytest.raises(ConversionError, match=r"^heads must be a positive integer, got True$"):
         convert(create_model("resnet18"), heads=True)
@@ -405,7 +405,7 @@ def test_a_recipe_converts_the_model_its_training_would_build(tmp_path):
 
 
 def test_check_refuses_a_size_whose_activations_would_not_fit(monkeypatch):
-    import dgc_convert.cli.summary as summary
+    import dgc_convert.measuring.conversion_summary as summary
 
     monkeypatch.setattr(summary, "available_memory", lambda: 16 << 30)
     result = invoke("resnet18", "--input-size", "20000", "--check")

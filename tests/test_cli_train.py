@@ -114,8 +114,8 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resume_finishes(tmp_path):
 def test_the_training_log_says_network_gated_macs_are_expected(tmp_path):
     from rich.console import Console
 
-    from dgc_convert.cli.render import TrainProgress
-    from dgc_convert.train_events import EpochMetrics, RunInfo
+    from dgc_convert.training.events import EpochMetrics, RunInfo
+    from dgc_convert.training.progress_bars import TrainProgress
 
     def log(expected: bool) -> str:
         console = Console(record=True, width=300, force_terminal=False)
@@ -206,10 +206,10 @@ def test_a_missing_checkpoint_fails_at_train_start(tmp_path):
 def test_train_starts_from_the_checkpoint_and_resume_does_not_read_it_again(tmp_path, monkeypatch):
     import torch
 
-    import dgc_convert.build as build
+    import dgc_convert.conversion.build as build
     from dgc_convert import create_model
-    from dgc_convert.recipe import load_recipe
-    from dgc_convert.trainer import train
+    from dgc_convert.training.recipe import load_recipe
+    from dgc_convert.training.trainer import train
 
     torch.manual_seed(5)
     trained = create_model("timm:test_resnet", num_classes=10).state_dict()
@@ -264,7 +264,7 @@ def test_tensorboard_without_its_package_fails_at_train_start(tmp_path, monkeypa
 
 
 def test_training_at_a_size_whose_activations_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
-    import dgc_convert.train_setup as train_setup
+    import dgc_convert.training.setup as train_setup
 
     monkeypatch.setattr(train_setup, "available_memory", lambda device: 1 << 30)
     recipe = write_small_recipe(tmp_path)

@@ -16,7 +16,7 @@ from dgc_convert.nn import compiled
 from dgc_convert.nn.conv_kinds import ConvKind, WeightStandardization, conv_kind, same_padding
 from dgc_convert.nn.modes import dgc_mode
 from dgc_convert.nn.sparse import ALGORITHMS
-from dgc_convert.prepare import fold_batchnorm, prepare_for_inference
+from dgc_convert.serving.prepare import fold_batchnorm, prepare_for_inference
 
 # Every source here is a 3x3 or 4x4 convolution: the pointwise algorithm does not apply.
 SPARSE = [a for a in ALGORITHMS if a != "gather_pointwise"]
@@ -242,7 +242,7 @@ def test_tf_same_layers_export_with_a_dynamic_size_that_pads_odd_sides_right(tmp
     # differs on an odd side, so the export checks one odd size too.
     import onnxruntime
 
-    from dgc_convert.export import export_onnx
+    from dgc_convert.serving.export import export_onnx
 
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from dgc_convert.data import DataError, build_data, dataset_classes, train_set_size
 from dgc_convert.errors import DGCConvertError
-from dgc_convert.recipe import DataSection
+from dgc_convert.training.data import DataError, build_data, dataset_classes, train_set_size
+from dgc_convert.training.recipe import DataSection
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from dgc_convert import LoadError, convert, create_model, save
-from dgc_convert.build import create_dense
-from dgc_convert.checkpoint import save_checkpoint
-from dgc_convert.dense_weights import WEIGHTS_SUFFIXES, WeightsSource, find_weights_file, load_dense_weights
+from dgc_convert.conversion.build import create_dense
+from dgc_convert.conversion.dense_weights import WEIGHTS_SUFFIXES, WeightsSource, find_weights_file, load_dense_weights
+from dgc_convert.conversion.settings import model_settings
 from dgc_convert.errors import WeightsFileError
-from dgc_convert.recipe import model_settings
+from dgc_convert.training.checkpoint import save_checkpoint
 
 MODEL = "timm:test_resnet"  # timm's tiny test ResNet: 92 tensors, 0.4 M parameters
 

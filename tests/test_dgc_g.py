@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from dgc_convert.conversion.surgery import set_zeta, sparsity_loss
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import find_dgc_layers
 from dgc_convert.nn.network_gate import (
@@ -17,7 +18,6 @@ from dgc_convert.nn.network_gate import (
     network_gated,
     update_threshold,
 )
-from dgc_convert.surgery import set_zeta, sparsity_loss
 
 
 def test_batch_threshold_keeps_the_target_share_of_macs():

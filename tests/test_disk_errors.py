@@ -11,8 +11,8 @@ from test_cli_train import write_small_recipe  # pytest puts tests/ on the path
 from typer.testing import CliRunner
 
 from dgc_convert import save
-from dgc_convert.atomic import atomic_write, make_directory
 from dgc_convert.cli import app
+from dgc_convert.files.atomic import atomic_write, make_directory
 
 runner = CliRunner()
 

@@ -60,7 +60,7 @@ def test_two_process_gloo_run_ends_with_identical_weights_and_one_checkpoint(tmp
 
 
 def test_one_process_collectives_are_identities():
-    from dgc_convert.distributed import Processes
+    from dgc_convert.training.distributed import Processes
 
     alone = Processes.single()
     assert not alone.distributed and alone.main and alone.device == torch.device("cpu")

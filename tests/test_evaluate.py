@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from dgc_convert import convert, create_model, dgc_layers, save
 from dgc_convert.cli import app
-from dgc_convert.data import build_data
-from dgc_convert.evaluate import evaluate
-from dgc_convert.macs import count_macs
-from dgc_convert.recipe import DataSection
+from dgc_convert.measuring.evaluate import evaluate
+from dgc_convert.measuring.macs import count_macs
+from dgc_convert.training.data import build_data
+from dgc_convert.training.recipe import DataSection
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_eval_command_with_a_recipe_or_a_data_set_name(tmp_path, model):
 def test_evaluate_and_inspect_work_with_unit_scores(model):
     """Scores are read on the layer, not through the saliency generator (which unit scores bypass)."""
     from dgc_convert import dgc_mode
-    from dgc_convert.gate_usage import channel_usage
+    from dgc_convert.measuring.gate_usage import channel_usage
 
     bundle = _data("synthetic")
     with dgc_mode(model, unit_scores=True):
@@ -111,7 +111,7 @@ class _Fixed(torch.nn.Module):
 
 
 def test_non_finite_outputs_are_counted_and_are_misses():
-    from dgc_convert.evaluate import score
+    from dgc_convert.measuring.evaluate import score
 
     nan, inf = float("nan"), float("inf")
     logits = torch.tensor([[nan, 0.0, 0.0], [0.0, inf, 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, 5.0]])

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-import dgc_convert.serialize
+import dgc_convert.conversion.saved_models
 from dgc_convert import convert, create_model, dgc_layers, save
 from dgc_convert.cli import app
-from dgc_convert.export import ExportError, export_onnx, second_check_size, supported_opsets
+from dgc_convert.conversion.zoo import ModelInfo, attach_model_info
 from dgc_convert.nn.layer import DGCConv2d
-from dgc_convert.zoo import ModelInfo, attach_model_info
+from dgc_convert.serving.export import ExportError, export_onnx, second_check_size, supported_opsets
 
 
 def _trained_like(name, **convert_kwargs):
@@ -160,7 +160,7 @@ def test_export_command_reports_a_size_the_model_cannot_take_in_one_line(tmp_pat
         attach_model_info(model, ModelInfo("flatten_head", "torchvision", (3, 8, 8), 10))
         return model
 
-    monkeypatch.setattr(dgc_convert.serialize, "load", load)
+    monkeypatch.setattr(dgc_convert.conversion.saved_models, "load", load)
     (tmp_path / "head.safetensors").touch()
     result = CliRunner().invoke(
         app, ["export", str(tmp_path / "head.safetensors"), "--onnx", str(tmp_path / "x.onnx"), "--dynamic-size"]
@@ -298,7 +298,7 @@ def test_a_failed_parity_check_writes_nothing_and_keeps_the_old_file(tmp_path, m
     assert not report.passed and not report.written
     assert out.read_bytes() == b"the old export" and sorted(os.listdir(tmp_path)) == ["head.safetensors", "x.onnx"]
 
-    monkeypatch.setattr(dgc_convert.serialize, "load", _flatten_head_loader)
+    monkeypatch.setattr(dgc_convert.conversion.saved_models, "load", _flatten_head_loader)
     result = CliRunner().invoke(app, ["export", str(tmp_path / "head.safetensors"), "--onnx", str(out)])
     assert result.exit_code == 1, result.output
     assert "wrote" not in result.stdout and f"not written to {out}" in result.stdout
@@ -324,7 +324,7 @@ def test_a_full_disk_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
         export_onnx(_FlattenHead().eval(), out, input_size=(3, 8, 8))
     assert out.read_bytes() == b"the old export" and sorted(os.listdir(tmp_path)) == ["head.safetensors", "x.onnx"]
 
-    monkeypatch.setattr(dgc_convert.serialize, "load", _flatten_head_loader)
+    monkeypatch.setattr(dgc_convert.conversion.saved_models, "load", _flatten_head_loader)
     result = CliRunner().invoke(app, ["export", str(tmp_path / "head.safetensors"), "--onnx", str(out)])
     assert result.exit_code == 1, result.output  # a full disk is the run failing, not bad input
     assert result.stderr == f"error: {out}: not written (the existing file is kept): No space left on device\n"

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from dgc_convert import convert, create_model, dgc_layers, save
 from dgc_convert.cli import app
-from dgc_convert.data import build_data
-from dgc_convert.gate_usage import channel_usage
-from dgc_convert.recipe import DataSection
+from dgc_convert.measuring.gate_usage import channel_usage
+from dgc_convert.training.data import build_data
+from dgc_convert.training.recipe import DataSection
 
 
 @pytest.fixture()

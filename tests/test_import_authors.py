@@ -19,8 +19,8 @@ from torch import Tensor
 from typer.testing import CliRunner
 
 from dgc_convert import DGCConv2d, LoadError, SettingsError, dgc_layers, dgc_mode, load
-from dgc_convert.authors import import_authors_checkpoint, read_authors_state_dict
 from dgc_convert.cli import app
+from dgc_convert.conversion.authors import import_authors_checkpoint, read_authors_state_dict
 
 runner = CliRunner()
 

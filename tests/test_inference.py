@@ -10,11 +10,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from dgc_convert import DGCConv2d, convert, create_model
-from dgc_convert.bench import benchmark, realized_fraction
 from dgc_convert.cli import app
+from dgc_convert.measuring.bench import benchmark, realized_fraction
 from dgc_convert.nn import compiled
 from dgc_convert.nn.sparse import ALGORITHMS, WeightCache, algorithm_cache, clear_algorithm_cache, sparse_conv2d
-from dgc_convert.prepare import prepare_for_inference
+from dgc_convert.serving.prepare import prepare_for_inference
 
 CASES = [
     # (in, out, kernel, stride, padding, dilation, heads, zeta, size)
@@ -249,8 +249,8 @@ def test_bench_command_table_and_bad_input(tmp_path):
 
 
 def test_bench_opens_a_trainer_checkpoint(tmp_path):
-    from dgc_convert.recipe import recipe_from_dict
-    from dgc_convert.trainer import train
+    from dgc_convert.training.recipe import recipe_from_dict
+    from dgc_convert.training.trainer import train
 
     recipe = recipe_from_dict(
         {

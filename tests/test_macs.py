@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from dgc_convert import DGCConv2d, convert, count_macs, create_model, set_zeta
-from dgc_convert.macs import dgc_layer_macs, normalize_input_size
+from dgc_convert.conversion.shapes import normalize_input_size
+from dgc_convert.measuring.macs import dgc_layer_macs
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
@@ -268,7 +269,7 @@ def test_any_input_size_is_counted_in_bounded_memory():
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))\n"
         "from dgc_convert import convert, create_model\n"
-        "from dgc_convert.macs import count_macs\n"
+        "from dgc_convert.measuring.macs import count_macs\n"
         "model = create_model('resnet18')\n"
         "dense = count_macs(model, 20000).total_macs\n"
         "convert(model, input_size=20000)\n"

@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 
 from dgc_convert import count_macs
 from dgc_convert.cli import app
-from dgc_convert.data import build_data
 from dgc_convert.errors import SettingsError
-from dgc_convert.evaluate import evaluate
-from dgc_convert.gate_usage import channel_usage
-from dgc_convert.macs import LIVE_ACTIVATIONS
-from dgc_convert.recipe import DataSection
+from dgc_convert.measuring.evaluate import evaluate
+from dgc_convert.measuring.gate_usage import channel_usage
+from dgc_convert.measuring.macs import LIVE_ACTIVATIONS
+from dgc_convert.training.data import build_data
+from dgc_convert.training.recipe import DataSection
 
 
 def test_forward_memory_is_the_input_and_three_of_the_largest_activation():
@@ -40,7 +40,7 @@ def model(late_dgc_resnet18):
 
 
 def test_evaluate_and_channel_usage_refuse_batches_that_cannot_fit(model, monkeypatch):
-    import dgc_convert.memory as memory
+    import dgc_convert.measuring.memory as memory
 
     monkeypatch.setattr(memory, "available_memory", lambda device="cpu": 1 << 20)  # 1 MiB
     held_out = build_data(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dgc_convert.network import unreachable
+from dgc_convert.conversion.network import unreachable
 
 
 def _closed_port() -> int:
@@ -102,7 +102,7 @@ def test_cached_weights_load_without_a_network(tmp_path):
 def test_a_stalled_lookup_or_connection_costs_at_most_the_timeout(monkeypatch):
     import time
 
-    import dgc_convert.network as network
+    import dgc_convert.conversion.network as network
 
     for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)

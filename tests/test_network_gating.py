@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgc_convert import DGCConv2d
-from dgc_convert.gate_usage import channel_usage
+from dgc_convert.measuring.gate_usage import channel_usage
 from dgc_convert.nn import compiled
 from dgc_convert.nn.modes import dgc_mode
 from dgc_convert.nn.sparse import ALGORITHMS

@@ -9,11 +9,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dgc_convert.cli import app
-from dgc_convert.plots import CURVES_DPI, CURVES_SIZE, new_figure, read_metrics, read_runs, save_png, write_curves
-from dgc_convert.recipe import recipe_from_dict
-from dgc_convert.train_events import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
-from dgc_convert.train_watch import CurvesWriter
-from dgc_convert.trainer import train
+from dgc_convert.files.names import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
+from dgc_convert.files.plots import CURVES_DPI, CURVES_SIZE, new_figure, read_metrics, read_runs, save_png, write_curves
+from dgc_convert.training.recipe import recipe_from_dict
+from dgc_convert.training.trainer import train
+from dgc_convert.training.watch import CurvesWriter
 
 runner = CliRunner()
 CURVES_PIXELS = (int(CURVES_SIZE[0] * CURVES_DPI), int(CURVES_SIZE[1] * CURVES_DPI))

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from dgc_convert import DGCConv2d, convert, create_model
-from dgc_convert.bench import benchmark
-from dgc_convert.prepare import PackedConv2d, prepare_for_inference
+from dgc_convert.measuring.bench import benchmark
+from dgc_convert.serving.prepare import PackedConv2d, prepare_for_inference
 
 
 def _converted_resnet18():

@@ -15,16 +15,17 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from dgc_convert import create_model
-from dgc_convert.bench import benchmark
 from dgc_convert.cli import app
-from dgc_convert.cli.render import StepProgress
-from dgc_convert.cli.summary import summarize_conversion
-from dgc_convert.data import build_data
-from dgc_convert.evaluate import evaluate
-from dgc_convert.export import export_onnx
-from dgc_convert.gate_usage import channel_usage
+from dgc_convert.conversion.settings import ConvertSection, ModelSection
+from dgc_convert.display import StepProgress
+from dgc_convert.measuring.bench import benchmark
+from dgc_convert.measuring.conversion_summary import summarize_conversion
+from dgc_convert.measuring.evaluate import evaluate
+from dgc_convert.measuring.gate_usage import channel_usage
 from dgc_convert.progress import NO_PROGRESS, tracked
-from dgc_convert.recipe import ConvertSection, DataSection, ModelSection
+from dgc_convert.serving.export import export_onnx
+from dgc_convert.training.data import build_data
+from dgc_convert.training.recipe import DataSection
 
 
 class Recorder:

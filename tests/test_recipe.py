@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dgc_convert.errors import RecipeError
-from dgc_convert.recipe import load_recipe
+from dgc_convert.training.recipe import load_recipe
 
 
 def write(tmp_path, text: str):
@@ -242,7 +242,7 @@ def test_long_values_are_quoted_short(tmp_path):
 
 
 def test_shown_cuts_long_values_and_huge_ints():
-    from dgc_convert.recipe import shown
+    from dgc_convert.errors import shown
 
     assert shown("abc") == "'abc'"
     assert shown("y" * 200) == "'" + "y" * 79 + "... (202 characters)"
@@ -251,8 +251,8 @@ def test_shown_cuts_long_values_and_huge_ints():
 
 
 def test_num_classes_is_bounded(tmp_path):
+    from dgc_convert.conversion.settings import model_settings
     from dgc_convert.errors import SettingsError
-    from dgc_convert.recipe import model_settings
 
     with pytest.raises(RecipeError, match=r"model.num_classes=1000000000000: Input should be less than or equal"):
         load_recipe(write(tmp_path, "model: {name: r, num_classes: 1000000000000}\n"))

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgc_convert.build import build_model
-from dgc_convert.recipe import load_recipe
+from dgc_convert.conversion.build import build_model
+from dgc_convert.training.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -61,7 +61,7 @@ def test_paper_resnet18_settings():
 
 
 def test_paper_resnet18_layers_are_preactivated_with_the_authors_generators():
-    from dgc_convert.surgery import dgc_layers
+    from dgc_convert.conversion.surgery import dgc_layers
 
     recipe = load_recipe(next(p for p in RECIPES if p.stem == "resnet18_imagenet"))
     built = build_model(recipe.model, recipe.convert, num_classes=10)
@@ -90,9 +90,9 @@ def test_the_finetune_recipe_starts_from_a_dense_digits_run(tmp_path, monkeypatc
     recipe from its last checkpoint, with the paths it names (relative to the working directory)."""
     from safetensors.torch import load_file
 
-    from dgc_convert.distributed import Processes
-    from dgc_convert.train_setup import build_training
-    from dgc_convert.trainer import train
+    from dgc_convert.training.distributed import Processes
+    from dgc_convert.training.setup import build_training
+    from dgc_convert.training.trainer import train
 
     monkeypatch.chdir(tmp_path)
     one_epoch = ["train.epochs=1"]
@@ -121,8 +121,8 @@ def test_the_finetune_recipe_starts_from_a_dense_digits_run(tmp_path, monkeypatc
     from typer.testing import CliRunner
 
     from dgc_convert.cli import app
-    from dgc_convert.plots import CURVES_DPI, CURVES_SIZE
-    from dgc_convert.train_events import CURVES_FILE
+    from dgc_convert.files.names import CURVES_FILE
+    from dgc_convert.files.plots import CURVES_DPI, CURVES_SIZE
 
     size = (CURVES_SIZE[0] * CURVES_DPI, CURVES_SIZE[1] * CURVES_DPI)
     for run in ("runs/digits-dense", "runs/digits-finetune"):

@@ -11,11 +11,12 @@ import pytest
 from test_cli_train import write_small_recipe  # pytest puts tests/ on the path: one tiny recipe for both
 from typer.testing import CliRunner
 
-from dgc_convert.checkpoint import read_checkpoint
 from dgc_convert.cli import app
 from dgc_convert.errors import DGCConvertError
-from dgc_convert.run_lock import LOCK_FILE, RunLock, RunLockedError, run_lock
-from dgc_convert.trainer import train
+from dgc_convert.files.names import LOCK_FILE
+from dgc_convert.training.checkpoint import read_checkpoint
+from dgc_convert.training.run_lock import RunLock, RunLockedError, run_lock
+from dgc_convert.training.trainer import train
 
 runner = CliRunner()
 
@@ -121,6 +122,6 @@ def test_a_released_lock_that_another_run_took_over_is_left_alone(tmp_path):
 
 
 def _recipe(path):
-    from dgc_convert.recipe import load_recipe
+    from dgc_convert.training.recipe import load_recipe
 
     return load_recipe(path)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dgc_convert.schedule import Schedule, cosine_lr, stage_at, zeta_fraction
+from dgc_convert.training.schedule import Schedule, cosine_lr, stage_at, zeta_fraction
 
 
 def paper_schedule(epochs=12, per_epoch=100, ramp="linear"):

@@ -12,7 +12,14 @@ from typer.testing import CliRunner
 
 from dgc_convert import convert, create_model, dgc_layers, set_zeta
 from dgc_convert.cli import app
-from dgc_convert.serialize import LoadError, apply_saved_layouts, load, model_metadata, read_metadata, save
+from dgc_convert.conversion.saved_models import (
+    LoadError,
+    apply_saved_layouts,
+    load,
+    model_metadata,
+    read_metadata,
+    save,
+)
 
 
 def _round_trip(tmp_path, name, size, **settings):
@@ -126,8 +133,8 @@ def test_saved_layouts_apply_to_a_model_built_from_settings(tmp_path):
 
 
 def test_trainer_checkpoints_load(tmp_path):
-    from dgc_convert.recipe import recipe_from_dict
-    from dgc_convert.trainer import train
+    from dgc_convert.training.recipe import recipe_from_dict
+    from dgc_convert.training.trainer import train
 
     result = train(
         recipe_from_dict(
@@ -253,7 +260,7 @@ def test_cli_save_then_bench_the_file(tmp_path):
 
 def test_models_not_from_create_model_or_prepared_are_refused(tmp_path):
     from dgc_convert.errors import DGCConvertError
-    from dgc_convert.prepare import prepare_for_inference
+    from dgc_convert.serving.prepare import prepare_for_inference
 
     with pytest.raises(DGCConvertError, match="needs a model built by dgc_convert.create_model"):
         save(torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3)), tmp_path / "x.safetensors")
@@ -265,7 +272,7 @@ def test_models_not_from_create_model_or_prepared_are_refused(tmp_path):
 
 
 def test_a_saved_model_loads_even_when_todays_rules_would_skip_its_layers(tmp_path, monkeypatch):
-    import dgc_convert.surgery as surgery
+    import dgc_convert.conversion.surgery as surgery
 
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=5)
@@ -410,7 +417,7 @@ def test_saved_file_has_the_usual_permissions_and_an_old_file_survives_a_failed_
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("dgc_convert.serialize.save_model", full_disk)
+    monkeypatch.setattr("dgc_convert.conversion.saved_models.save_model", full_disk)
     with pytest.raises(OSError, match="No space left"):
         save(model, path, input_size=32)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.safetensors"]
@@ -441,7 +448,7 @@ def test_saved_file_has_the_usual_permissions_and_an_old_file_survives_a_failed_
     ],
 )
 def test_absurd_metadata_is_refused_before_anything_is_built(tmp_path, saved, changes, message, monkeypatch):
-    import dgc_convert.serialize as serialize
+    import dgc_convert.conversion.saved_models as serialize
 
     def never(*args, **kwargs):
         raise AssertionError("a model was built from bad metadata")

@@ -231,7 +231,7 @@ def test_converting_twice_says_already_converted():
 
 def test_the_api_and_the_schema_share_defaults_and_bounds():
     from dgc_convert import ConvertSection
-    from dgc_convert.recipe import convert_settings
+    from dgc_convert.conversion.settings import convert_settings
 
     layer = DGCConv2d(16, 16, 3)
     defaults = ConvertSection()

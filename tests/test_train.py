@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dgc_convert.checkpoint import CheckpointError, read_checkpoint
+from dgc_convert.conversion.surgery import dgc_layers
 from dgc_convert.nn.layer import kept_channel_count
-from dgc_convert.recipe import recipe_from_dict
-from dgc_convert.surgery import dgc_layers
-from dgc_convert.trainer import TrainingDiverged, train
+from dgc_convert.training.checkpoint import CheckpointError, read_checkpoint
+from dgc_convert.training.recipe import recipe_from_dict
+from dgc_convert.training.trainer import TrainingDiverged, train
 
 
 def make_recipe(directory, *, train_settings=None, **sections):
@@ -203,7 +203,7 @@ def test_a_dgc_g_run_learns_one_threshold_and_resumes_exactly(tmp_path):
 def test_a_resumed_run_keeps_the_layers_its_checkpoint_was_converted_with(reference, tmp_path, monkeypatch):
     """A run started by a version whose rules converted a layer that today's keep dense resumes
     with the saved conversion, exactly where it stopped."""
-    import dgc_convert.build as build
+    import dgc_convert.conversion.build as build
 
     ref_dir, _ = reference
     recipe = make_recipe(tmp_path)

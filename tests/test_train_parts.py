@@ -7,15 +7,15 @@ import torch
 from torch import nn
 
 from dgc_convert import DGCConv2d
-from dgc_convert.checkpoint import RunState, read_checkpoint, save_checkpoint
-from dgc_convert.distributed import Processes
 from dgc_convert.errors import DGCConvertError
-from dgc_convert.recipe import recipe_from_dict
-from dgc_convert.schedule import Schedule
-from dgc_convert.train_events import EpochMetrics, TrainControl, TrainingDiverged
-from dgc_convert.train_loop import apply_schedule, train_one_epoch, validate
-from dgc_convert.train_setup import build_training, iterations_per_epoch
-from dgc_convert.trainer import _gather_rng, _kept_metrics, _restore
+from dgc_convert.training.checkpoint import RunState, read_checkpoint, save_checkpoint
+from dgc_convert.training.distributed import Processes
+from dgc_convert.training.events import EpochMetrics, TrainControl, TrainingDiverged
+from dgc_convert.training.loop import apply_schedule, train_one_epoch, validate
+from dgc_convert.training.recipe import recipe_from_dict
+from dgc_convert.training.schedule import Schedule
+from dgc_convert.training.setup import build_training, iterations_per_epoch
+from dgc_convert.training.trainer import _gather_rng, _kept_metrics, _restore
 
 
 def make_recipe(directory, **train):
@@ -315,8 +315,8 @@ def test_resuming_a_checkpoint_from_before_blocked_heads_keeps_its_interleaved_l
 
 
 def test_the_memory_refusal_halves_under_autocast_and_counts_every_process_on_the_host(monkeypatch):
-    import dgc_convert.train_setup as train_setup
-    from dgc_convert.recipe import TrainSection
+    import dgc_convert.training.setup as train_setup
+    from dgc_convert.training.recipe import TrainSection
 
     monkeypatch.setattr(train_setup, "available_memory", lambda device: 3 << 30)
     per_sample = 1 << 30  # 4 GiB at batch 4

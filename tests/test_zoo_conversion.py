@@ -11,7 +11,7 @@ from torch import nn
 
 from dgc_convert import DGCConv2d, check_identity, convert, create_model
 from dgc_convert.errors import ConversionError
-from dgc_convert.macs import count_macs
+from dgc_convert.measuring.macs import count_macs
 
 # (name, input side): small inputs keep this quick on 2 cores.
 ARCHITECTURES = [

@@ -20,26 +20,22 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from dgc_convert import __version__
+from dgc_convert._version import __version__
 from dgc_convert.cli.import_authors import IMPORT_AUTHORS_HELP, import_authors_command
-from dgc_convert.cli.render import (
-    StepProgress,
-    error_console,
-    output_console,
-    print_conversion,
-    print_json,
-    print_model_list,
-)
-from dgc_convert.dense_weights import WEIGHTS_SUFFIXES
+from dgc_convert.cli.render import print_conversion, print_json, print_model_list
+from dgc_convert.conversion.dense_weights import WEIGHTS_SUFFIXES
+from dgc_convert.conversion.settings import ConvertSection, ModelSection
+from dgc_convert.conversion.zoo import require_model_info
+from dgc_convert.display import StepProgress, error_console, output_console
 from dgc_convert.errors import DGCConvertError, TrainingDiverged
-from dgc_convert.recipe import ConvertSection, DataSection, ModelSection, Recipe
-from dgc_convert.zoo import require_model_info
+from dgc_convert.files.names import LAST_CHECKPOINT
+from dgc_convert.training.recipe import DataSection, Recipe
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from dgc_convert.data import DataBundle
     from dgc_convert.progress import Progress
+    from dgc_convert.training.data import DataBundle
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -260,8 +256,8 @@ def _root(
 def _as_trained(recipe: Recipe) -> ModelSection:
     """The recipe's model section as ``train`` builds it: the data set's class count
     and the image size the run trains at, where the section leaves them unset."""
-    from dgc_convert.data import DataError, dataset_classes
-    from dgc_convert.train_setup import recipe_image_size
+    from dgc_convert.training.data import DataError, dataset_classes
+    from dgc_convert.training.setup import recipe_image_size
 
     spec = recipe.model
     update: dict[str, Any] = {}
@@ -313,8 +309,9 @@ def convert_command(
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    from dgc_convert.cli.summary import summarize_conversion
-    from dgc_convert.recipe import convert_settings, load_recipe, model_settings
+    from dgc_convert.conversion.settings import convert_settings, model_settings
+    from dgc_convert.measuring.conversion_summary import summarize_conversion
+    from dgc_convert.training.recipe import load_recipe
 
     base_convert: ConvertSection | None = None
     base_model: ModelSection | None = None
@@ -346,7 +343,7 @@ def convert_command(
         saved = None
         if save_path is not None:
             assert summary.converted_model is not None  # summarize_conversion always returns it
-            from dgc_convert.serialize import save
+            from dgc_convert.conversion.saved_models import save
 
             progress.step(f"saving to {save_path}")
             saved = save(summary.converted_model, save_path, input_size=summary.input_size)
@@ -369,7 +366,7 @@ def list_models_command(
     pattern: str = typer.Argument("*", help="Glob such as 'resnet*', or a substring."),
     json_output: JsonOption = False,
 ) -> None:
-    from dgc_convert.zoo import list_models
+    from dgc_convert.conversion.zoo import list_models
 
     models = list_models(pattern)
     if json_output:
@@ -387,8 +384,8 @@ app.add_typer(recipe_app, name="recipe")
 def _resolve_recipe_model(file: Path, spec: ModelSection) -> tuple[str, str]:
     """(bare name, library) the recipe's model.name and model.source resolve to, without building the
     model; an unknown name is one line naming the file, with close matches."""
+    from dgc_convert.conversion.zoo import resolve
     from dgc_convert.errors import UnknownModelError
-    from dgc_convert.zoo import resolve
 
     try:
         bare, library, _ = resolve(spec.name, spec.source)
@@ -403,9 +400,9 @@ def recipe_validate_command(
     file: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_values: SetOption = None,
 ) -> None:
-    from dgc_convert.dense_weights import find_weights_file
+    from dgc_convert.conversion.dense_weights import find_weights_file
     from dgc_convert.errors import WeightsFileError
-    from dgc_convert.recipe import load_recipe
+    from dgc_convert.training.recipe import load_recipe
 
     recipe = load_recipe(file, set_values)
     name, library = _resolve_recipe_model(file, recipe.model)
@@ -442,10 +439,10 @@ def recipe_show_command(
     from dataclasses import asdict
 
     from dgc_convert.cli.render import print_recipe
-    from dgc_convert.data import DataError, train_set_size
-    from dgc_convert.recipe import load_recipe
-    from dgc_convert.schedule import Schedule
-    from dgc_convert.trainer import iterations_per_epoch
+    from dgc_convert.training.data import DataError, train_set_size
+    from dgc_convert.training.recipe import load_recipe
+    from dgc_convert.training.schedule import Schedule
+    from dgc_convert.training.trainer import iterations_per_epoch
 
     recipe = load_recipe(file, set_values)
     _, library = _resolve_recipe_model(file, recipe.model)  # a name no library builds is an error here too
@@ -490,9 +487,10 @@ def train_command(
         bool, typer.Option("--resume", help="Continue from output.directory/last exactly where it stopped.")
     ] = False,
 ) -> None:
-    from dgc_convert.cli.render import TrainProgress
-    from dgc_convert.recipe import load_recipe, model_settings
-    from dgc_convert.trainer import is_main_process, train
+    from dgc_convert.conversion.settings import model_settings
+    from dgc_convert.training.progress_bars import TrainProgress
+    from dgc_convert.training.recipe import load_recipe
+    from dgc_convert.training.trainer import is_main_process, train
 
     loaded = load_recipe(recipe, set_values)
     if checkpoint is not None:  # as --set model.checkpoint=PATH: part of the recipe a resume must repeat
@@ -511,7 +509,7 @@ def train_command(
         if is_main_process():
             error_console().print(
                 f"stopped at epoch {result.epochs_completed + 1}, iteration {result.iteration} of "
-                f"{result.total_iterations}; checkpoint written to {result.output_dir / 'last'}. Continue with: {again}",
+                f"{result.total_iterations}; checkpoint written to {result.output_dir / LAST_CHECKPOINT}. Continue with: {again}",
                 highlight=False,
                 markup=False,
             )
@@ -558,15 +556,15 @@ def bench_command(
         help="Also draw every layer's dense and DGC times (saliency and top-k apart) as bars into FILE.png.",
     ),
 ) -> None:
-    from dgc_convert.bench import BENCH_ENGINES
+    from dgc_convert.measuring.bench import BENCH_ENGINES
 
     if engine not in BENCH_ENGINES:
         raise typer.BadParameter(f"must be one of {', '.join(BENCH_ENGINES)}", param_hint="--engine")
     _require_png(plot, "--plot")
-    from dgc_convert.bench import benchmark
     from dgc_convert.cli.render import print_bench
     from dgc_convert.cli.sources import models_for_bench
-    from dgc_convert.recipe import model_settings
+    from dgc_convert.conversion.settings import model_settings
+    from dgc_convert.measuring.bench import benchmark
 
     model_settings(name=model, input_size=input_size)  # the schema's bound on --input-size, before any work
     conversion = {
@@ -596,7 +594,7 @@ def bench_command(
         )
     drawn = None
     if plot is not None:
-        from dgc_convert.plots import write_bench_layers
+        from dgc_convert.measuring.bench_figure import write_bench_layers
 
         drawn = write_bench_layers(result, plot)
     if json_output:
@@ -628,8 +626,8 @@ def plot_command(
         Path, typer.Option("--out", help="The PNG to write (default: curves.png in the current directory).")
     ] = Path("curves.png"),
 ) -> None:
-    from dgc_convert.plots import read_runs, write_curves
-    from dgc_convert.train_events import CURVES_FILE, METRICS_FILE
+    from dgc_convert.files.names import CURVES_FILE, METRICS_FILE
+    from dgc_convert.files.plots import read_runs, write_curves
 
     _require_png(out, "--out")
     curves = read_runs(runs)
@@ -654,9 +652,9 @@ def _model_and_held_out(
     """The saved model at FILE and the held-out split of --data (a recipe file or a data set name)."""
     from pydantic import ValidationError
 
-    from dgc_convert.data import build_data
-    from dgc_convert.recipe import load_recipe
-    from dgc_convert.serialize import load
+    from dgc_convert.conversion.saved_models import load
+    from dgc_convert.training.data import build_data
+    from dgc_convert.training.recipe import load_recipe
 
     progress.step(f"loading {file}")
     model = load(file)
@@ -689,8 +687,8 @@ def eval_command(
     json_output: JsonOption = False,
 ) -> None:
     from dgc_convert.cli.render import print_evaluation
-    from dgc_convert.evaluate import evaluate
-    from dgc_convert.surgery import dgc_layers
+    from dgc_convert.conversion.surgery import dgc_layers
+    from dgc_convert.measuring.evaluate import evaluate
 
     with StepProgress() as progress:
         model, section, bundle = _model_and_held_out(file, data, root, progress)
@@ -725,7 +723,7 @@ def inspect_command(
     batch_size: BatchSizeOption = 64,
 ) -> None:
     from dgc_convert.cli.render import print_channel_usage
-    from dgc_convert.gate_usage import channel_usage, write_heatmaps, write_summary
+    from dgc_convert.measuring.gate_usage import channel_usage, write_heatmaps, write_summary
 
     with StepProgress() as progress:
         model, section, bundle = _model_and_held_out(file, data, root, progress)
@@ -765,8 +763,8 @@ def export_command(
         "1.5x the saved input size, rounded up to a multiple of 32.",
     ),
 ) -> None:
-    from dgc_convert.export import ExportReport, check_export_options, export_onnx
-    from dgc_convert.serialize import load
+    from dgc_convert.conversion.saved_models import load
+    from dgc_convert.serving.export import ExportReport, check_export_options, export_onnx
 
     check_export_options(opset, tolerance)  # before loading anything: one line, exit 2
     with StepProgress() as progress:

@@ -1,5 +1,5 @@
 """``dgc-convert import-authors FILE --out F.safetensors``: the authors' released
-DGC checkpoints as models of ours (``dgc_convert.authors`` does the work).
+DGC checkpoints as models of ours (``dgc_convert.conversion.authors`` does the work).
 
 ``app.py`` registers ``import_authors_command`` behind its error handler, so
 bad input is one line on stderr and exit code 2. Nothing heavy is imported
@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dgc_convert.cli.render import output_console, print_json
+from dgc_convert.cli.render import print_json
+from dgc_convert.display import output_console
 
 if TYPE_CHECKING:
-    from dgc_convert.authors import AuthorsImport
+    from dgc_convert.conversion.authors import AuthorsImport
 
 __all__ = ["IMPORT_AUTHORS_HELP", "import_authors_command"]
 
@@ -68,8 +69,8 @@ def import_authors_command(
     ] = 16.0,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON on stdout and nothing else.")] = False,
 ) -> None:
-    from dgc_convert.authors import import_authors_checkpoint
-    from dgc_convert.serialize import save
+    from dgc_convert.conversion.authors import import_authors_checkpoint
+    from dgc_convert.conversion.saved_models import save
 
     net, report = import_authors_checkpoint(file, model=model, heads=heads, zeta=zeta, squeeze_ratio=squeeze_ratio)
     saved = save(net, out)  # written under a temporary name, then renamed

@@ -12,16 +12,15 @@ from rich.console import Console
 from rich.markup import escape  # names and paths are text: "runs/[best]" is no markup
 from rich.table import Table
 
-from dgc_convert.cli.summary import ConversionSummary
+from dgc_convert.display import StepProgress, error_console, format_macs, output_console
+from dgc_convert.measuring.conversion_summary import ConversionSummary
 from dgc_convert.nn.layer import DEFAULT_SQUEEZE_RULE
+from dgc_convert.training.progress_bars import TrainProgress, stage_rows
 
-if TYPE_CHECKING:  # loaded on first use (training, progress bars); only named here
-    from rich.progress import Progress, TaskID
-
-    from dgc_convert.bench import BenchResult
-    from dgc_convert.evaluate import EvalReport
-    from dgc_convert.gate_usage import LayerChannelUsage
-    from dgc_convert.train_events import EpochMetrics, IterationStats, RunInfo, TrainResult
+if TYPE_CHECKING:  # only named here
+    from dgc_convert.measuring.bench import BenchResult
+    from dgc_convert.measuring.evaluate import EvalReport
+    from dgc_convert.measuring.gate_usage import LayerChannelUsage
 
 __all__ = [
     "print_channel_usage",
@@ -36,14 +35,6 @@ __all__ = [
     "TrainProgress",
     "StepProgress",
 ]
-
-
-def format_macs(macs: float) -> str:
-    """A MAC count with a unit: 1.82 G, 549.3 M, 12.0 K."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(macs) >= scale:
-            return f"{macs / scale:.2f} {unit}"
-    return f"{macs:.0f}"
 
 
 # After a DGC MAC figure of a network-gated (DGC-G) model: k varies per sample, the count is an expectation.
@@ -68,16 +59,6 @@ def print_json(data: Any) -> None:
     """Write ``data`` as JSON to stdout and nothing else (NaN and infinities become null: strict JSON)."""
     sys.stdout.write(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
-
-
-def error_console() -> Console:
-    """A console on stderr for one-line errors."""
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def output_console() -> Console:
-    """A console on stdout; wide when writing to a file or pipe, so tables do not wrap."""
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def print_conversion(summary: ConversionSummary, console: Console | None = None) -> None:
@@ -149,22 +130,6 @@ def print_model_list(models: Sequence[tuple[str, str]], console: Console | None 
     console.print(f"{len(models)} models")
 
 
-def _stage_rows(stages: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
-    descriptions = {"warmup": "zeta_t = 0 (dense)", "ramp": "zeta_t rises to the target", "finetune": "zeta_t = target"}
-    rows = []
-    for s in stages:
-        empty = s["first_epoch"] > s["last_epoch"]
-        if empty:
-            rows.append((s["stage"], "-", "(empty)", descriptions[s["stage"]]))
-            continue
-        epochs = (
-            f"{s['first_epoch']}" if s["first_epoch"] == s["last_epoch"] else f"{s['first_epoch']}-{s['last_epoch']}"
-        )
-        iterations = "?" if s["start_iteration"] is None else f"{s['start_iteration']}-{s['end_iteration'] - 1}"
-        rows.append((s["stage"], epochs, iterations, descriptions[s["stage"]]))
-    return rows
-
-
 def print_recipe(
     recipe_data: dict[str, Any],
     stages: list[dict[str, Any]],
@@ -197,197 +162,9 @@ def print_recipe(
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     for column in ("stage", "epochs", "iterations", "pruning ratio"):
         table.add_column(column)
-    for row in _stage_rows(stages):
+    for row in stage_rows(stages):
         table.add_row(*row)
     console.print(table)
-
-
-def _epoch_line(m: EpochMetrics, total_epochs: int | None = None, expected: bool = False) -> str:
-    """One finished epoch; ``expected``: a network-gated model, whose MACs are an expectation."""
-    of = f"/{total_epochs}" if total_epochs else ""
-    top5 = f" (top-5 {m.val_top5:.1f}%)" if m.val_top5 is not None else ""
-    saving = f" (-{(1 - m.macs / m.dense_macs) * 100:.0f}%)" if m.dense_macs and m.macs < m.dense_macs else ""
-    return (
-        f"epoch {m.epoch}{of} {m.stage:<8} loss {m.train_loss:.4f}  train {m.train_top1:.1f}%  "
-        f"val {m.val_top1:.2f}%{top5}  zeta_t {m.zeta_t:.3f}  lr {m.lr:.4g}  "
-        f"{m.images_per_second:.0f} img/s  MACs {format_macs(m.macs)}{' expected' if expected else ''}{saving}  "
-        f"{m.epoch_seconds:.1f} s"
-    )
-
-
-class TrainProgress:
-    """Training reporter: rich progress bars on a terminal, plain lines otherwise.
-
-    Bars show epoch, loss, accuracy, zeta_t, lr and images/s; each finished
-    epoch leaves one line above them. Without a terminal (CI, ``| tee``) only
-    the lines are written, so logs stay readable.
-    """
-
-    def __init__(self, console: Console | None = None, *, bars: bool | None = None) -> None:
-        self.console = console or output_console()
-        self.bars = self.console.is_terminal if bars is None else bars
-        self.progress: Progress | None = None
-        self.run_task: TaskID | None = None
-        self.epoch_task: TaskID | None = None
-        self.epochs = 0
-        self.macs_expected = False  # network-gated (DGC-G) run: MAC figures are expected costs
-
-    def on_start(self, info: RunInfo) -> None:
-        """Print what the run does; open the bars."""
-        self.epochs = info.epochs
-        self.macs_expected = info.macs_expected
-        resumed = f", resuming after iteration {info.start_iteration}" if info.start_iteration else ""
-        procs = f" on {info.world_size} processes" if info.world_size > 1 else ""
-        self.console.print(
-            f"training [bold]{escape(info.model)}[/bold] ({info.converted_layers} DGC layers) on {info.dataset} "
-            f"({info.train_samples} train / {info.val_samples} held out, {info.image_size}x{info.image_size}, "
-            f"{info.num_classes} classes) on {info.device}{procs}{resumed}"
-        )
-        self.console.print(
-            f"{info.epochs} epoch{'s' if info.epochs != 1 else ''} x {info.iterations_per_epoch} iterations; MACs per sample: dense "
-            f"{format_macs(info.dense_macs)}, {'expected ' if info.macs_expected else ''}at target "
-            f"{format_macs(info.target_macs)}; writing to {escape(str(info.output_dir))}"
-        )
-        stages = ", ".join(f"{s} {e}" for s, e, _, _ in _stage_rows(info.stages) if e != "-")
-        self.console.print(f"stages by epoch: {stages}")
-        if self.bars:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[figures]}"),
-                console=self.console,
-                transient=False,
-            )
-            self.progress.start()
-            total = info.epochs * info.iterations_per_epoch
-            self.run_task = self.progress.add_task("run", total=total, completed=info.start_iteration, figures="")
-            self.epoch_task = self.progress.add_task(
-                f"epoch {info.start_epoch + 1}/{info.epochs}",
-                total=info.iterations_per_epoch,
-                completed=info.start_iteration - info.start_epoch * info.iterations_per_epoch,
-                figures="",
-            )
-
-    def on_iteration(self, stats: IterationStats) -> None:
-        """Advance the bars with the running loss, accuracy, zeta_t, lr and images/s."""
-        if self.progress is None or self.run_task is None or self.epoch_task is None:
-            return
-        figures = (
-            f"loss {stats.loss:.4f} acc {stats.train_top1:.1f}% zeta_t {stats.zeta_t:.3f} "
-            f"lr {stats.lr:.4g} {stats.images_per_second:.0f} img/s"
-        )
-        self.progress.update(self.run_task, completed=stats.iteration)
-        self.progress.update(
-            self.epoch_task,
-            description=f"epoch {stats.epoch}/{self.epochs}",
-            completed=stats.epoch_iteration,
-            figures=figures,
-        )
-
-    def on_epoch(self, metrics: EpochMetrics) -> None:
-        """One line per finished epoch."""
-        self.console.print(_epoch_line(metrics, self.epochs, self.macs_expected), markup=False, highlight=False)
-        if self.progress is not None and self.epoch_task is not None:
-            self.progress.reset(self.epoch_task, description=f"epoch {metrics.epoch + 1}/{self.epochs}", figures="")
-
-    def on_message(self, text: str) -> None:
-        """A note from the trainer (resuming, stopping, ...)."""
-        self.console.print(text, markup=False, highlight=False)
-
-    def close(self) -> None:
-        """Stop the bars (idempotent): at the end of a run, also one that raised."""
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-    def on_finish(self, result: TrainResult) -> None:
-        """Close the bars and sum up."""
-        self.close()
-        final = result.final
-        if result.status == "finished":
-            expected = " (expected)" if self.macs_expected else ""
-            figures = (
-                f": held-out top-1 {final.val_top1:.2f}% at {format_macs(final.macs)} MACs{expected}" if final else ""
-            )
-            best = f", best at target {result.best_top1:.2f}%" if result.best_top1 is not None else ""
-            plural = "s" if result.epochs_completed != 1 else ""
-            self.console.print(
-                f"finished {result.epochs_completed} epoch{plural} in {result.wall_seconds:.0f} s{figures}{best}"
-            )
-            self.console.print(
-                f"checkpoints: {result.output_dir / 'last'}, {result.output_dir / 'best'}; "
-                f"metrics: {result.output_dir / 'metrics.jsonl'}",
-                markup=False,
-            )
-
-
-class StepProgress:
-    """A long command's steps as one transient rich line on stderr: a spinner, the
-    step, a bar with done/total where the step counts its work, and the time spent.
-
-    Shown only when stderr is a terminal (stdout may carry JSON, and logs stay
-    clean); it disappears when the command ends, leaving only the result. Use it
-    as a context manager and pass it as ``progress=`` (see ``dgc_convert.progress``).
-    """
-
-    def __init__(self, console: Console | None = None, *, show: bool | None = None) -> None:
-        self.console = console or error_console()
-        self.show = self.console.is_terminal if show is None else show
-        self.progress: Progress | None = None
-        self.task: TaskID | None = None
-        self.done = 0  # units of the current step
-        self.total: int | None = None
-
-    def __enter__(self) -> StepProgress:
-        if self.show:
-            from rich.progress import (
-                BarColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.progress = Progress(
-                SpinnerColumn(),
-                TextColumn("{task.description}", markup=False),  # paths may hold brackets
-                BarColumn(),
-                TextColumn("{task.fields[count]}"),
-                TimeElapsedColumn(),
-                console=self.console,
-                transient=True,
-            )
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-        self.task, self.done, self.total = None, 0, None  # ready to be entered again
-
-    def step(self, description: str, total: int | None = None) -> None:
-        """Show ``description`` in place of the previous step; a bar when ``total`` is known."""
-        if self.progress is None:
-            return
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-        self.done, self.total = 0, total
-        # An uncounted step shows a pulsing bar and no count.
-        self.task = self.progress.add_task(description, total=total, count=self._count())
-
-    def advance(self, amount: int = 1) -> None:
-        """Move the current step's bar on."""
-        if self.progress is not None and self.task is not None:
-            self.done += amount
-            self.progress.update(self.task, advance=amount, count=self._count())
-
-    def _count(self) -> str:
-        return "" if self.total is None else f"{self.done}/{self.total}"
 
 
 def _ratio(value: float | None) -> str:

@@ -7,12 +7,12 @@ from typing import Any
 
 from torch import nn
 
-from dgc_convert.build import build_model, create_dense
-from dgc_convert.checkpoint import find_checkpoint
+from dgc_convert.conversion.build import build_model, create_dense
+from dgc_convert.conversion.saved_models import load
+from dgc_convert.conversion.settings import convert_settings, model_settings
+from dgc_convert.conversion.zoo import require_model_info
 from dgc_convert.errors import DGCConvertError
-from dgc_convert.recipe import convert_settings, model_settings
-from dgc_convert.serialize import load
-from dgc_convert.zoo import require_model_info
+from dgc_convert.files.checkpoint_dirs import find_checkpoint
 
 __all__ = ["models_for_bench"]
 

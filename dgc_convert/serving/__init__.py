@@ -1,0 +1,1 @@
+"""Serving: a model prepared for inference (BatchNorm folded, weights packed) and ONNX export."""
