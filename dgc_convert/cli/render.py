@@ -14,7 +14,7 @@ from rich.table import Table
 
 from dgc_convert.display import StepProgress, error_console, format_macs, output_console
 from dgc_convert.measuring.conversion_summary import ConversionSummary
-from dgc_convert.nn.layer import DEFAULT_SQUEEZE_RULE
+from dgc_convert.nn.settings import DEFAULT_SQUEEZE_RULE
 from dgc_convert.training.progress_bars import TrainProgress, stage_rows
 
 if TYPE_CHECKING:  # only named here

@@ -47,7 +47,7 @@ from dgc_convert.conversion.zoo import Library, ModelInfo, attach_model_info, cr
 from dgc_convert.errors import DGCConvertError, LoadError, UnknownModelError, first_line, shown
 from dgc_convert.files.atomic import atomic_write
 from dgc_convert.files.model_file import MODEL_FORMAT, weights_file
-from dgc_convert.nn.layer import DEFAULT_GATING, DEFAULT_SQUEEZE_RULE, GATINGS, SQUEEZE_RULES
+from dgc_convert.nn.settings import DEFAULT_GATING, DEFAULT_SQUEEZE_RULE, GATINGS, SQUEEZE_RULES
 
 __all__ = [
     "MODEL_FORMAT",

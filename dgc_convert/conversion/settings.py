@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from dgc_convert.errors import ConversionError, DGCConvertError, SettingsError, shown
-from dgc_convert.nn.layer import (
+from dgc_convert.nn.settings import (
     DEFAULT_GATING,
     DEFAULT_HEADS,
     DEFAULT_SQUEEZE_RATIO,

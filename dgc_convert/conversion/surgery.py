@@ -26,8 +26,6 @@ from dgc_convert.conversion.zoo import model_info
 from dgc_convert.errors import ConversionError, IdentityCheckError, first_line
 from dgc_convert.nn.conv_kinds import conv_kind
 from dgc_convert.nn.layer import (
-    DEFAULT_GATING,
-    DEFAULT_SQUEEZE_RULE,
     DGCConv2d,
     kept_channel_count,
     kept_channel_macs,
@@ -36,6 +34,7 @@ from dgc_convert.nn.layer import (
     static_padding,
 )
 from dgc_convert.nn.modes import dgc_mode, find_dgc_layers
+from dgc_convert.nn.settings import DEFAULT_GATING, DEFAULT_SQUEEZE_RULE
 
 __all__ = [
     "LayerDecision",

@@ -24,8 +24,9 @@ from dgc_convert.files.atomic import atomic_write, make_directory
 from dgc_convert.files.plots import new_figure, save_png
 from dgc_convert.measuring.macs import count_macs
 from dgc_convert.measuring.memory import require_batch_memory
-from dgc_convert.nn.layer import DEFAULT_GATING, DGCConv2d
+from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import watch_scores
+from dgc_convert.nn.settings import DEFAULT_GATING
 from dgc_convert.progress import NO_PROGRESS, Progress, tracked
 
 __all__ = ["LayerChannelUsage", "channel_usage", "write_heatmaps", "write_summary"]

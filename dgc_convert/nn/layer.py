@@ -21,6 +21,15 @@ from torch.nn.modules.utils import _pair
 from dgc_convert.nn import compiled
 from dgc_convert.nn.conv_kinds import WeightStandardization, conv_kind, pad_input, same_padding, standardize_weight
 from dgc_convert.nn.functional import gated_conv2d, gated_copies, head_major_positions, head_weights
+from dgc_convert.nn.settings import (
+    DEFAULT_GATING,
+    DEFAULT_HEADS,
+    DEFAULT_SQUEEZE_RATIO,
+    DEFAULT_SQUEEZE_RULE,
+    DEFAULT_ZETA,
+    GATINGS,
+    SQUEEZE_RULES,
+)
 from dgc_convert.nn.sparse import ALGORITHMS as SPARSE_ALGORITHMS
 from dgc_convert.nn.sparse import WeightCache, pick_algorithm, sparse_conv2d
 
@@ -49,23 +58,6 @@ __all__ = [
 # computation), or "export" (the graph form ONNX and MAC counting use).
 INFERENCE_ALGORITHMS: tuple[str, ...] = ("auto", "compiled", "export", *SPARSE_ALGORITHMS)
 
-# The layer's defaults, which the recipe schema (``ConvertSection``) uses too:
-# a layer built by hand and one converted with default settings agree.
-DEFAULT_HEADS = 4
-DEFAULT_SQUEEZE_RATIO = 16
-DEFAULT_ZETA = 0.5
-
-# How a layer decides which channels a head keeps: "head", each head its top
-# k (the paper's head-wise DGC); "network", every channel whose score is above
-# one threshold shared by the whole model (DGC-G, see ``threshold``).
-GATINGS: tuple[str, ...] = ("head", "network")
-DEFAULT_GATING = "head"
-# The saliency generator's hidden width and initialisation ("squeeze rule"):
-# "standard", ``max(C // d, 4)`` hidden units and nn.Linear's uniform init;
-# "authors", the released code's rule: d halved below 80 input channels,
-# ``C // d`` units, kaiming-normal FC weights. Both start the bias beta at 1.
-SQUEEZE_RULES: tuple[str, ...] = ("standard", "authors")
-DEFAULT_SQUEEZE_RULE = "standard"
 # Below this many input channels the authors' generator halves d.
 _AUTHORS_HALVE_BELOW = 80
 # The standard rule's smallest hidden width: thin layers keep a generator
