@@ -1,29 +1,8 @@
-"""Start from trained weights: load a dense model's weights file before conversion.
+"""Start from trained weights: load a dense model's weights file, strictly, before conversion.
 
-``load_dense_weights(model, path)`` copies a user's trained weights into a
-freshly built dense model (``model.checkpoint`` in a recipe, ``--checkpoint``
-on the command line), strictly: every tensor of the model must come from the
-file with its shape, and every tensor of the file must land in the model.
-
-What it reads, chosen by the file's suffix (``WEIGHTS_SUFFIXES``):
-
-- ``.safetensors``: read with safetensors; this includes a file written by
-  ``dgc_convert.save`` and a training run's ``last/`` or ``best/`` directory
-  (its ``model.safetensors``), as long as they hold a dense model;
-- ``.pth``, ``.pt``, ``.bin``: read with ``torch.load(map_location="cpu",
-  weights_only=True)`` and nothing else, so nothing in the file is executed;
-  a file that needs more than plain tensors and containers is refused.
-
-Training scripts wrap the weights: like timm's checkpoint helpers, the
-weights are taken from the first of ``state_dict_ema``, ``model_ema``,
-``state_dict`` and ``model`` that the file's top-level dict holds as a dict
-(``WRAPPER_KEYS``; the moving average first, as timm's ``load_checkpoint``
-and its ``--initial-checkpoint`` do), else the top-level dict is the state
-dict. ``module.`` (DataParallel / DistributedDataParallel) and ``_orig_mod.``
-(``torch.compile``) prefixes are stripped when every key carries them.
-
-A converted (DGC) model is refused: it is opened with ``dgc_convert.load``
-or ``dgc-convert eval``, never loaded into a dense model.
+Which files are read and how (safetensors, or ``torch.load(weights_only=True)`` only), how a
+training script's wrapper keys and prefixes are undone, and why a converted model is refused:
+``docs/files.md``, "Starting from trained dense weights".
 """
 
 from __future__ import annotations

@@ -1,38 +1,8 @@
-"""Measured speed: the fastest dense model against the DGC inference path.
+"""Measured speed: the fastest dense model a user could deploy against the DGC inference path.
 
-``benchmark(dense, dgc, ...)`` deep-copies and prepares both models
-(``prepare_for_inference``: BatchNorm folded) and times, with warm-up and
-interleaved repeats (medians, milliseconds per batch):
-
-- dense, eager: NCHW, channels-last, and channels-last with weights packed
-  once for oneDNN (``PackedConv2d``); the fastest is ``dense_eager_ms``;
-- dense, compiled (engine ``"compile"``): ``torch.compile`` with inductor
-  freezing (weights constant and prepacked, ReLU/add fused), under
-  ``torch.no_grad()``;
-- the DGC model computed densely (every layer on the masked, training
-  computation; eager, NCHW, as before) and the DGC model on its inference path, eager and,
-  with engine ``"compile"``, compiled.
-
-The dense baseline (``dense_ms``) is the fastest dense variant: eager in
-whichever layout wins, or compiled with the same engine as the DGC model;
-``speedup`` is ``dense_ms / dgc_ms``. ``dense_engine``/``dgc_engine`` name
-them. Engine ``"compile"`` reports the compiled DGC model; ``"auto"`` (the
-default) compiles when it works (otherwise measures eager, with a note) and
-reports the faster of the eager and compiled DGC model, as the dense side
-gets its fastest. Compiling runs in the warm-up (it is not timed;
-``*_compile_s`` report it).
-
-A per-layer breakdown times each convolution of the eager models with
-forward hooks; for DGC layers it also times ``layer.saliency(x)`` and
-``layer.select(scores)`` separately, on the same input as the layer saw
-(captured in one pass), so ``conv_ms`` (the rest: layout, gathers,
-convolution, bias) = ``dgc_ms - saliency_ms - select_ms``.
-
-``threads`` is set once for the whole measurement (compiling included) and
-restored afterwards. Thread pools that spin between calls distort small
-timings: on a shared or oversubscribed machine run with
-``OMP_WAIT_POLICY=PASSIVE`` (an environment variable, read when the process
-starts), and compare figures at the same setting.
+Both are prepared for inference and timed interleaved after warm-up (medians, milliseconds per
+batch), with a per-layer breakdown. Which dense variants compete, how engines pair up and how
+threads are set: ``docs/serving.md``, "Benchmarking".
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
-"""Evaluate a model on a data set: accuracy, and the MACs it really spent.
+"""Evaluate a model on a data set: top-1/top-5 accuracy, and the MACs per sample it really spent.
 
-The static MAC count assumes every head keeps ``k`` channels (under network
-gating, DGC-G, that is the expected count at the target). At run time a head
-whose saliency scores are zero for some of its kept channels multiplies those
-channels by zero: they cost nothing in a gathering implementation. The
-realised count takes, per sample and head, the kept channels with a nonzero
-score: ``min(k, #scores > 0)`` head-wise, so at most the static count; under
-network gating the channels above the threshold, which vary per sample and
-head and may exceed ``k``.
-
-A sample whose outputs are not all finite (NaN or infinite logits) counts as
-a miss for top-1 and top-5, and its loss (NaN or infinite) goes into the mean
-as it is; ``EvalReport.nonfinite_samples`` says how many there were.
+The realised count takes, per sample and head, the kept channels with a nonzero score, so it is
+at most the static count (head-wise); non-finite outputs count as misses.
+``docs/measuring.md``, "Realised MACs in evaluation", gives the rule.
 """
 
 from __future__ import annotations

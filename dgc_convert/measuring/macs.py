@@ -1,19 +1,9 @@
-"""MAC and parameter counting with ``torch.utils.flop_counter``, with a DGC counting rule.
+"""MACs per sample (a batch of one) and parameters, counted by torch's ``FlopCounterMode`` with a
+DGC counting rule, on a meta-weight copy of the model on fake tensors (any input size, no memory).
 
-All MAC figures are multiply-accumulates per sample (batch of one).
-
-Products (convolutions, linear layers, matrix products and attention, whether
-called through a module or functionally) are counted by torch's
-``FlopCounterMode`` at the operator level, as MACs = FLOPs / 2 (bias not
-counted). Normalization and average pooling modules have rules of their own,
-following the convention of ultralytics-thop, which this project used before
-(so reported totals did not move): a normalization layer costs 2 per input
-element, doubled when it has an affine part (so an affine ``BatchNorm2d``
-costs 4 per element); average pooling costs one add per pooled input and one
-divide per output. Everything else (activations, max pooling, the residual
-``+``) counts zero. A DGC layer follows ``dgc_layer_macs`` instead of the
-operators it runs. For network-gated layers (DGC-G) that formula gives the
-cost expected at the target, not a fixed one (``MacReport.expected``).
+What counts how much (products as FLOPs / 2, normalization and average pooling by the
+ultralytics-thop convention, DGC layers by ``dgc_layer_macs``): ``docs/measuring.md``,
+"Counting MACs".
 """
 
 from __future__ import annotations

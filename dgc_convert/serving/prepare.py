@@ -1,52 +1,8 @@
-"""Get a model ready to serve: fold BatchNorm into the convolution before it,
-arrange DGC weights for gathering, switch to eval mode and to the faster
-memory layout, pack dense convolution weights once, and optionally compile.
-
-Folding is valid for DGC layers too: BatchNorm scales and shifts each output
-channel, and a DGC layer gates input channels, so the per-output-channel
-affine map moves into the filters and bias unchanged. Which BatchNorm follows
-which convolution is read from a ``torch.fx`` trace (DGC layers are leaves);
-a model that cannot be traced keeps its BatchNorms, and the report says why.
-A pre-activation DGC layer (``preact``) keeps its own ``norm``: that
-BatchNorm runs before the layer's ReLU, gates and convolution (inside the
-leaf, so never paired with anything), and cannot fold through the ReLU; the
-BatchNorm after such a layer folds into it as into any other.
-
-Engines (``prepare_for_inference(model, engine=...)``):
-
-- ``"eager"``: the model itself, prepared in place: eval mode, BatchNorm
-  folded, DGC weights arranged once, parameters in channels-last memory
-  format, and every plain float32 ``nn.Conv2d`` swapped for a
-  ``PackedConv2d`` whose weight is reordered into oneDNN's blocked layout
-  once (``torch.nn.Conv2d`` re-packs it on every call). Torch 2.14 has no
-  public eager API for this: ``torch.utils.mkldnn.to_mkldnn`` needs opaque
-  MKLDNN tensors between every layer (DGC layers cannot take them) and
-  ``torch.jit.freeze`` needs a scriptable model (deprecated, and the DGC
-  sparse path does not script), so ``PackedConv2d`` calls the op inductor's
-  freezing uses (``torch.ops.mkldnn._convolution_pointwise`` on a weight
-  from ``torch._C._nn.mkldnn_reorder_conv2d_weight``). Where oneDNN is
-  missing, or a layer cannot be packed, the plain convolution stays. Feed
-  channels-last inputs (``x.contiguous(memory_format=torch.channels_last)``):
-  NCHW inputs give the same outputs but pay a conversion in the first layer.
-- ``"compile"``: the eager preparation without the eager packing, then
-  ``torch.compile(model, backend="inductor")`` with inductor's
-  ``freezing=True`` (patched in for every call of the returned
-  ``FrozenModel``, so for every compile and recompile, never set globally;
-  ``torch.compile``'s ``options={"freezing": True}`` does not freeze on torch
-  2.14): weights become constants, packed once, with the ReLUs and residual
-  additions fused into the convolutions.
-  The first call compiles (a few seconds to tens of seconds; less with a
-  warm inductor cache) and must run under ``torch.no_grad()`` for freezing
-  to apply; pass ``example_input`` to pay it here and read
-  ``report.compile_seconds``. Every DGC layer is one opaque call to the
-  compiled op ``dgc_convert::dgc_conv2d`` (its packed weight a frozen
-  constant) when the op could be built; otherwise each DGC layer is excluded
-  from tracing (``torch.compiler.disable``: it
-  runs its eager sparse path between compiled graphs; dynamo's recompile
-  limit is raised to 64 process-wide so that every block stays compiled).
-
-Serve ``report.model``: the prepared model for ``"eager"``, the compiled
-callable (wrapping the prepared model) for ``"compile"``.
+"""Get a model ready to serve: BatchNorm folded into the convolution before it, DGC weights
+arranged for gathering, eval mode, the faster memory layout, dense weights packed once, and
+optionally ``torch.compile`` with inductor freezing. Why folding holds for DGC layers, what each
+engine does, and the torch-version workarounds behind them (``PackedConv2d``, freezing patched in
+per call): ``docs/serving.md``, "Preparing a model to serve".
 """
 
 from __future__ import annotations

@@ -1,23 +1,9 @@
 """Checkpoints: weights in safetensors, state in JSON, written atomically, never unpickled.
 
-A checkpoint is a directory (``last/`` or ``best/`` in a run's output
-directory) holding:
-
-- ``model.safetensors``: the model's state dict (DGC ``zeta_t`` buffers
-  included), with ``dgc_convert.save``'s metadata (so ``dgc_convert.load``
-  opens it) and the recipe;
-- ``training.safetensors``: every tensor of the optimizer, gradient scaler and
-  random generators (only in ``last/``);
-- ``state.json``: the ``RunState`` (recipe, epochs and iterations done,
-  zeta_t, metrics) and the non-tensor part of the training state, with
-  placeholders where tensors go.
-
-A new checkpoint is written to a temporary directory that then replaces the
-old one by rename, so an interrupted save leaves the previous checkpoint
-whole. Every file carries the same random ``checkpoint_id``; loading checks it.
-A save that fails removes its temporary directory; ``sweep_checkpoints`` (at
-the start of a run, under its lock) removes those a dead process left and puts
-back a checkpoint a save set aside (``.last.old``) when it died between renames.
+A checkpoint directory (a run's ``last/`` or ``best/``) holds the model as ``dgc_convert.save``
+writes it, the optimizer, scaler and generator tensors, and the ``RunState``; a new one replaces
+the old by rename, so a cut save leaves the previous one whole. The files and the swap:
+``docs/files.md``, "Checkpoints".
 """
 
 from __future__ import annotations

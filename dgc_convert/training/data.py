@@ -1,17 +1,8 @@
 """Data sets and transforms for training: digits, synthetic, CIFAR and image folders.
 
-Every random augmentation is seeded by (run seed, epoch, sample index), not by
-whichever process or worker happens to load the sample. That is what lets a
-resumed run, a run with more data-loading workers, or a run on several
-processes see exactly the same augmented images.
-
-- ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits (shipped with
-  scikit-learn, no download), resized to the image size, with a fixed
-  stratified 80/20 held-out split.
-- ``synthetic``: deterministic class templates plus noise, for tests.
-- ``cifar10`` / ``cifar100``: torchvision; downloading needs ``download: true``.
-- ``imagefolder``: ``root/train`` and ``root/val`` read with the model's timm
-  transforms.
+Every random augmentation is seeded by (run seed, epoch, sample index), not by whichever process
+or worker loads the sample, so a resumed run, more workers or more processes see the same images.
+The data sets: ``docs/training.md``, "Data sets".
 """
 
 from __future__ import annotations
