@@ -25,7 +25,6 @@ threshold and a preact layer's ``norm`` are tensors of the weights file.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, cast, get_args
 
@@ -39,15 +38,12 @@ from dgc_convert.conversion.settings import (
     MAX_INPUT_CHANNELS,
     MAX_INPUT_SIDE,
     MAX_NUM_CLASSES,
-    OverrideSection,
-    build_section,
 )
 from dgc_convert.conversion.surgery import LayerSettings, apply_conversion, dgc_layers
 from dgc_convert.conversion.zoo import Library, ModelInfo, attach_model_info, create_model, model_info
 from dgc_convert.errors import DGCConvertError, LoadError, UnknownModelError, first_line, shown
 from dgc_convert.files.atomic import atomic_write
 from dgc_convert.files.model_file import MODEL_FORMAT, weights_file
-from dgc_convert.nn.settings import DEFAULT_GATING, DEFAULT_SQUEEZE_RULE, GATINGS, SQUEEZE_RULES
 
 __all__ = [
     "MODEL_FORMAT",
@@ -211,49 +207,29 @@ def _interleaved(entry: Any) -> bool:
     return _LAYOUTS[layout]
 
 
+# Keys every saved layer has had since the format's first files; the rest default to what
+# every layer was before they were written.
+_REQUIRED_LAYER_KEYS = ("heads", "squeeze_ratio", "zeta")
+
+
 def _layer_settings(entry: Any) -> LayerSettings:
-    """The ``LayerSettings`` a saved conversion entry records; keys added after the
-    format's first files default to what every layer was before them. The heads, squeeze ratio and
-    zeta are checked against the recipe schema's bounds (``OverrideSection``); a bad entry raises
-    ``ValueError`` naming the layer."""
+    """The ``LayerSettings`` a saved conversion entry records, checked by ``LayerSettings`` itself
+    (types, bounds, choices); a bad entry raises ``ValueError`` naming the layer."""
     if not isinstance(entry, dict):
         raise ValueError(f"each layer must be a mapping, got {shown(entry)}")
     name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"each layer needs a module name, got {shown(name)}")
-    gating = entry.get("gating", DEFAULT_GATING)
-    if not isinstance(gating, str) or gating not in GATINGS:
-        raise ValueError(f"layer {shown(name)}: unknown gating {shown(gating)} (expected {' or '.join(GATINGS)})")
-    preact = entry.get("preact", False)
-    if not isinstance(preact, bool):
-        raise ValueError(f"layer {shown(name)}: preact must be true or false, got {shown(preact)}")
-    rule = entry.get("squeeze_rule", DEFAULT_SQUEEZE_RULE)
-    if not isinstance(rule, str) or rule not in SQUEEZE_RULES:
-        raise ValueError(
-            f"layer {shown(name)}: unknown squeeze_rule {shown(rule)} (expected {' or '.join(SQUEEZE_RULES)})"
-        )
-    numbers = {key: entry.get(key) for key in ("heads", "squeeze_ratio", "zeta")}
-    for key, value in numbers.items():
-        kind_ok = _is_int(value) if key == "heads" else isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not kind_ok or (isinstance(value, float) and not math.isfinite(value)):
-            kind = "an integer" if key == "heads" else "a finite number"
-            raise ValueError(f"layer {shown(name)}: {key} must be {kind}, got {shown(value)}")
     zeta_t = entry.get("zeta_t", 0.0)
     if not (isinstance(zeta_t, (int, float)) and not isinstance(zeta_t, bool) and 0.0 <= zeta_t < 1.0):
         raise ValueError(f"layer {shown(name)}: zeta_t must be in [0, 1), got {shown(zeta_t)}")
+    missing = [key for key in _REQUIRED_LAYER_KEYS if key not in entry]
+    if missing:
+        raise ValueError(f"layer {shown(name)}: {missing[0]} is missing")
     try:
-        build_section(OverrideSection, numbers, error=LoadError)
-    except LoadError as error:
+        return LayerSettings.from_dict({**entry, "interleaved": _interleaved(entry)})
+    except ValueError as error:
         raise ValueError(f"layer {shown(name)}: {error}") from None
-    return LayerSettings(
-        int(entry["heads"]),
-        float(entry["squeeze_ratio"]),
-        float(entry["zeta"]),
-        interleaved=_interleaved(entry),
-        gating=gating,
-        preact=preact,
-        squeeze_rule=rule,
-    )
 
 
 def saved_layer_settings(metadata: dict[str, str]) -> dict[str, LayerSettings]:

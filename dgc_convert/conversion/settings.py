@@ -8,20 +8,21 @@ Bounds on a model's shape live here too, shared by the recipe schema and saved-m
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from types import UnionType
-from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from dgc_convert.errors import ConversionError, DGCConvertError, SettingsError, shown
 from dgc_convert.nn.settings import (
-    DEFAULT_GATING,
-    DEFAULT_HEADS,
-    DEFAULT_SQUEEZE_RATIO,
-    DEFAULT_SQUEEZE_RULE,
-    DEFAULT_ZETA,
-    GATINGS,
-    SQUEEZE_RULES,
+    MODEL_WIDE_SETTINGS,
+    Bound,
+    LayerSettings,
+    setting_bound,
+    setting_choices,
+    setting_help,
+    user_settings,
 )
 
 __all__ = [
@@ -58,16 +59,6 @@ def _not_a_boolean(value: Any) -> Any:
 # A whole number that is not a boolean (otherwise pydantic's lax int parsing, and its messages).
 Count = Annotated[int, BeforeValidator(_not_a_boolean)]
 
-# The bounds of a DGC layer's settings, shared by the convert section and its per-layer overrides.
-Heads = Annotated[Count, Field(ge=1)]
-Zeta = Annotated[float, Field(ge=0.0, lt=1.0)]
-SqueezeRatio = Annotated[float, Field(ge=1.0)]
-# The layer's choices, as the schema's types (the layer's constants name them; checked at import below).
-Gating = Literal["head", "network"]
-SqueezeRule = Literal["standard", "authors"]
-if get_args(Gating) != GATINGS or get_args(SqueezeRule) != SQUEEZE_RULES:  # not an assert: kept under -O
-    raise RuntimeError("the recipe schema's gating/squeeze_rule choices disagree with DGCConv2d's")
-
 
 class Section(BaseModel):
     """A recipe section: unknown keys are errors, assignments are validated."""
@@ -102,60 +93,98 @@ class ModelSection(Section):
         return self
 
 
-class OverrideSection(Section):
-    """Per-layer settings for the convolutions a glob pattern matches.
+def _layer_field(name: str, *, optional: bool) -> tuple[Any, Any]:
+    """(annotation, pydantic field) of one ``LayerSettings`` field, read off its type, bound,
+    choices, default and help text: the recipe schema never restates a per-layer setting."""
+    item = next(item for item in fields(LayerSettings) if item.name == name)
+    kind = {"int": int, "float": float, "bool": bool, "str": str}[str(item.type)]
+    bound, choices = setting_bound(name), setting_choices(name)
+    annotation: Any
+    if choices is not None:
+        annotation = Literal[choices]  # type: ignore[valid-type]  # a tuple of choices is a Literal's arguments
+    elif bound is not None:
+        limits = {key: getattr(bound, key) for key in ("ge", "gt", "le", "lt") if getattr(bound, key) is not None}
+        annotation = Annotated[Count if bound.integer else kind, Field(**limits)]
+    else:
+        annotation = kind
+    if optional:
+        return annotation | None, Field(default=None, description=setting_help(name))
+    return annotation, Field(default=item.default, description=setting_help(name))
+
+
+# The order ``overrides`` has always listed its keys in (error messages show it); settings added
+# later follow in declaration order.
+_OVERRIDE_ORDER = ("heads", "zeta", "squeeze_ratio", "skip")
+
+
+def _override_fields() -> dict[str, Any]:
+    per_layer = [name for name in user_settings() if name not in MODEL_WIDE_SETTINGS]
+    names = [n for n in _OVERRIDE_ORDER if n in per_layer or n == "skip"]
+    names += [n for n in per_layer if n not in names]
+    return {
+        name: (bool | None, Field(default=None, description="true: leave these convolutions dense; false: un-skip"))
+        if name == "skip"
+        else _layer_field(name, optional=True)
+        for name in names
+    }
+
+
+# Built from LayerSettings: every per-layer setting except the model-wide ones, each optional.
+_OverrideFields: type[Section] = create_model("_OverrideFields", __base__=Section, **_override_fields())
+
+
+class OverrideSection(_OverrideFields):  # type: ignore[misc,valid-type]  # fields built from LayerSettings
+    """Per-layer settings for the convolutions a glob pattern matches: ``LayerSettings``' all-optional form.
 
     Every key is tri-state: None leaves the value an earlier pattern (or the
     section) set, so ``{"layer4.*": {skip: true}, "layer4.0.conv1": {zeta:
     0.7}}`` keeps ``layer4.0.conv1`` skipped; ``skip: false`` un-skips.
+    Model-wide settings (``gating``) are refused here.
     """
-
-    heads: Heads | None = None
-    zeta: Zeta | None = None
-    squeeze_ratio: SqueezeRatio | None = None
-    skip: bool | None = None
-    preact: bool | None = None
-    squeeze_rule: SqueezeRule | None = None
 
     @model_validator(mode="before")
     @classmethod
-    def _gating_is_model_wide(cls, value: Any) -> Any:
-        # One threshold for the whole model: a layer cannot gate differently.
-        if isinstance(value, Mapping) and "gating" in value:
-            raise ValueError("gating is model-wide (one threshold for the whole model); set convert.gating instead")
+    def _model_wide_settings_are_not_per_layer(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            for name, why in MODEL_WIDE_SETTINGS.items():
+                if name in value:
+                    raise ValueError(f"{name} is model-wide ({why}); set convert.{name} instead")
         return value
 
 
-class ConvertSection(Section):
+def _convert_fields() -> dict[str, Any]:
+    layer = {name: _layer_field(name, optional=False) for name in user_settings()}
+    return {
+        "enabled": (bool, Field(default=True)),
+        **layer,
+        "include": (
+            list[str],
+            Field(default_factory=list, description="glob over module names; only matching convs convert"),
+        ),
+        "exclude": (list[str], Field(default_factory=list, description="glob over module names to leave dense")),
+        "min_channels": (Count, Field(default=16, ge=1, description="fewest input channels worth gating")),
+        "overrides": (dict[str, OverrideSection], Field(default_factory=dict)),
+    }
+
+
+# Built from LayerSettings: every per-layer setting with its default, between the conversion's own keys.
+_ConvertFields: type[Section] = create_model("_ConvertFields", __base__=Section, **_convert_fields())
+
+
+class ConvertSection(_ConvertFields):  # type: ignore[misc,valid-type]  # fields built from LayerSettings
     """How to convert: the one settings object of a conversion (CLI, recipes and the API build it).
 
     ``enabled: false`` trains the dense model the same way (``surgery.convert``
-    itself ignores the flag). The layer defaults (heads, squeeze ratio, zeta,
-    gating, squeeze rule) are ``DGCConv2d``'s own, so a layer built by hand and
-    one converted here agree. ``gating`` is model-wide (DGC-G's threshold is
-    one value for the whole model): overrides may set ``preact`` and
-    ``squeeze_rule`` per layer, never ``gating``.
+    itself ignores the flag). The per-layer settings (heads, squeeze ratio, zeta,
+    gating, preact, squeeze rule) and their defaults are ``LayerSettings``' own,
+    so a layer built by hand and one converted here agree. Model-wide settings
+    (``gating``: DGC-G's threshold is one value for the whole model) are never
+    set in ``overrides``.
     """
 
-    enabled: bool = True
-    heads: Heads = Field(default=DEFAULT_HEADS, description="heads per converted layer")
-    squeeze_ratio: SqueezeRatio = Field(default=DEFAULT_SQUEEZE_RATIO, description="saliency generator squeeze ratio d")
-    zeta: Zeta = Field(default=DEFAULT_ZETA, description="pruning ratio: fraction of input channels each head drops")
-    gating: Gating = Field(
-        default=cast(Gating, DEFAULT_GATING),
-        description="head: each head keeps its top k; network (DGC-G): channels above one model-wide threshold",
-    )
-    preact: bool = Field(
-        default=False, description="give each DGC layer its own BatchNorm + ReLU in front (the authors' networks)"
-    )
-    squeeze_rule: SqueezeRule = Field(
-        default=cast(SqueezeRule, DEFAULT_SQUEEZE_RULE),
-        description="saliency generator width and init: standard max(C//d, 4), or the authors' code's rule",
-    )
-    include: list[str] = Field(default_factory=list, description="glob over module names; only matching convs convert")
-    exclude: list[str] = Field(default_factory=list, description="glob over module names to leave dense")
-    min_channels: Count = Field(default=16, ge=1, description="fewest input channels worth gating")
-    overrides: dict[str, OverrideSection] = Field(default_factory=dict)
+    def layer_settings(self) -> LayerSettings:
+        """The section's model-wide values of every per-layer setting, as ``LayerSettings``."""
+        return LayerSettings(**{name: getattr(self, name) for name in user_settings()})
 
 
 LayerOverride = OverrideSection  # the API's name for one override
@@ -185,23 +214,10 @@ def _allowed(field_info: Any, *, with_kind: bool = True) -> str:
         for attr in ("ge", "gt", "le", "lt"):
             if getattr(bound, attr, None) is not None:
                 bounds[attr] = getattr(bound, attr)
-    lower = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
-    upper = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    if bounds and annotation in (int, float):
+        return Bound(**bounds, integer=annotation is int).describe(with_kind=with_kind)
     kind = {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(annotation)
-    shown_kind = f"{kind} " if kind and with_kind else ""
-    if annotation is int and bounds == {"ge": 1}:
-        return "a positive integer"
-    if lower and upper:
-        return f"in {lower[0]}{_number(lower[1])}, {_number(upper[1])}{upper[0]}"
-    if lower or upper:
-        sign = {"[": ">=", "(": ">", "]": "<=", ")": "<"}[(lower or upper)[0]]  # type: ignore[index]
-        return f"{shown_kind}{sign} {_number((lower or upper)[1])}"  # type: ignore[index]
     return kind or f"of type {getattr(annotation, '__name__', annotation)}"
-
-
-def _number(bound: Any) -> str:
-    """A bound as written: 1000000, not 1e+06; 0.5, not 0.500000."""
-    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 def _settings_message(error: ValidationError, section: type[BaseModel]) -> str:

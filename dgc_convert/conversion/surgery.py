@@ -34,7 +34,7 @@ from dgc_convert.nn.layer import (
     static_padding,
 )
 from dgc_convert.nn.modes import dgc_mode, find_dgc_layers
-from dgc_convert.nn.settings import DEFAULT_GATING, DEFAULT_SQUEEZE_RULE
+from dgc_convert.nn.settings import DEFAULT_GATING, DEFAULT_SQUEEZE_RULE, LayerSettings
 
 __all__ = [
     "LayerDecision",
@@ -50,25 +50,6 @@ __all__ = [
     "sparsity_loss",
     "check_identity",
 ]
-
-
-@dataclass(frozen=True)
-class LayerSettings:
-    """The DGC settings of one converted layer: what ``apply_conversion`` needs, and what a saved model records.
-
-    ``interleaved``: the head-ownership layout of models saved before blocked
-    ownership and of the authors' checkpoints (``DGCConv2d``); every new
-    conversion is blocked. ``gating``, ``preact`` and ``squeeze_rule``: as
-    ``DGCConv2d`` takes them.
-    """
-
-    heads: int
-    squeeze_ratio: float
-    zeta: float
-    interleaved: bool = False
-    gating: str = DEFAULT_GATING
-    preact: bool = False
-    squeeze_rule: str = DEFAULT_SQUEEZE_RULE
 
 
 @dataclass
