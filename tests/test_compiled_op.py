@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dgc_convert import DGCConv2d
-from dgc_convert.nn.channel_order import interleaved_blocked_rows, interleaved_output_order, to_output_order
 from dgc_convert.nn import compiled
+from dgc_convert.nn.channel_order import interleaved_blocked_rows, interleaved_output_order, to_output_order
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

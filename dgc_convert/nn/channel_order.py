@@ -37,10 +37,16 @@ def interleave_head_major(head_major: Tensor) -> Tensor:
     return head_major.transpose(0, 1).flatten(0, 1)
 
 
-def to_output_order(out: Tensor, order: Tensor) -> Tensor:
+def to_output_order(out: Tensor, order: Tensor, *, keep_layout: bool = True) -> Tensor:
     """``out`` (B, C', ...) with its channels gathered in ``order``: channel o of the result is
-    channel ``order[o]`` of ``out``. A channels-last ``out`` stays channels-last (the compiled
-    op's output), anything else comes back contiguous; either way one copy."""
-    if out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
+    channel ``order[o]`` of ``out``, in one copy. With ``keep_layout`` a channels-last ``out``
+    stays channels-last (the compiled op's output); anything else comes back contiguous.
+    Exporters pass False: the layout test would pin a traced 1-pixel map's size."""
+    if (
+        keep_layout
+        and out.dim() == 4
+        and out.is_contiguous(memory_format=torch.channels_last)
+        and not out.is_contiguous()
+    ):
         return out.permute(0, 2, 3, 1).index_select(3, order).permute(0, 3, 1, 2)
     return out.index_select(1, order)

@@ -31,7 +31,7 @@ from dgc_convert.nn.saliency import (
 )
 from dgc_convert.nn.sparse import ALGORITHMS as SPARSE_ALGORITHMS
 from dgc_convert.nn.tensor_state import tensor_state
-from dgc_convert.nn.tracing_state import jit_tracing
+from dgc_convert.nn.tracing_state import exporting, jit_tracing
 
 __all__ = [
     "DGCConv2d",
@@ -558,7 +558,9 @@ class DGCConv2d(nn.Module):
     def to_output_order(self, out: Tensor) -> Tensor:
         """A blocked-order output (B, C', ...) in the layer's channel order: ``out`` itself,
         or one gather in ``output_order`` for an interleaved layer."""
-        return out if self.output_order is None else to_output_order(out, self.output_order)
+        if self.output_order is None:
+            return out
+        return to_output_order(out, self.output_order, keep_layout=not exporting())
 
     def same_padding_for(self, x: Tensor) -> tuple[int, int, int, int] | None:
         """With ``same_padding``, the TF-'SAME' padding (left, right, top, bottom) in
