@@ -9,7 +9,9 @@ BatchNorm-folded layer). Dense is timed two ways, both on channels-last input:
 ``torch.compile`` of a one-conv module with ``torch._inductor.config.freezing``
 under ``torch.no_grad()``. ``dgc`` is one call of the op (saliency, selection,
 sparse convolution; channels-last output) through ``compiled.dgc_conv2d`` with
-the blocked head layout, ``dgc-i`` the same with the interleaved layout.
+the blocked head layout, ``dgc-i`` the same for an interleaved layer: the op
+(which computes blocked) on its weight rows in blocked order, then its one
+relabelling of output channels (``channel_order.to_output_order``).
 
 Every figure is the median of interleaved repeats, in milliseconds per batch.
 "ratio" is dgc / the faster dense; "MACs" is the DGC layer's MAC ratio
@@ -35,6 +37,7 @@ from torch import nn
 from dgc_convert import DGCConv2d
 from dgc_convert.measuring.macs import dgc_layer_macs
 from dgc_convert.nn import compiled
+from dgc_convert.nn.channel_order import interleaved_output_order, to_output_order
 
 # (name, in, out, kernel, size)
 SHAPES = [
@@ -133,6 +136,7 @@ def run(args: argparse.Namespace) -> None:
                     layer = DGCConv2d.from_conv(conv, heads=HEADS, zeta=zeta).eval()
                     layers[zeta] = layer
                     g = layer.saliency_generator
+                    order = interleaved_output_order(c_out, HEADS)
                     for interleaved in (False, True):
                         # Each variant its own copies of every parameter: the runs are
                         # interleaved, and a shared one would be warm in cache for the second.
@@ -141,16 +145,20 @@ def run(args: argparse.Namespace) -> None:
                             g.reduce.detach().clone(),
                             g.expand.detach().clone(),
                             g.beta.detach().clone(),
-                            compiled.pack_weight(layer.weight, HEADS, interleaved),
+                            compiled.pack_weight(layer.weight, HEADS),
                             layer.bias.detach().clone(),
                             layer.kept_channels,
                             layer.stride,
                             layer.padding,
                             layer.dilation,
-                            interleaved,
                             False,
                         )
-                        runs[f"dgc{zeta}{interleaved}"] = lambda call_args=call_args: compiled.dgc_conv2d(*call_args)
+                        if interleaved:
+                            runs[f"dgc{zeta}True"] = lambda call_args=call_args, order=order: to_output_order(
+                                compiled.dgc_conv2d(*call_args), order
+                            )
+                        else:
+                            runs[f"dgc{zeta}False"] = lambda call_args=call_args: compiled.dgc_conv2d(*call_args)
                 t = _medians(runs, args.repeats)
                 dense = min(t["cl"], t.get("frozen", float("inf")))
                 for zeta, layer in layers.items():

@@ -17,6 +17,7 @@ import torch
 
 from dgc_convert import DGCConv2d
 from dgc_convert.nn import compiled
+from dgc_convert.nn.channel_order import interleaved_blocked_rows, interleaved_output_order, to_output_order
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -125,22 +126,29 @@ def test_op_equals_the_training_computation(op, case, batch):
 
     # Both layouts: blocked (head h owns outputs and weight rows h*n + j) and
     # interleaved (j*H + h), each with the weight relabelled to compute the same.
+    # The op computes blocked: an interleaved weight's rows go in blocked order,
+    # and its output is relabelled once afterwards.
     g = layer.saliency_generator
+    rows, order = interleaved_blocked_rows(c_out, heads), interleaved_output_order(c_out, heads)
     for interleaved in (False, True):
+        weight, bias = _in_layout(layer, layer.weight, interleaved), _in_layout(layer, layer.bias, interleaved)
+        if interleaved:
+            weight, bias = weight[rows], bias[rows]
         with torch.no_grad():
             out = op.dgc_conv2d(
                 x,
                 g.reduce,
                 g.expand,
                 g.beta,
-                op.pack_weight(_in_layout(layer, layer.weight, interleaved), heads, interleaved=interleaved),
-                _in_layout(layer, layer.bias, interleaved),
+                op.pack_weight(weight, heads),
+                bias,
                 layer.kept_channels,
                 layer.stride,
                 layer.padding,
                 layer.dilation,
-                interleaved=interleaved,
             )
+        if interleaved:
+            out = to_output_order(out, order)
         torch.testing.assert_close(out, _in_layout(layer, reference, interleaved, output=True), **TOL)
 
 
@@ -258,10 +266,10 @@ class _Op(torch.nn.Module):
         self.register_buffer("reduce", g.reduce.detach().clone())
         self.register_buffer("expand", g.expand.detach().clone())
         self.register_buffer("beta", g.beta.detach().clone())
-        self.register_buffer("packed", compiled.pack_weight(layer.weight, layer.heads, _interleaved(layer)))
-        self.register_buffer("bias", layer.bias.detach().clone())
+        self.register_buffer("packed", compiled.pack_weight(layer.blocked_weight(), layer.heads))
+        self.register_buffer("bias", layer.blocked_bias().detach().clone())
         self.kept = layer.kept_channels
-        self.conv_args = (layer.stride, layer.padding, layer.dilation, _interleaved(layer))
+        self.conv_args = (layer.stride, layer.padding, layer.dilation)
 
     def forward(self, x):
         y = compiled.dgc_conv2d(

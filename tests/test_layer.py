@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dgc_convert import DGCConv2d, kept_channel_count
-from dgc_convert.nn.functional import dense_weights, gated_conv2d, head_major_to_dense, head_weights
+from dgc_convert.nn.channel_order import (
+    interleave_head_major,
+    interleaved_blocked_rows,
+    interleaved_output_order,
+    to_output_order,
+)
+from dgc_convert.nn.functional import gated_conv2d, head_weights
 
 LAYOUTS = pytest.mark.parametrize("interleaved", [False, True], ids=["blocked", "interleaved"])
 
@@ -117,22 +123,17 @@ def test_forward_matches_reference_loop(heads, zeta, size, interleaved):
 
 
 @pytest.mark.parametrize("algorithm", ["per_head", "per_sample", "stacked"])
-@LAYOUTS
-def test_every_algorithm_agrees_with_plain_autograd(algorithm, interleaved):
+def test_every_algorithm_agrees_with_plain_autograd(algorithm):
     torch.manual_seed(1)
     x = torch.randn(4, 6, 7, 9, dtype=torch.float64, requires_grad=True)
     gate = torch.rand(4, 3, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(9, 6, 3, 3, dtype=torch.float64, requires_grad=True)
     args = ((2, 1), (1, 2), (1, 2))
-    out = gated_conv2d(x, gate, weight, *args, algorithm=algorithm, interleaved=interleaved)
+    out = gated_conv2d(x, gate, weight, *args, algorithm=algorithm)
     grads = torch.autograd.grad(out.square().sum(), (x, gate, weight))
     # Plain autograd through one explicit masked copy per head is the baseline.
-    if interleaved:
-        copies = [F.conv2d(x * gate[:, h, :, None, None], weight[h::3], None, *args) for h in range(3)]
-        expected = torch.stack(copies, 2).flatten(1, 2)
-    else:
-        copies = [F.conv2d(x * gate[:, h, :, None, None], weight[3 * h : 3 * h + 3], None, *args) for h in range(3)]
-        expected = torch.cat(copies, 1)
+    copies = [F.conv2d(x * gate[:, h, :, None, None], weight[3 * h : 3 * h + 3], None, *args) for h in range(3)]
+    expected = torch.cat(copies, 1)
     expected_grads = torch.autograd.grad(expected.square().sum(), (x, gate, weight))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     for got, want in zip(grads, expected_grads):
@@ -140,41 +141,40 @@ def test_every_algorithm_agrees_with_plain_autograd(algorithm, interleaved):
 
 
 @pytest.mark.parametrize("algorithm", ["per_head", "per_sample", "stacked"])
-def test_channels_last_input_trains_in_both_layouts(algorithm):
+def test_channels_last_input_trains(algorithm):
     torch.manual_seed(2)
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     gate = torch.rand(2, 3, 6, dtype=torch.float64)
     weight = torch.randn(9, 6, 3, 3, dtype=torch.float64)
-    for interleaved in (False, True):
-        inputs = [t.clone().requires_grad_() for t in (x, gate, weight)]
-        plain = [t.contiguous().clone().requires_grad_() for t in (x, gate, weight)]
-        out = gated_conv2d(*inputs, padding=(1, 1), algorithm=algorithm, interleaved=interleaved)
-        want = gated_conv2d(*plain, padding=(1, 1), algorithm="per_head", interleaved=interleaved)
-        torch.testing.assert_close(out, want, rtol=0, atol=1e-10)
-        grad_out = torch.randn_like(want).contiguous(memory_format=torch.channels_last)
-        for got, expected in zip(
-            torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(want, plain, grad_out)
-        ):
-            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    inputs = [t.clone().requires_grad_() for t in (x, gate, weight)]
+    plain = [t.contiguous().clone().requires_grad_() for t in (x, gate, weight)]
+    out = gated_conv2d(*inputs, padding=(1, 1), algorithm=algorithm)
+    want = gated_conv2d(*plain, padding=(1, 1), algorithm="per_head")
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-10)
+    grad_out = torch.randn_like(want).contiguous(memory_format=torch.channels_last)
+    for got, expected in zip(torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(want, plain, grad_out)):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
 
 
 def test_blocked_head_weights_are_a_view_and_the_mappings_invert():
     weight = torch.randn(12, 5, 3, 3)
-    blocked = head_weights(weight, 4, interleaved=False)
+    blocked = head_weights(weight, 4)
     assert blocked.shape == (4, 3, 5, 3, 3) and blocked.data_ptr() == weight.data_ptr() and blocked._base is weight
     assert torch.equal(blocked[2], weight[6:9])
-    interleaved = head_weights(weight, 4, interleaved=True)
-    assert torch.equal(interleaved[2], weight[2::4])
-    for layout, head_major in ((False, blocked), (True, interleaved)):
-        assert torch.equal(dense_weights(head_major, interleaved=layout), weight)
+    # The interleaved layout: head h owns the dense rows h::H; in blocked order they are rows h*n + j.
+    rows, order = interleaved_blocked_rows(12, 4), interleaved_output_order(12, 4)
+    assert torch.equal(weight[rows][6:9], weight[2::4])  # head 2's filters, blocked
+    assert torch.equal(rows[order], torch.arange(12)) and torch.equal(order[rows], torch.arange(12))  # inverses
+    assert torch.equal(interleave_head_major(weight[rows].view(4, 3, 5, 3, 3)), weight)
     out = torch.arange(2 * 12 * 2 * 2.0).view(2, 12, 2, 2)  # head-major: channel h*3 + j is head h's j-th
-    assert head_major_to_dense(out, 4, interleaved=False) is out
-    shuffled = head_major_to_dense(out, 4, interleaved=True)
+    shuffled = to_output_order(out, order)
     assert torch.equal(shuffled[:, 1 * 4 + 2], out[:, 2 * 3 + 1])  # dense channel j*H + h
+    last = to_output_order(out.contiguous(memory_format=torch.channels_last), order)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, shuffled)
 
 
 @pytest.mark.parametrize("algorithm", ["eval", "per_head", "per_sample", "stacked"])
-def test_the_layouts_are_a_relabelling_of_output_channels(algorithm):
+def test_the_layouts_are_a_relabelling_of_output_channels(algorithm, monkeypatch):
     """An interleaved layer equals the blocked layer whose filters are the same
     heads' filters in blocked order, with the outputs relabelled alike."""
     torch.manual_seed(4)
@@ -189,14 +189,23 @@ def test_the_layouts_are_a_relabelling_of_output_channels(algorithm):
     if algorithm == "eval":
         interleaved.eval(), blocked.eval()
         with torch.no_grad():
-            torch.testing.assert_close(blocked(x), interleaved(x)[:, order], rtol=0, atol=1e-12)
+            for name in ("masked", "gather_conv", "gather_bmm", "stacked", "export"):
+                interleaved.inference_algorithm = blocked.inference_algorithm = name
+                torch.testing.assert_close(blocked(x), interleaved(x)[:, order], rtol=0, atol=0, msg=name)
         return
-    with torch.no_grad():
-        gate = blocked.gates(x)
-    weights = (blocked.weight, interleaved.weight)
-    got = gated_conv2d(x, gate.scores * gate.mask, weights[0], padding=(1, 1), algorithm=algorithm)
-    want = gated_conv2d(x, gate.scores * gate.mask, weights[1], padding=(1, 1), algorithm=algorithm, interleaved=True)
-    torch.testing.assert_close(got, want[:, order], rtol=0, atol=1e-12)
+    # Training: the same outputs and gradients, relabelled, whichever training algorithm runs.
+    import dgc_convert.nn.layer as layer_module
+
+    def forced(*args):
+        return gated_conv2d(*args, algorithm=algorithm)
+
+    monkeypatch.setattr(layer_module, "gated_conv2d", forced)
+    got, want = blocked(x), interleaved(x)
+    torch.testing.assert_close(got, want[:, order], rtol=0, atol=0)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(blocked.weight.grad, interleaved.weight.grad[order], rtol=0, atol=1e-12)
+    torch.testing.assert_close(blocked.bias.grad, interleaved.bias.grad[order], rtol=0, atol=1e-12)
 
 
 def test_unknown_algorithm_is_refused():

@@ -510,21 +510,21 @@ def op():
 def _op_call(op, layer: DGCConv2d, x: Tensor, threshold: float, kept: int | None = None, unit: bool = False):
     g = layer.saliency_generator
     with torch.no_grad():
-        return op.dgc_conv2d(
+        out = op.dgc_conv2d(
             x,
             g.reduce.detach(),
             g.expand.detach(),
             g.beta.detach(),
-            op.pack_weight(layer.weight, layer.heads, layer.interleaved),
-            layer.bias.detach(),
+            op.pack_weight(layer.blocked_weight(), layer.heads),
+            layer.blocked_bias().detach(),
             layer.in_channels if kept is None else kept,
             layer.stride,
             layer.padding,
             layer.dilation,
-            layer.interleaved,
             unit,
             threshold,
         )
+        return layer.to_output_order(out)  # the op computes blocked; an interleaved layer relabels once
 
 
 @CASE_PARAMS

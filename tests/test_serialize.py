@@ -115,6 +115,52 @@ def test_a_file_saved_before_blocked_ownership_loads_interleaved_with_the_same_o
         torch.testing.assert_close(load(again)(x), model(x), rtol=0, atol=0)
 
 
+def test_an_interleaved_file_computes_as_a_blocked_layer_plus_one_relabelling(tmp_path):
+    """Each layer of a file written as ``save`` wrote interleaved layers (dense rows, head i owning
+    rows i::H, "layout": "interleaved") equals, at atol 0 in every eval computation, a blocked layer
+    holding the same filters in blocked order followed by one gather of its output channels."""
+    from safetensors.torch import save_model
+
+    from dgc_convert import DGCConv2d
+
+    model = _interleaved_model()
+    metadata = model_metadata(model, 32)
+    assert {layer["layout"] for layer in json.loads(metadata["conversion"])} == {"interleaved"}
+    save_model(model, str(tmp_path / "interleaved.safetensors"), metadata=metadata)
+    tensors = load_file(str(tmp_path / "interleaved.safetensors"))
+    loaded = load(tmp_path / "interleaved.safetensors")
+    inputs = {}
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args, name=name: inputs.setdefault(name, args[0]))
+        for name, layer in dgc_layers(loaded)
+    ]
+    with torch.no_grad():
+        loaded(torch.randn(2, 3, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    for name, layer in dgc_layers(loaded)[:4]:
+        heads, out_channels = layer.heads, layer.out_channels
+        per_head = out_channels // heads
+        blocked = DGCConv2d(
+            layer.in_channels, out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+            bias=layer.bias is not None, heads=heads, squeeze_ratio=layer.squeeze_ratio, zeta=layer.zeta,
+        )  # fmt: skip
+        state = {key[len(name) + 1 :]: value for key, value in tensors.items() if key.startswith(name + ".")}
+        # Blocked row h*n + j is the file's row j*H + h; dense channel j*H + h is blocked channel h*n + j.
+        rows = torch.tensor([j * heads + h for h in range(heads) for j in range(per_head)])
+        order = torch.tensor([h * per_head + j for j in range(per_head) for h in range(heads)])
+        state["weight"] = state["weight"][rows]
+        if "bias" in state:
+            state["bias"] = state["bias"][rows]
+        blocked.load_state_dict(state)
+        blocked.eval()
+        for algorithm in ("auto", "masked", "gather_conv", "gather_bmm", "stacked", "export"):
+            layer.inference_algorithm = blocked.inference_algorithm = algorithm
+            with torch.no_grad():
+                want = blocked(inputs[name])[:, order]
+                torch.testing.assert_close(layer(inputs[name]), want, rtol=0, atol=0, msg=f"{name} {algorithm}")
+
+
 def test_saved_layouts_apply_to_a_model_built_from_settings(tmp_path):
     """A trainer resuming from an old checkpoint builds blocked layers from its recipe; the file's layouts fix that."""
     from safetensors.torch import load_model

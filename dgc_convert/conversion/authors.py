@@ -52,7 +52,7 @@ from dgc_convert.conversion.settings import ConvertSection, build_section
 from dgc_convert.conversion.surgery import LayerSettings, apply_conversion
 from dgc_convert.conversion.zoo import create_model
 from dgc_convert.errors import LoadError, SettingsError, first_line
-from dgc_convert.nn.functional import dense_weights
+from dgc_convert.nn.channel_order import interleave_head_major
 from dgc_convert.nn.layer import DGCConv2d, kept_channel_count
 
 __all__ = [
@@ -210,7 +210,7 @@ class _Mapper:
         filters = self.stacked([f"{k}.conv.weight" for k in heads_keys], (c_out // heads, c_in, kh, kw))
         if filters is not None:
             # Head-major (H, n, C, kh, kw) into the dense layout: row j*H + i is head i's filter j.
-            self.put(f"{name}.weight", dense_weights(filters, interleaved=True))
+            self.put(f"{name}.weight", interleave_head_major(filters))
         self.put(
             f"{name}.saliency_generator.reduce",
             self.stacked([f"{k}.fc1.weight" for k in heads_keys], (hidden, c_in), width),

@@ -13,7 +13,12 @@ so ``load`` opens them too (a checkpoint directory or its ``model.safetensors``)
 Layout: every layer records ``"layout": "blocked"`` (head i owns a contiguous
 block of output channels) or ``"interleaved"`` (head i owns channels i::H).
 Files written before the key existed were all interleaved, so an entry without
-it loads as an interleaved layer and computes exactly what it did.
+it loads as an interleaved layer and computes exactly what it did. An
+interleaved layer computes as a blocked layer plus one relabelling of its
+output channels (``dgc_convert.nn.channel_order``), but its parameters keep
+the dense rows, so it is written exactly as before: "layout": "interleaved"
+and the weights in dense order. That form is what every earlier release
+reads, and what optimizer states and trainer checkpoints already hold.
 
 Gating, pre-activation and squeeze rule: every layer records ``"gating"``
 ("head" or "network"), ``"preact"`` (true or false) and ``"squeeze_rule"``

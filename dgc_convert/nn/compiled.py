@@ -3,7 +3,7 @@
 One call per layer and batch computes the saliency scores, selects exactly the
 channels ``DGCConv2d.select`` selects (ties to the lower channel), convolves
 only the kept channels with a vectorised direct convolution on channels-last
-data and writes a channels-last output in the layer's output-channel order.
+data and writes a channels-last output in head-major (blocked) channel order.
 The source is ``csrc/dgc_conv.cpp``; it is built on first use with
 ``torch.utils.cpp_extension.load`` (ninja, ``-O3 -march=native``) into torch's
 extension cache, under a name that carries the CPU's vector level and a hash
@@ -38,6 +38,7 @@ __all__ = [
     "available",
     "in_use",
     "paused",
+    "is_paused",
     "unavailable_reason",
     "vector_level",
     "pack_weight",
@@ -140,7 +141,6 @@ def _register_fakes() -> None:
         stride: Sequence[int],
         padding: Sequence[int],
         dilation: Sequence[int],
-        interleaved: bool,
         unit_scores: bool,
         threshold: float | None = None,
     ) -> Tensor:
@@ -200,6 +200,11 @@ def paused() -> Iterator[None]:
         _paused.value = before
 
 
+def is_paused() -> bool:
+    """Whether this thread is inside ``paused()`` (never builds the op, unlike ``in_use``)."""
+    return bool(getattr(_paused, "value", False))
+
+
 def in_use() -> bool:
     """Whether DGC layers use the op now: it is available and not ``paused()``."""
     return not getattr(_paused, "value", False) and available()
@@ -220,16 +225,15 @@ def _require() -> None:
         raise RuntimeError(f"the compiled DGC op is unavailable: {_reason}")
 
 
-def pack_weight(weight: Tensor, heads: int, interleaved: bool = False) -> Tensor:
+def pack_weight(weight: Tensor, heads: int) -> Tensor:
     """The one-time prepacked weight: (C', C, kh, kw) -> (heads, C, kh, kw, C'/heads), float32.
 
-    Entry [h, c, ky, kx, j] is head h's j-th filter over input channel c:
-    ``weight[j*heads + h]`` (interleaved: the authors' layout, older saved models) or
-    ``weight[h*(C'/heads) + j]`` (blocked: the layer's default).
+    Entry [h, c, ky, kx, j] is head h's j-th filter over input channel c,
+    ``weight[h*(C'/heads) + j]`` (the blocked layout).
     """
     if _state is not True:
         _require()
-    out: Tensor = torch.ops.dgc_convert.dgc_pack_weight.default(weight.detach(), heads, interleaved)
+    out: Tensor = torch.ops.dgc_convert.dgc_pack_weight.default(weight.detach(), heads)
     return out
 
 
@@ -244,16 +248,15 @@ def dgc_conv2d(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
-    interleaved: bool = False,
     unit_scores: bool = False,
     threshold: float | None = None,
 ) -> Tensor:
-    """One DGC layer's eval forward: (B, C, H, W) -> (B, C', H', W'), channels-last, float32.
+    """One blocked DGC layer's eval forward: (B, C, H, W) -> (B, C', H', W'), channels-last, float32.
 
     ``reduce`` (heads, hidden, C), ``expand`` (heads, C, hidden) and ``beta``
     (heads, C) are the saliency generator's parameters (unused when
     ``unit_scores``: every score is then 1); ``packed_weight`` comes from
-    ``pack_weight`` with the same ``interleaved``; ``kept`` is k. With a
+    ``pack_weight``; ``kept`` is k; ``bias`` is in the same head-major order as the output. With a
     ``threshold`` (network gating) each (sample, head) keeps every channel
     scoring above it, at least its top one, and ``kept`` is not used (the
     scratch space is sized for all C channels).
@@ -271,7 +274,6 @@ def dgc_conv2d(
         stride,
         padding,
         dilation,
-        interleaved,
         unit_scores,
         threshold,
     )
@@ -290,27 +292,32 @@ def dgc_conv2d_for_layer(
     """``layer``'s eval forward (a ``DGCConv2d``) through the compiled op; channels-last output.
 
     ``x`` is the layer's input after its pre-activation, if any, and before
-    any TF-'SAME' padding (the op pools ``x`` and pads it by ``padding``). ``packed``: the layer's prepacked weight (``pack_weight`` with the
-    layer's heads and layout); taken from ``packed_weight_for(layer)`` when
-    None. ``padding``: (height, width) zeros on each side, the layer's own when
-    None (a TF-'SAME' layer passes what it needs at this input size). Equal to the layer's other inference paths up to float rounding.
+    any TF-'SAME' padding (the op pools ``x`` and pads it by ``padding``).
+    ``packed``: the layer's prepacked weight (``pack_weight`` of its weight
+    rows in blocked order); taken from ``packed_weight_for(layer)`` when None.
+    ``padding``: (height, width) zeros on each side, the layer's own when None
+    (a TF-'SAME' layer passes what it needs at this input size). The output
+    is in the layer's channel order (an interleaved layer's relabelling
+    applied). Equal to the layer's other inference paths up to float rounding.
     """
     if packed is None:
         packed = packed_weight_for(layer)
     generator = layer.saliency_generator
     thresholded = bool(layer.thresholded)
-    return dgc_conv2d(
+    bias = layer.blocked_bias()
+    out = dgc_conv2d(
         x,
         generator.reduce.detach(),
         generator.expand.detach(),
         generator.beta.detach(),
         packed,
-        None if layer.bias is None else layer.bias.detach(),
+        None if bias is None else bias.detach(),
         layer.in_channels if thresholded else layer.kept_channels,
         layer.stride,
         layer.padding if padding is None else padding,
         layer.dilation,
-        layer.interleaved,
         bool(layer.unit_scores),
         layer.threshold_value if thresholded else None,
     )
+    result: Tensor = layer.to_output_order(out)
+    return result

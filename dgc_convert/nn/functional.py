@@ -7,19 +7,14 @@ zero for every dropped one, so the product equals gathering the kept channels,
 scaling them and convolving them with the matching weight columns.
 
 ``rows_h``, the output channels (rows of the dense weight) head ``h`` owns,
-depend on the layer's layout. Blocked (every new layer): the contiguous block
-``h*C'/H : (h+1)*C'/H``, so head-major results are already in dense channel
-order and no shuffle is needed. Interleaved (layers saved before blocked
-ownership): ``h::H``, and a channel shuffle puts head-major results back in
-dense order. ``head_weights`` / ``dense_weights``, ``head_major_to_dense`` /
-``dense_to_head_major`` and ``join_heads`` are the one place that mapping is
-written down (and ``_per_sample_gated_conv2d``, which never leaves the dense
-order, maps each output channel to its head's gate).
+are the contiguous block ``h*C'/H : (h+1)*C'/H`` (the blocked layout), so
+head-major results are already in dense channel order. A layer of the older
+interleaved layout hands these functions its weight rows in blocked order
+and relabels the output itself (``dgc_convert.nn.channel_order``).
 
 Plain autograd would save one gated copy of the input per head for backward
 (the authors' layer: H times the activation memory). The functions here save only
-``x``, ``gate`` and the head-major ``weight`` (a view when blocked, a copy
-when interleaved) and recompute the gated
+``x``, ``gate`` and the head-major view of ``weight`` and recompute the gated
 input in backward: one head at a time (``per_head``: at most one extra
 input-sized buffer at once), or, on tiny feature maps where per-call overhead
 dominates, all heads' copies for the one grouped convolution that uses them
@@ -36,78 +31,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 # What backward returns: one gradient per forward input (None where not
-# needed); stride, padding, dilation and the layout never get one.
-_Grads = tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]
+# needed); stride, padding and dilation never get one.
+_Grads = tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]
 
 
-def head_weights(weight: Tensor, heads: int, *, interleaved: bool) -> Tensor:
-    """(C', C, kh, kw) -> (H, C'/H, C, kh, kw): entry [h, j] is head h's j-th filter.
-
-    Blocked: ``weight[h*C'/H + j]``, a view of ``weight`` (no copy).
-    Interleaved: ``weight[j*H + h]``, a contiguous copy.
-    """
+def head_weights(weight: Tensor, heads: int) -> Tensor:
+    """(C', C, kh, kw) -> (H, C'/H, C, kh, kw), a view: entry [h, j] is ``weight[h*C'/H + j]``, head h's j-th filter."""
     out_channels = weight.shape[0]
-    if not interleaved:
-        return weight.view(heads, out_channels // heads, *weight.shape[1:])
-    return weight.view(out_channels // heads, heads, *weight.shape[1:]).transpose(0, 1).contiguous()
-
-
-def dense_weights(head_major: Tensor, *, interleaved: bool) -> Tensor:
-    """Inverse of ``head_weights``: (H, C'/H, C, kh, kw) -> the dense layout (C', C, kh, kw).
-
-    Blocked: a view where ``head_major`` is contiguous. Interleaved: one
-    contiguous transpose (row j*H + h), far cheaper than writing each head
-    into its strided rows.
-    """
-    if not interleaved:
-        return head_major.flatten(0, 1)
-    return head_major.transpose(0, 1).flatten(0, 1)
-
-
-def head_major_to_dense(out: Tensor, heads: int, *, interleaved: bool) -> Tensor:
-    """A head-major output (channel h*C'/H + j is head h's j-th) in dense channel order.
-
-    Blocked: that is already the dense order; ``out`` is returned as it is.
-    Interleaved: the channel shuffle into dense channel j*H + h, as one copy
-    into NCHW whatever the input's layout.
-    """
-    if not interleaved:
-        return out
-    batch, out_channels, height, width = out.shape
-    per_head = out_channels // heads
-    if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
-        grouped = out.permute(0, 2, 3, 1).view(batch, height, width, heads, per_head).permute(0, 4, 3, 1, 2)
-    else:
-        grouped = out.view(batch, heads, per_head, height, width).transpose(1, 2)
-    return grouped.reshape(batch, out_channels, height, width)
-
-
-def head_major_positions(out_channels: int, heads: int, device: torch.device | None = None) -> Tensor:
-    """For each dense channel of an interleaved layer, its position in the head-major order:
-    dense channel ``j*H + h`` is head-major channel ``h*C'/H + j``. ``out.index_select(1, ...)``
-    with it is ``head_major_to_dense`` as one gather, which graph exporters trace without
-    pinning the spatial size (the view/transpose/reshape form pins it on 1-pixel maps)."""
-    return torch.arange(out_channels, device=device).view(heads, out_channels // heads).t().reshape(-1)
-
-
-def dense_to_head_major(out: Tensor, heads: int, *, interleaved: bool) -> Tensor:
-    """Inverse of ``head_major_to_dense`` as a view: (B, C', ...) -> (B, H, C'/H, ...).
-
-    Blocked: a plain split of the channel axis. Interleaved: a strided view
-    (``.contiguous()`` copies it when a caller needs each head contiguous).
-    """
-    batch, out_channels = out.shape[:2]
-    if not interleaved:
-        return out.view(batch, heads, out_channels // heads, *out.shape[2:])
-    return out.view(batch, out_channels // heads, heads, *out.shape[2:]).transpose(1, 2)
-
-
-def join_heads(outputs: list[Tensor], *, interleaved: bool) -> Tensor:
-    """Per-head outputs (B, C'/H, ...) as one dense-order output (B, C', ...), in one copy."""
-    if not interleaved:
-        return torch.cat(outputs, dim=1)
-    # (B, C'/H, H, ...) flattened puts head h's j-th channel at j*H + h.
-    return torch.stack(outputs, dim=2).flatten(1, 2)
+    return weight.view(heads, out_channels // heads, *weight.shape[1:])
 
 
 class _GatedConv2d(torch.autograd.Function):
@@ -120,20 +51,16 @@ class _GatedConv2d(torch.autograd.Function):
         stride: tuple[int, int],
         padding: tuple[int, int],
         dilation: tuple[int, int],
-        interleaved: bool,
     ) -> Tensor:
         heads = gate.shape[1]
-        head_major = head_weights(weight, heads, interleaved=interleaved)
+        head_major = head_weights(weight, heads)
         outputs = [
             F.conv2d(x * gate[:, h, :, None, None], head_major[h], None, stride, padding, dilation)
             for h in range(heads)
         ]
-        # Keep the head-major weight (a view when blocked; when interleaved, a
-        # copy of one weight's worth of memory) rather than rebuilding it in backward.
         ctx.save_for_backward(x, gate, head_major)
         ctx.conv_args = (stride, padding, dilation)
-        ctx.interleaved = interleaved
-        return join_heads(outputs, interleaved=interleaved)
+        return torch.cat(outputs, dim=1)
 
     @staticmethod
     @once_differentiable
@@ -146,10 +73,9 @@ class _GatedConv2d(torch.autograd.Function):
         heads = gate.shape[1]
         needs: tuple[bool, ...] = ctx.needs_input_grad
         need_x, need_gate, need_weight = needs[:3]
-        interleaved: bool = ctx.interleaved
-        # The output gradient head-major with every head's slice contiguous:
-        # a view when blocked (NCHW), one copy when interleaved.
-        grad_heads = dense_to_head_major(grad_out, heads, interleaved=interleaved).contiguous()
+        # The output gradient head-major with every head's slice contiguous (a view for NCHW).
+        batch, out_channels = grad_out.shape[:2]
+        grad_heads = grad_out.view(batch, heads, out_channels // heads, *grad_out.shape[2:]).contiguous()
 
         grad_x: Tensor | None = None
         grad_gate = torch.empty_like(gate) if need_gate else None
@@ -179,8 +105,8 @@ class _GatedConv2d(torch.autograd.Function):
                 grad_head_weights[h] = grad_weight_h
         grad_weight = None
         if grad_head_weights is not None:
-            grad_weight = dense_weights(grad_head_weights, interleaved=interleaved)
-        return grad_x, grad_gate, grad_weight, None, None, None, None
+            grad_weight = grad_head_weights.flatten(0, 1)
+        return grad_x, grad_gate, grad_weight, None, None, None
 
 
 class _StackedGatedConv2d(torch.autograd.Function):
@@ -199,16 +125,13 @@ class _StackedGatedConv2d(torch.autograd.Function):
         stride: tuple[int, int],
         padding: tuple[int, int],
         dilation: tuple[int, int],
-        interleaved: bool,
     ) -> Tensor:
         heads = gate.shape[1]
-        # (C', C, kh, kw), head-major: ``weight`` itself when blocked.
-        grouped = head_weights(weight, heads, interleaved=interleaved).flatten(0, 1)
-        out = F.conv2d(gated_copies(x, gate), grouped, None, stride, padding, dilation, groups=heads)
-        ctx.save_for_backward(x, gate, grouped)
+        # (C', C, kh, kw) head-major is ``weight`` itself.
+        out = F.conv2d(gated_copies(x, gate), weight, None, stride, padding, dilation, groups=heads)
+        ctx.save_for_backward(x, gate, weight)
         ctx.conv_args = (stride, padding, dilation)
-        ctx.interleaved = interleaved
-        return head_major_to_dense(out, heads, interleaved=interleaved)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -221,10 +144,8 @@ class _StackedGatedConv2d(torch.autograd.Function):
         need_x, need_gate, need_weight = needs[:3]
         batch, channels = x.shape[:2]
         heads = gate.shape[1]
-        interleaved: bool = ctx.interleaved
-        grad_head_major = dense_to_head_major(grad_out, heads, interleaved=interleaved)
         grad_stacked, grad_grouped, _ = torch.ops.aten.convolution_backward(
-            grad_head_major.flatten(1, 2),
+            grad_out,
             gated_copies(x, gate),
             grouped,
             None,
@@ -246,8 +167,8 @@ class _StackedGatedConv2d(torch.autograd.Function):
             if need_gate:
                 grad_gate = torch.linalg.vecdot(grad_stacked.flatten(3), x.unsqueeze(1).flatten(3))
         if need_weight:
-            grad_weight = dense_weights(grad_grouped.view(heads, -1, *grad_grouped.shape[1:]), interleaved=interleaved)
-        return grad_x, grad_gate, grad_weight, None, None, None, None
+            grad_weight = grad_grouped
+        return grad_x, grad_gate, grad_weight, None, None, None
 
 
 def gated_copies(x: Tensor, gate: Tensor) -> Tensor:
@@ -262,7 +183,6 @@ def _per_sample_gated_conv2d(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-    interleaved: bool,
 ) -> Tensor:
     """The same product with the gate folded into per-sample filters, all
     samples in one convolution with ``groups=batch``. Plain autograd: it saves
@@ -271,12 +191,8 @@ def _per_sample_gated_conv2d(
     batch, channels = x.shape[:2]
     heads = gate.shape[1]
     out_channels = weight.shape[0]
-    # (B, C', C): row o is the gate of the head that owns output channel o,
-    # o // (C'/H) when blocked, o % H when interleaved.
-    if interleaved:
-        gate_per_output = gate.repeat(1, out_channels // heads, 1)
-    else:
-        gate_per_output = gate.repeat_interleave(out_channels // heads, dim=1)
+    # (B, C', C): row o is the gate of the head that owns output channel o, o // (C'/H).
+    gate_per_output = gate.repeat_interleave(out_channels // heads, dim=1)
     filters = weight.unsqueeze(0) * gate_per_output[..., None, None]
     out = F.conv2d(
         x.reshape(1, batch * channels, *x.shape[2:]),
@@ -314,8 +230,6 @@ def gated_conv2d(
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
     algorithm: str = "auto",
-    *,
-    interleaved: bool = False,
 ) -> Tensor:
     """Head-wise gated convolution, no bias.
 
@@ -324,12 +238,11 @@ def gated_conv2d(
         gate: (B, heads, C): the factor each head applies to each input channel
             (its saliency score where kept, 0 where dropped).
         weight: dense-layout filters (C', C, kh, kw); head h owns the rows
-            ``h*C'/heads : (h+1)*C'/heads`` (blocked) or ``h::heads`` (interleaved).
+            ``h*C'/heads : (h+1)*C'/heads``.
         algorithm: "per_head" (one head at a time, recomputing the gated input
             in backward), "per_sample" (gates folded into per-sample filters,
             one grouped convolution), "stacked" (all heads in one grouped
             convolution) or "auto" (by buffer size). All are exact.
-        interleaved: the layout of head ownership (see the module docstring).
 
     Returns:
         (B, C', H', W'), channel o computed with filter ``weight[o]`` by the head that owns it.
@@ -348,7 +261,6 @@ def gated_conv2d(
                 padding,
                 dilation,
                 algorithm,
-                interleaved=interleaved,
             )
     if algorithm not in GATED_CONV_ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(map(repr, GATED_CONV_ALGORITHMS))}, got {algorithm!r}")
@@ -358,11 +270,11 @@ def gated_conv2d(
         else:
             algorithm = "stacked" if x.shape[2] * x.shape[3] <= _STACKED_MAX_PIXELS else "per_head"
     if algorithm == "per_sample":
-        return _per_sample_gated_conv2d(x, gate, weight, stride, padding, dilation, interleaved)
+        return _per_sample_gated_conv2d(x, gate, weight, stride, padding, dilation)
     # Function.apply is typed as returning Any; forward returns one Tensor.
     out: Tensor
     if algorithm == "stacked":
-        out = _StackedGatedConv2d.apply(x, gate, weight, stride, padding, dilation, interleaved)
+        out = _StackedGatedConv2d.apply(x, gate, weight, stride, padding, dilation)
     else:
-        out = _GatedConv2d.apply(x, gate, weight, stride, padding, dilation, interleaved)
+        out = _GatedConv2d.apply(x, gate, weight, stride, padding, dilation)
     return out

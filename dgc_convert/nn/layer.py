@@ -18,9 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from dgc_convert.nn import compiled
+from dgc_convert.nn.channel_order import interleaved_blocked_rows, interleaved_output_order, to_output_order
 from dgc_convert.nn.conv_kinds import WeightStandardization, conv_kind, pad_input, same_padding, standardize_weight
-from dgc_convert.nn.functional import gated_conv2d, gated_copies, head_major_positions, head_weights
+from dgc_convert.nn.functional import gated_conv2d
+from dgc_convert.nn.inference import InferencePlan
+from dgc_convert.nn.saliency import SaliencyGenerator, saliency_hidden_width, saliency_macs
 from dgc_convert.nn.settings import (
     DEFAULT_GATING,
     DEFAULT_HEADS,
@@ -31,7 +33,8 @@ from dgc_convert.nn.settings import (
     SQUEEZE_RULES,
 )
 from dgc_convert.nn.sparse import ALGORITHMS as SPARSE_ALGORITHMS
-from dgc_convert.nn.sparse import WeightCache, pick_algorithm, sparse_conv2d
+from dgc_convert.nn.tensor_state import tensor_state
+from dgc_convert.nn.tracing_state import exporting, jit_tracing
 
 __all__ = [
     "DGCConv2d",
@@ -58,25 +61,6 @@ __all__ = [
 # computation), or "export" (the graph form ONNX and MAC counting use).
 INFERENCE_ALGORITHMS: tuple[str, ...] = ("auto", "compiled", "export", *SPARSE_ALGORITHMS)
 
-# Below this many input channels the authors' generator halves d.
-_AUTHORS_HALVE_BELOW = 80
-# The standard rule's smallest hidden width: thin layers keep a generator
-# that can still express more than a couple of directions.
-_MIN_HIDDEN = 4
-
-
-def _jit_tracing() -> bool:
-    """True inside ``torch.jit.trace`` (torch leaves ``is_tracing`` unannotated)."""
-    tracing: bool = torch.jit.is_tracing()  # type: ignore[no-untyped-call]
-    return tracing
-
-
-def _exporting() -> bool:
-    """True while torch.export, torch.onnx or torch.jit.trace trace the model: eval then
-    takes the graph form (one computation, no timing or caches that would differ between traces)."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(getattr(compiler, "is_exporting", lambda: False)() or torch.onnx.is_in_onnx_export() or _jit_tracing())
-
 
 def kept_channel_count(in_channels: int, zeta: float) -> int:
     """Number of input channels each head keeps at pruning ratio ``zeta``.
@@ -84,30 +68,6 @@ def kept_channel_count(in_channels: int, zeta: float) -> int:
     ``k = C - round(zeta * C)``, never fewer than one channel.
     """
     return max(1, in_channels - round(zeta * in_channels))
-
-
-def saliency_hidden_width(in_channels: int, squeeze_ratio: float, rule: str = DEFAULT_SQUEEZE_RULE) -> int:
-    """Hidden units of each head's saliency generator for ``in_channels`` C and squeeze ratio d.
-
-    "standard": ``max(C // d, 4)``. "authors" (their ``HeadConv``): d is an
-    integer halved when C < 80, and the width is ``C // d`` (at least 1).
-    """
-    if rule == "authors":
-        if squeeze_ratio != int(squeeze_ratio):
-            raise ValueError(f"squeeze_rule 'authors' needs a whole squeeze_ratio, got {squeeze_ratio!r}")
-        ratio = int(squeeze_ratio)
-        if in_channels < _AUTHORS_HALVE_BELOW:
-            ratio //= 2
-        return max(in_channels // max(ratio, 1), 1)
-    if rule != "standard":
-        raise ValueError(f"squeeze_rule must be one of {', '.join(SQUEEZE_RULES)}, got {rule!r}")
-    return max(int(in_channels // squeeze_ratio), _MIN_HIDDEN)
-
-
-def saliency_macs(in_channels: int, heads: int, hidden: int) -> int:
-    """MACs per sample of all heads' saliency FCs: ``H * 2 * C * hidden`` (the
-    first part of the method's cost formula, ``docs/method.md`` section 4)."""
-    return heads * 2 * in_channels * hidden
 
 
 def kept_channel_macs(
@@ -141,13 +101,6 @@ def static_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     return (pads[0], pads[1])
 
 
-def _tensor_state(tensor: Tensor) -> tuple[object, ...]:
-    """What identifies a tensor's current values without reading them: storage, version
-    (inference tensors keep none), dtype, device and shape."""
-    version = None if tensor.is_inference() else tensor._version
-    return (tensor.data_ptr(), version, tensor.dtype, tensor.device, tuple(tensor.shape))
-
-
 def _check_zeta(name: str, value: float) -> float:
     value = float(value)
     if not (0.0 <= value < 1.0) or math.isnan(value):
@@ -164,60 +117,6 @@ class Gates(NamedTuple):
 
     scores: Tensor
     mask: Tensor
-
-
-class SaliencyGenerator(nn.Module):
-    """One SE-shaped saliency generator per head, computed for all heads at once.
-
-    For head ``i``: ``g_i = relu(W2_i relu(W1_i avgpool(x)) + beta_i)`` with
-    ``W1_i``: C -> hidden (no bias), ``W2_i``: hidden -> C (no bias) and
-    ``beta_i`` a learned per-channel bias initialised to 1.0, so a new layer
-    starts out close to a dense convolution.
-    """
-
-    def __init__(self, in_channels: int, heads: int, hidden: int, init: str = DEFAULT_SQUEEZE_RULE) -> None:
-        super().__init__()
-        if init not in SQUEEZE_RULES:
-            raise ValueError(f"init must be one of {', '.join(SQUEEZE_RULES)}, got {init!r}")
-        self.in_channels = in_channels
-        self.heads = heads
-        self.hidden = hidden
-        self.init = init
-        self.reduce = nn.Parameter(torch.empty(heads, hidden, in_channels))
-        self.expand = nn.Parameter(torch.empty(heads, in_channels, hidden))
-        self.beta = nn.Parameter(torch.empty(heads, in_channels))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Initialise the FC weights and set beta to 1.
-
-        "standard": like ``nn.Linear``, uniform in ±1/sqrt(fan_in): the scores
-        start close to beta, so a converted pretrained convolution starts
-        close to what it computed. "authors": ``kaiming_normal_`` per head
-        (normal, std sqrt(2 / fan_in)), as the released code does.
-        """
-        with torch.no_grad():
-            for weight, fan_in in ((self.reduce, self.in_channels), (self.expand, self.hidden)):
-                if self.init == "authors":
-                    weight.normal_(0.0, math.sqrt(2.0 / fan_in))
-                else:
-                    weight.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
-        nn.init.ones_(self.beta)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Scores of shape (batch, heads, in_channels), all >= 0."""
-        # sum-then-divide: the backward of mean over a large spatial map is
-        # several times slower than that of sum on CPU.
-        pooled = x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])
-        # Batched products over heads, (H, B, .), in as few operations as
-        # possible: at batch 1 the per-operation cost is what eval pays for.
-        squeezed = torch.matmul(pooled, self.reduce.transpose(1, 2)).relu_()  # (H, B, hidden)
-        scores = torch.baddbmm(self.beta.unsqueeze(1), squeezed, self.expand.transpose(1, 2)).relu_()  # (H, B, C)
-        return scores.transpose(0, 1)
-
-    def extra_repr(self) -> str:
-        text = f"in_channels={self.in_channels}, heads={self.heads}, hidden={self.hidden}"
-        return text + (f", init={self.init!r}" if self.init != DEFAULT_SQUEEZE_RULE else "")
 
 
 class DGCConv2d(nn.Module):
@@ -240,8 +139,9 @@ class DGCConv2d(nn.Module):
             drops per sample, in [0, 1). The layer starts at ``zeta_t = zeta``;
             a trainer moves ``zeta_t`` along its schedule with ``set_zeta_t``.
         interleaved: the layout of models saved before blocked ownership:
-            head ``i`` owns ``weight[i::heads]`` and its outputs are put back
-            in dense order by a channel shuffle (the authors' layout).
+            head ``i`` owns ``weight[i::heads]`` (the authors' layout). Such a
+            layer computes blocked with its weight rows relabelled and gathers
+            its output channels back once (see the ``interleaved`` property).
             ``dgc_convert.load`` sets it for layers of such files; new layers
             are blocked. The authors' checkpoints are interleaved too.
         gating: "head" (each head keeps its top k, the default) or "network"
@@ -277,7 +177,9 @@ class DGCConv2d(nn.Module):
             "gather_conv", "gather_bmm", ..., or "masked" (the training
             computation, dense in cost). Training mode always uses the
             training computation.
-        interleaved: the head-ownership layout (plain attribute, see Args).
+        interleaved: the head-ownership layout (a property, see Args);
+            ``output_order`` / ``blocked_rows``: its relabelling (None when
+            blocked; non-persistent buffers derived from it).
         threshold: network gating only, persistent buffer: the score T above
             which a channel is kept. One value for the whole model, held by
             every layer (``dgc_convert.nn.network_gate`` learns it in training
@@ -291,7 +193,8 @@ class DGCConv2d(nn.Module):
     # ``Tensor | Module``; declared here so reads are typed as what it is.
     zeta_t: Tensor
     threshold: Tensor
-    packed_weight: Tensor | None
+    output_order: Tensor | None
+    blocked_rows: Tensor | None
 
     def __init__(
         self,
@@ -336,7 +239,6 @@ class DGCConv2d(nn.Module):
         self.heads = heads
         self.squeeze_ratio = squeeze_ratio
         self.zeta = _check_zeta("zeta", zeta)
-        self.interleaved = bool(interleaved)
         self.gating = gating
         self.preact = bool(preact)
         self.squeeze_rule = squeeze_rule
@@ -345,19 +247,20 @@ class DGCConv2d(nn.Module):
         self.unit_scores = False
         self._inference_algorithm = "auto"
         self.last_algorithm: str | None = None  # what the last eval-mode forward ran
-        self._weight_cache = WeightCache()
-        # The compiled op's prepacked weight, flat (``model.to(memory_format=...)``
-        # would try to restride a 5-d buffer), and the weight state it was packed
-        # from; a non-persistent buffer, so torch.compile's freezing sees a constant.
-        self.register_buffer("packed_weight", None, persistent=False)
-        self._packed_key: tuple[object, ...] | None = None
+        # The eval computations and which one serves each case (``nn.inference``).
+        self._plan = InferencePlan()
 
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         has_gain = standardization is not None and standardization.has_gain
         self.gain = nn.Parameter(torch.empty(out_channels, 1, 1, 1)) if has_gain else None
-        # The standardised weight eval mode convolves with, and the weight state it came from.
-        self._standardized: tuple[tuple[object, ...], Tensor] | None = None
+        # The weight eval mode convolves with (standardised, rows in blocked order), and the state it came from.
+        self._blocked: tuple[tuple[object, ...], Tensor] | None = None
+        # The interleaved layout as one relabelling of output channels (``channel_order``):
+        # not persistent (derived from ``interleaved``), moved by ``.to`` with the layer.
+        self.register_buffer("output_order", None, persistent=False)
+        self.register_buffer("blocked_rows", None, persistent=False)
+        self.interleaved = interleaved
         self.norm = nn.BatchNorm2d(in_channels) if self.preact else None
         hidden = saliency_hidden_width(in_channels, squeeze_ratio, squeeze_rule)
         self.saliency_generator = SaliencyGenerator(in_channels, heads, hidden, init=squeeze_rule)
@@ -477,6 +380,31 @@ class DGCConv2d(nn.Module):
         if value not in INFERENCE_ALGORITHMS:
             raise ValueError(f"algorithm must be 'auto' or one of {', '.join(INFERENCE_ALGORITHMS[1:])}; got {value!r}")
         self._inference_algorithm = value
+        self._plan.forget_choices()
+
+    # -- head layout --------------------------------------------------------
+
+    @property
+    def interleaved(self) -> bool:
+        """True for the older interleaved layout (head i owns the dense rows ``i::heads``).
+
+        Such a layer is the blocked layer whose weight and bias rows are taken
+        in ``blocked_rows`` order, followed by one gather of its output
+        channels in ``output_order`` (``dgc_convert.nn.channel_order``); every
+        computation runs blocked. ``weight`` itself always keeps the dense
+        layout of the file it came from: output channel o uses ``weight[o]``.
+        Setting it re-derives the relabelling; the weight is not touched.
+        """
+        return self.output_order is not None
+
+    @interleaved.setter
+    def interleaved(self, value: bool) -> None:
+        device = self.weight.device if "weight" in self._parameters else None
+        if value:
+            self.output_order = interleaved_output_order(self.out_channels, self.heads, device)
+            self.blocked_rows = interleaved_blocked_rows(self.out_channels, self.heads, device)
+        else:
+            self.output_order = self.blocked_rows = None
 
     # -- pruning ratio ----------------------------------------------------
 
@@ -534,6 +462,9 @@ class DGCConv2d(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> DGCConv2d:
         # torch leaves Module._apply unannotated; it returns self.
         module: DGCConv2d = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        if self.output_order is not None:
+            # Derived, not data: rebuilt where it now lives (``to_empty`` leaves it unset).
+            self.interleaved = True
         # ``model.half()`` / ``.to(bfloat16)`` would round the ratio (0.55 ->
         # 0.5498) and could change k; keep it exact in float64 on the new device.
         if self.zeta_t.dtype != torch.float64:
@@ -576,28 +507,51 @@ class DGCConv2d(nn.Module):
             return self.weight
         return standardize_weight(self.weight, self.standardization, self.gain)
 
-    def _eval_weight(self) -> Tensor:
-        """``conv_weight()`` without gradients for the inference paths, standardised again
-        only when ``weight`` or ``gain`` changed.
+    def blocked_conv_weight(self) -> Tensor:
+        """``conv_weight()`` with its rows in blocked order (head h owns rows ``h*C'/H : (h+1)*C'/H``),
+        differentiable: ``conv_weight()`` itself, or gathered in ``blocked_rows`` for an interleaved layer."""
+        weight = self.conv_weight()
+        return weight if self.blocked_rows is None else weight.index_select(0, self.blocked_rows)
+
+    def blocked_bias(self) -> Tensor | None:
+        """``bias`` in blocked order (for computations that add it before the output's relabelling)."""
+        if self.bias is None or self.blocked_rows is None:
+            return self.bias
+        return self.bias.index_select(0, self.blocked_rows)
+
+    def blocked_weight(self) -> Tensor:
+        """``blocked_conv_weight()`` without gradients for the eval computations, computed again
+        only when ``weight``, ``gain`` or the layout changed.
 
         The result is updated in place (same storage, new version), so the
         caches keyed on it (the sparse algorithms' arrangements, the compiled
         op's packed weight) see every change.
         """
-        if self.standardization is None:
+        if self.standardization is None and self.blocked_rows is None:
             return self.weight
-        key = (_tensor_state(self.weight), None if self.gain is None else _tensor_state(self.gain))
-        cached = self._standardized
+        key = (
+            tensor_state(self.weight),
+            None if self.gain is None else tensor_state(self.gain),
+            None if self.blocked_rows is None else tensor_state(self.blocked_rows),
+        )
+        cached = self._blocked
         if cached is None or cached[0] != key:
             # Not an inference tensor even under inference_mode: those keep no
             # version counter, and the in-place update must be seen.
             with torch.inference_mode(False), torch.no_grad():
-                fresh = self.conv_weight()
-                if cached is not None and _tensor_state(cached[1])[2:] == _tensor_state(fresh)[2:]:
+                fresh = self.blocked_conv_weight()
+                if cached is not None and tensor_state(cached[1])[2:] == tensor_state(fresh)[2:]:
                     fresh = cached[1].copy_(fresh)
-            self._standardized = (key, fresh)
+            self._blocked = (key, fresh)
             return fresh
         return cached[1]
+
+    def to_output_order(self, out: Tensor) -> Tensor:
+        """A blocked-order output (B, C', ...) in the layer's channel order: ``out`` itself,
+        or one gather in ``output_order`` for an interleaved layer."""
+        if self.output_order is None:
+            return out
+        return to_output_order(out, self.output_order, keep_layout=not exporting())
 
     def same_padding_for(self, x: Tensor) -> tuple[int, int, int, int] | None:
         """With ``same_padding``, the TF-'SAME' padding (left, right, top, bottom) in
@@ -606,7 +560,7 @@ class DGCConv2d(nn.Module):
             return None
         return same_padding((x.shape[2], x.shape[3]), self.kernel_size, self.stride, self.dilation)
 
-    def _conv_input(self, x: Tensor) -> Tensor:
+    def conv_input(self, x: Tensor) -> Tensor:
         """``x`` as the convolution sees it: padded TF-'SAME' with ``same_padding``."""
         pads = self.same_padding_for(x)
         return x if pads is None else pad_input(x, pads)
@@ -623,7 +577,7 @@ class DGCConv2d(nn.Module):
         self.weight.copy_(folded)
         self.standardization = None
         self.gain = None
-        self._standardized = None
+        self._blocked = None
 
     # -- the method -------------------------------------------------------
 
@@ -633,7 +587,8 @@ class DGCConv2d(nn.Module):
             return x
         return torch.relu(self.norm(x))
 
-    def _scores(self, x: Tensor) -> Tensor:
+    def gate_scores(self, x: Tensor) -> Tensor:
+        """Scores (batch, heads, in_channels) for the already pre-activated ``x`` (all 1 with ``unit_scores``)."""
         if self.unit_scores:
             return x.new_ones(x.shape[0], self.heads, self.in_channels)
         scores: Tensor = self.saliency_generator(x)  # Module.__call__ is typed as returning Any
@@ -646,7 +601,7 @@ class DGCConv2d(nn.Module):
         With ``preact`` in training mode this runs the layer's ``norm`` again,
         which updates its running statistics: call it in eval mode to look.
         """
-        return self._scores(self.preactivate(x))
+        return self.gate_scores(self.preactivate(x))
 
     def _keys(self, scores: Tensor) -> Tensor:
         """Selection keys (float64, same shape as ``scores``): larger is kept first.
@@ -683,9 +638,9 @@ class DGCConv2d(nn.Module):
         width is rounded up to a multiple of C/16 so the inference algorithms
         meet few distinct shapes.
         """
-        return self._kept(scores)[0]
+        return self.kept(scores)[0]
 
-    def _kept(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+    def kept(self, scores: Tensor) -> tuple[Tensor, Tensor]:
         """``select``'s indices and ``kept_scores``' scores, the keys and the mask computed once."""
         keys = self._keys(scores)
         if not self.thresholded:
@@ -735,7 +690,7 @@ class DGCConv2d(nn.Module):
             # this forward for real when the traced module runs.
             traced: Tensor = x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
             return traced
-        if _jit_tracing():  # shapes are traced values there: no Python checks on them
+        if jit_tracing():  # shapes are traced values there: no Python checks on them
             return self._forward(x)
         if x.dim() == 3:  # unbatched, as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
@@ -753,7 +708,7 @@ class DGCConv2d(nn.Module):
         """A batch of none: the dense convolution's empty output (nothing to gate, no
         batch statistics to take: the pre-activation, which keeps channels, is skipped)."""
         self._last_sparsity = x.new_zeros(())
-        conv_input = self._conv_input(x)
+        conv_input = self.conv_input(x)
         return torch.nn.functional.conv2d(
             conv_input, self.conv_weight(), self.bias, self.stride, self.padding, self.dilation
         )
@@ -761,162 +716,64 @@ class DGCConv2d(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # The last forward's sparsity term and gate record belong to that forward's graph:
         # a copy (deepcopy for an EMA or a "best" model, pickling) starts without them.
-        # The weight's eval arrangements are rebuilt on demand, not copied.
+        # The eval computations and their weight arrangements are rebuilt on demand, not copied.
         state = dict(super().__getstate__())  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         state["_last_sparsity"] = None
         state["last_gate_record"] = None
-        state["_weight_cache"] = WeightCache()
-        state["_standardized"] = None
-        state["_packed_key"] = None
-        state["_buffers"] = {**state["_buffers"], "packed_weight": None}
+        state["_plan"] = InferencePlan()
+        state["_blocked"] = None
         return state
 
     def _forward(self, x: Tensor) -> Tensor:
-        if not self.training and (self.inference_algorithm == "export" or _exporting()):
-            return self._export_forward(x)
+        """The one dispatch: training computation in training mode, else the eval computation
+        chosen for this case (``nn.inference``); the layout's relabelling last, whichever ran."""
         x = self.preactivate(x)
-        if not self.training and self.inference_algorithm in ("auto", "compiled"):
-            out = self._compiled_forward(x)
-            if out is not None:
-                return out
-            if self.inference_algorithm == "compiled":
-                reason = compiled.unavailable_reason() or "needs float32 on CPU"
-                if compiled.in_use() and x.dtype == torch.float32 and self._asymmetric_padding(x):
-                    reason = "its TF-'SAME' padding is one pixel larger on one side at this input size"
-                raise ValueError(f"inference_algorithm 'compiled' cannot run here: {reason}")
-        if not self.training and self.inference_algorithm != "masked":
-            return self._sparse_forward(x)
-        scores = self._scores(x)
+        out = self.masked_forward(x) if self.training else self._plan.for_input(self, x)(self, x)
+        return self.to_output_order(out)
+
+    def masked_forward(self, x: Tensor) -> Tensor:
+        """The training computation on the pre-activated ``x`` (blocked order, bias included):
+        every channel, the dropped ones gated to zero, with ``functional``'s lean backward.
+        Also eval's ``inference_algorithm = "masked"``."""
+        scores = self.gate_scores(x)
         mask = self.selection_mask(scores)
-        self._last_sparsity = scores.mean(dim=(0, 2)).sum()
+        self.note_sparsity(scores)
         gate = scores * mask if self.kept_channels < self.in_channels or self.thresholded else scores
         out = gated_conv2d(
-            self._conv_input(x),
-            gate,
-            self.conv_weight(),
-            self.stride,
-            self.padding,
-            self.dilation,
-            interleaved=self.interleaved,
+            self.conv_input(x), gate, self.blocked_conv_weight(), self.stride, self.padding, self.dilation
         )
         if self.training and self.gating == "network":
             self.last_gate_record = (scores.detach(), out.shape[2] * out.shape[3])
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
+        bias = self.blocked_bias()
+        if bias is not None:
+            out = out + bias.to(out.dtype).view(1, -1, 1, 1)
         return out
 
-    def _export_forward(self, x: Tensor) -> Tensor:
-        """Graph-friendly eval computation for ONNX and torch.export: the kept
-        channels as a gate (TopK + ScatterElements head-wise; a comparison with
-        T, and ArgMax for each head's top channel, under network gating) and
-        one grouped Conv over the heads' gated copies, whose output is already
-        in dense channel order (interleaved layers add the channel shuffle as
-        one Gather). No Python loops, no data-dependent shapes, no
-        timing, no cached weight arrangements; equal to the other paths."""
-        x = self.preactivate(x)
-        scores = self._scores(x)
-        if self.thresholded:
-            gate = torch.where(self._threshold_mask(scores, self._keys(scores)), scores, torch.zeros_like(scores))
-        else:
-            index = self.select(scores)
-            gate = torch.zeros_like(scores).scatter(2, index, scores.gather(2, index))
-        grouped = head_weights(self.conv_weight(), self.heads, interleaved=self.interleaved).flatten(0, 1)
-        out = torch.nn.functional.conv2d(
-            gated_copies(self._conv_input(x), gate), grouped, None, self.stride, self.padding, self.dilation, self.heads
-        )
-        if self.interleaved:  # the channel shuffle as one Gather: dynamic height and width stay dynamic
-            out = out.index_select(1, head_major_positions(self.out_channels, self.heads, out.device))
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
-        return out
-
-    def _sparse_forward(self, x: Tensor) -> Tensor:
-        """Eval mode (``x`` pre-activated): gather and convolve only the kept
-        channels (equal to the training computation)."""
-        # Every algorithm gathers channels as rows of an NCHW tensor: convert a
-        # channels-last input once, here.
-        x = x.contiguous()
-        scores = self._scores(x)
+    def note_sparsity(self, scores: Tensor) -> None:
+        """Record this forward's sparsity term (``sparsity_loss``) from its ``scores``."""
         self._last_sparsity = scores.mean(dim=(0, 2)).sum()
-        index, kept = self._kept(scores)
-        args = (
-            self._conv_input(x),  # the saliency generator pooled the unpadded input
-            kept,
-            index,
-            self._eval_weight(),
-            self._weight_cache,
-            self.stride,
-            self.padding,
-            self.dilation,
-        )
-        algorithm = self.inference_algorithm
-        if algorithm == "auto":
-            algorithm = pick_algorithm(*args, interleaved=self.interleaved)
-        self.last_algorithm = algorithm
-        out = sparse_conv2d(*args, algorithm, interleaved=self.interleaved)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
-        return out
 
-    def _asymmetric_padding(self, x: Tensor) -> bool:
-        pads = self.same_padding_for(x)
-        return pads is not None and (pads[0] != pads[1] or pads[2] != pads[3])
-
-    def _compiled_forward(self, x: Tensor) -> Tensor | None:
-        """Eval mode through the compiled op (one call: saliency, selection, convolution);
-        None where it cannot run (not float32 on CPU, the op could not be built, or
-        TF-'SAME' padding that is asymmetric at this size: the op pools the input it
-        pads, so it takes symmetric padding only)."""
-        if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
-            return None
-        pads = self.same_padding_for(x)
-        padding = self.padding
-        if pads is not None:
-            left, right, top, bottom = pads
-            if left != right or top != bottom:
-                return None
-            padding = (self.padding[0] + top, self.padding[1] + left)
-        if torch.compiler.is_compiling():
-            # Traced once, frozen as a constant: ``prepare_weights`` packed it beforehand.
-            flat = self.packed_weight
-            if flat is None:
-                return None
-        elif compiled.in_use():
-            flat = self._current_packed_weight()
-        else:
-            return None
-        self.last_algorithm = "compiled"
-        return compiled.dgc_conv2d_for_layer(self, x, self._packed_view(flat), padding=padding)
-
-    def _packed_view(self, flat: Tensor) -> Tensor:
-        kh, kw = self.kernel_size
-        return flat.view(self.heads, self.in_channels, kh, kw, self.out_channels // self.heads)
+    def dense_gate(self, scores: Tensor) -> Tensor:
+        """The gate (batch, heads, in_channels): each kept channel's score, 0 for the others,
+        in graph-friendly operations (TopK + ScatterElements head-wise; a comparison with T,
+        and ArgMax for each head's top channel, under network gating)."""
+        if self.thresholded:
+            return torch.where(self._threshold_mask(scores, self._keys(scores)), scores, torch.zeros_like(scores))
+        index = self.select(scores)
+        return torch.zeros_like(scores).scatter(2, index, scores.gather(2, index))
 
     def compiled_weight(self) -> Tensor:
         """The compiled op's prepacked weight (heads, C, kh, kw, C'/heads), packed
         once and again whenever the weight or the layout changes."""
-        return self._packed_view(self._current_packed_weight())
-
-    def _weight_key(self) -> tuple[object, ...]:
-        return (_tensor_state(self._eval_weight()), self.heads, self.interleaved)
-
-    def _current_packed_weight(self) -> Tensor:
-        """The prepacked weight (flat), packed again whenever the weight (or the layout) changed."""
-        key = self._weight_key()
-        if self.packed_weight is None or self._packed_key != key:
-            with torch.no_grad():
-                self.packed_weight = compiled.pack_weight(self._eval_weight(), self.heads, self.interleaved).reshape(-1)
-            self._packed_key = key
-        return self.packed_weight
+        kh, kw = self.kernel_size
+        flat = self._plan.compiled_op.packed_weight(self)
+        return flat.view(self.heads, self.in_channels, kh, kw, self.out_channels // self.heads)
 
     def prepare_weights(self) -> None:
         """Arrange the weight for eval now rather than at the first eval forward
         (it is arranged again whenever it changes): packed for the compiled op
         where it runs, else arranged for the sparse algorithms."""
-        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and compiled.in_use():
-            self._current_packed_weight()
-        else:
-            self._weight_cache.get(self._eval_weight(), self.heads, self.interleaved)
+        self._plan.for_preparation(self).prepare(self)
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -24,9 +24,10 @@ is a candidate, so the sparse path is never slower than it, up to timing
 noise. The weights are rearranged for gathering once and kept until they
 change (``WeightCache``).
 
-Every function takes the layer's layout, ``interleaved``: which output
-channels each head owns (``dgc_convert.nn.functional``). Blocked layers need
-no channel shuffle: their head-major results are already in dense order.
+Every function computes the blocked layout: head h owns the weight rows
+``h*C'/H : (h+1)*C'/H`` and its head-major results are already in output
+order (an interleaved layer relabels its output itself,
+``dgc_convert.nn.channel_order``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dgc_convert.nn.functional import gated_conv2d, gated_copies, head_major_to_dense, head_weights
+from dgc_convert.nn.functional import gated_conv2d, gated_copies, head_weights
 
 __all__ = ["ALGORITHMS", "WeightCache", "sparse_conv2d", "pick_algorithm", "clear_algorithm_cache", "algorithm_cache"]
 
@@ -56,7 +57,7 @@ class WeightCache:
     filters over input channel c, for the matrix-product path.
     ``conv``: (heads, C, C'/heads, kh, kw), for the grouped-convolution path.
     ``grouped``: (C', C, kh, kw) head-major, for ``stacked`` (the weight
-    itself, not a copy, when the layout is blocked).
+    itself, not a copy).
     """
 
     key: tuple[object, ...] = ()
@@ -65,16 +66,16 @@ class WeightCache:
     offsets: Tensor | None = None  # (heads, 1): h * C, turns per-head channel indices into rows
     grouped: Tensor | None = None  # (C', C, kh, kw) head-major, for one grouped convolution over all heads
 
-    def get(self, weight: Tensor, heads: int, interleaved: bool = False) -> WeightCache:
+    def get(self, weight: Tensor, heads: int) -> WeightCache:
         """Up-to-date arrangements of ``weight`` (dense layout; head h owns the
-        rows ``h*C'/heads : (h+1)*C'/heads``, or ``h::heads`` when ``interleaved``)."""
+        rows ``h*C'/heads : (h+1)*C'/heads``)."""
         # Inference tensors (made under torch.inference_mode) keep no version counter.
         version = None if weight.is_inference() else weight._version
-        key = (weight.data_ptr(), version, weight.dtype, weight.device, heads, interleaved)
+        key = (weight.data_ptr(), version, weight.dtype, weight.device, heads)
         if key != self.key:
             out_channels, channels, kh, kw = weight.shape
             # head_major[h, j]: head h's j-th filter
-            head_major = head_weights(weight.detach(), heads, interleaved=interleaved)  # (H, C'/H, C, kh, kw)
+            head_major = head_weights(weight.detach(), heads)  # (H, C'/H, C, kh, kw)
             self.conv = head_major.permute(0, 2, 1, 3, 4).contiguous()  # (H, C, C'/H, kh, kw)
             # (H, C, kh*kw, C'/H) flattened to rows of (kh*kw * C'/H), ordered (kernel offset, filter)
             self.rows = head_major.permute(0, 2, 3, 4, 1).reshape(heads * channels, kh * kw * (out_channels // heads))
@@ -104,7 +105,6 @@ def gather_conv(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-    interleaved: bool,
 ) -> Tensor:
     """Grouped convolution over gathered channels, one sample at a time.
 
@@ -112,16 +112,15 @@ def gather_conv(
     Channels are gathered as rows of the NCHW input (a channels-last input is
     converted first: gathering along its last axis is several times slower);
     the filters are handed to oneDNN channels-last, which makes its grouped
-    convolution 2-4x faster on CPU; the output comes back NCHW in dense
-    channel order (one copy either way: the grouped convolution's output is
-    channels-last).
+    convolution 2-4x faster on CPU; the output comes back NCHW (one copy: the
+    grouped convolution's output is channels-last).
     """
     x = x.contiguous()
     batch, channels = x.shape[:2]
     heads, k = index.shape[1:]
     out_channels, _, kh, kw = weight.shape
     per_head = out_channels // heads
-    cache = cache.get(weight, heads, interleaved)
+    cache = cache.get(weight, heads)
     assert cache.conv is not None and cache.offsets is not None  # get() fills every arrangement
     arranged, offsets = cache.conv.view(heads * channels, per_head, kh, kw), cache.offsets
     fold_into_input = x.shape[2] * x.shape[3] <= per_head * kh * kw
@@ -137,9 +136,8 @@ def gather_conv(
         filters = selected_w.permute(0, 2, 3, 4, 1).reshape(out_channels, kh, kw, k).permute(0, 3, 1, 2)
         outputs.append(F.conv2d(selected_x.unsqueeze(0), filters, None, stride, padding, dilation, groups=heads))
     out = torch.cat(outputs) if batch > 1 else outputs[0]
-    # The channels-last filters make the output channels-last: back to NCHW,
-    # in the same copy as the channel shuffle where there is one.
-    return head_major_to_dense(out, heads, interleaved=interleaved).contiguous()
+    # The channels-last filters make the output channels-last: back to NCHW.
+    return out.contiguous()
 
 
 def gather_bmm(
@@ -151,7 +149,6 @@ def gather_bmm(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-    interleaved: bool,
 ) -> Tensor:
     """im2col + one batched matrix product over (sample, head) with gathered weights."""
     batch, channels, height, width = x.shape
@@ -170,7 +167,7 @@ def gather_bmm(
     rows = _flat_index(index.view(batch, heads * k), channels)  # b*C + c, per (b, h, kept)
     selected = columns.index_select(0, rows).view(batch * heads, k * taps, pixels)
     flat_weight = _flat_index(index.transpose(0, 1).reshape(heads, batch * k), channels)  # h*C + c
-    arranged = cache.get(weight, heads, interleaved).rows
+    arranged = cache.get(weight, heads).rows
     assert arranged is not None  # get() fills every arrangement
     selected_w = arranged.index_select(0, flat_weight)  # (H*B*k, taps*C'/H)
     selected_w = (
@@ -181,18 +178,15 @@ def gather_bmm(
         selected = selected * score_rows
     else:
         selected_w = selected_w * score_rows
-    if not interleaved and pixels >= per_head:
+    if pixels >= per_head:
         # (B*H, C'/H, pixels) is already (B, C', pixels) in dense order: no copy.
         # With fewer pixels than filters per head (7x7 maps), the product
         # below runs faster even with its copy (measured on CPU).
         out = torch.bmm(selected_w.transpose(1, 2), selected)
         return out.view(batch, out_channels, out_h, out_w)
     out = torch.bmm(selected.transpose(1, 2), selected_w)  # (B*H, pixels, C'/H)
-    if not interleaved:
-        # (B, H, pixels, C'/H) -> (B, H, C'/H, pixels): output channel h*C'/H + j
-        return out.transpose(1, 2).contiguous().view(batch, out_channels, out_h, out_w)
-    # (B, H, pixels, C'/H) -> (B, C'/H, H, pixels): output channel j*H + h
-    return out.view(batch, heads, pixels, per_head).permute(0, 3, 1, 2).reshape(batch, out_channels, out_h, out_w)
+    # (B, H, pixels, C'/H) -> (B, H, C'/H, pixels): output channel h*C'/H + j
+    return out.transpose(1, 2).contiguous().view(batch, out_channels, out_h, out_w)
 
 
 def gather_pointwise(
@@ -204,7 +198,6 @@ def gather_pointwise(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-    interleaved: bool,
 ) -> Tensor:
     """1x1 convolutions: per sample, one batched product over heads of the
     gathered filters (C'/H x k) by the gathered input rows (k x pixels)."""
@@ -215,7 +208,7 @@ def gather_pointwise(
     out_channels = weight.shape[0]
     per_head = out_channels // heads
     pixels = height * width
-    cache = cache.get(weight, heads, interleaved)
+    cache = cache.get(weight, heads)
     rows, offsets = cache.rows, cache.offsets  # rows: (H*C, C'/H) for a 1x1 kernel
     assert rows is not None and offsets is not None  # get() fills every arrangement
     flat = sub.view(batch, channels, pixels)
@@ -229,7 +222,7 @@ def gather_pointwise(
             selected_w = selected_w * scores[b].view(heads, k, 1)
         outputs.append(torch.bmm(selected_w.transpose(1, 2), selected_x))  # (H, C'/H, P)
     out = torch.stack(outputs) if batch > 1 else outputs[0].unsqueeze(0)  # (B, H, C'/H, P)
-    return head_major_to_dense(out.view(batch, out_channels, height, width), heads, interleaved=interleaved)
+    return out.view(batch, out_channels, height, width)
 
 
 def masked(
@@ -241,12 +234,11 @@ def masked(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-    interleaved: bool,
 ) -> Tensor:
     """The training computation: every channel, the dropped ones gated to zero."""
     gate = torch.zeros(x.shape[0], index.shape[1], x.shape[1], dtype=scores.dtype, device=x.device)
     gate.scatter_(2, index, scores)
-    return gated_conv2d(x, gate, weight, stride, padding, dilation, interleaved=interleaved)
+    return gated_conv2d(x, gate, weight, stride, padding, dilation)
 
 
 def stacked(
@@ -258,7 +250,6 @@ def stacked(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-    interleaved: bool,
 ) -> Tensor:
     """Dense in cost like ``masked``, but one grouped convolution over a gated
     copy of the input per head (heads x the input, transient: no backward to
@@ -266,16 +257,15 @@ def stacked(
     batch, channels = x.shape[:2]
     heads = index.shape[1]
     gate = torch.zeros(batch, heads, channels, dtype=scores.dtype, device=x.device).scatter_(2, index, scores)
-    grouped = cache.get(weight, heads, interleaved).grouped
+    grouped = cache.get(weight, heads).grouped
     assert grouped is not None  # get() fills every arrangement
-    out = F.conv2d(gated_copies(x, gate), grouped, None, stride, padding, dilation, groups=heads)
-    return head_major_to_dense(out, heads, interleaved=interleaved)
+    return F.conv2d(gated_copies(x, gate), grouped, None, stride, padding, dilation, groups=heads)
 
 
-# The arguments every algorithm takes: x, scores, index, weight, cache, stride, padding, dilation, interleaved.
-_Args = tuple[Tensor, Tensor, Tensor, Tensor, WeightCache, tuple[int, int], tuple[int, int], tuple[int, int], bool]
+# The arguments every algorithm takes: x, scores, index, weight, cache, stride, padding, dilation.
+_Args = tuple[Tensor, Tensor, Tensor, Tensor, WeightCache, tuple[int, int], tuple[int, int], tuple[int, int]]
 _Algorithm = Callable[
-    [Tensor, Tensor, Tensor, Tensor, WeightCache, tuple[int, int], tuple[int, int], tuple[int, int], bool], Tensor
+    [Tensor, Tensor, Tensor, Tensor, WeightCache, tuple[int, int], tuple[int, int], tuple[int, int]], Tensor
 ]
 
 _FUNCTIONS: dict[str, _Algorithm] = {
@@ -313,7 +303,6 @@ def _case(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-    interleaved: bool,
 ) -> tuple[object, ...]:
     return (
         tuple(x.shape),
@@ -323,7 +312,6 @@ def _case(
         tuple(stride),
         tuple(padding),
         tuple(dilation),
-        interleaved,
         x.dtype,
         x.device.type,
         torch.get_num_threads(),
@@ -339,16 +327,14 @@ def pick_algorithm(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-    *,
-    interleaved: bool = False,
 ) -> str:
-    """The fastest exact algorithm for this case (layout included): timed once, then cached."""
-    case = _case(x, index, weight, stride, padding, dilation, interleaved)
+    """The fastest exact algorithm for this case: timed once, then cached."""
+    case = _case(x, index, weight, stride, padding, dilation)
     choice = _CACHE.get(case)
     if choice is not None:
         return choice
     candidates = [name for name in _FUNCTIONS if _applicable(name, x, weight, padding)]
-    args: _Args = (x, scores, index, weight, cache, stride, padding, dilation, interleaved)
+    args: _Args = (x, scores, index, weight, cache, stride, padding, dilation)
     if x.shape[0] <= _TIMING_BATCH:
         choice = _fastest(candidates, args, _TIMING_ROUNDS)
     else:
@@ -391,8 +377,6 @@ def sparse_conv2d(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     algorithm: str = "auto",
-    *,
-    interleaved: bool = False,
 ) -> Tensor:
     """Head-wise gated convolution over the kept channels only (no bias).
 
@@ -401,18 +385,17 @@ def sparse_conv2d(
         scores: (B, heads, k) saliency scores of the kept channels.
         index: (B, heads, k) their input-channel indices.
         weight: dense-layout filters (C', C, kh, kw); head h owns the rows
-            ``h*C'/heads : (h+1)*C'/heads`` (blocked) or ``h::heads`` (interleaved).
+            ``h*C'/heads : (h+1)*C'/heads``.
         cache: the layer's ``WeightCache``.
         algorithm: one of ``ALGORITHMS`` or "auto" (timed once per case).
-        interleaved: the layer's layout of head ownership.
 
     Returns:
         (B, C', H', W'), equal to the training computation.
     """
     if algorithm == "auto":
-        algorithm = pick_algorithm(x, scores, index, weight, cache, stride, padding, dilation, interleaved=interleaved)
+        algorithm = pick_algorithm(x, scores, index, weight, cache, stride, padding, dilation)
     elif algorithm not in _FUNCTIONS:
         raise ValueError(f"algorithm must be 'auto' or one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
     elif not _applicable(algorithm, x, weight, padding):
         raise ValueError(f"algorithm {algorithm!r} applies to 1x1 convolutions without padding only")
-    return _FUNCTIONS[algorithm](x, scores, index, weight, cache, stride, padding, dilation, interleaved)
+    return _FUNCTIONS[algorithm](x, scores, index, weight, cache, stride, padding, dilation)

@@ -15,9 +15,9 @@
 //      pixels x NV vectors of output channels; input values are broadcast
 //      straight from the channels-last input (x[b, iy, ix, idx[c]], a zero row
 //      standing in for padding), so no gathered copy of the input is made;
-//   5. the bias, and the store into a channels-last output in the layer's
-//      output-channel order (blocked: head h owns channels h*n + j; interleaved:
-//      j*H + h).
+//   5. the bias, and the store into a channels-last output in head-major
+//      (blocked) order: head h owns channels h*n + j. A layer of the older
+//      interleaved layout relabels the channels itself, in Python.
 //
 // dgc_convert::dgc_pack_weight turns the dense weight (C', C, kh, kw) into the
 // prepacked form (H, C, kh, kw, n) once, n = C'/H, row (h, c) holding head h's
@@ -172,7 +172,7 @@ struct Buffer {
 
 // Per-thread scratch.
 struct HeadScratch {
-  Buffer scores, squeezed, kept_scores, ptrs, stage, weight, idx, bias, ks, pooled, keys;
+  Buffer scores, squeezed, kept_scores, ptrs, weight, idx, bias, ks, pooled, keys;
 };
 
 HeadScratch& thread_scratch() {
@@ -289,7 +289,7 @@ struct Problem {
   int64_t out_h, out_w, pixels;
   int64_t kept;
   int64_t hidden;
-  bool interleaved, unit_scores;
+  bool unit_scores;
   bool use_threshold;  // network gating: keep scores > threshold (at least the top one), not the top `kept`
   float threshold;
   const float* x;        // (B, H, W, C) channels-last
@@ -454,7 +454,7 @@ void pack_head(const Problem& pr, int64_t h, const int32_t* idx, const float* ke
   }
   for (int64_t j = 0; j < pr.width_pad; ++j) {
     float v = 0.f;
-    if (pr.bias != nullptr && j < n) v = pr.bias[pr.interleaved ? j * pr.heads + h : h * n + j];
+    if (pr.bias != nullptr && j < n) v = pr.bias[h * n + j];
     bias_pad[j] = v;
   }
 }
@@ -497,17 +497,14 @@ void build_pointers(const Problem& pr, int64_t b, int64_t q0, int64_t q1, const 
   }
 }
 
-// Where pixel q (of sample b, chunk starting at q0) gets head h's block of
-// outputs starting at column c0: the output row (blocked) or the head-major
-// staging row (interleaved, interleaved into the output afterwards).
-inline float* out_at(const Problem& pr, int64_t b, int64_t h, int64_t c0, int64_t q, int64_t q0, float* stage) {
-  const int64_t Co = pr.out_channels;
-  return (pr.interleaved ? stage + (q - q0) * Co : pr.out + (b * pr.pixels + q) * Co) + h * pr.per_head + c0;
+// Where pixel q of sample b gets head h's block of outputs starting at column c0.
+inline float* out_at(const Problem& pr, int64_t b, int64_t h, int64_t c0, int64_t q) {
+  return pr.out + (b * pr.pixels + q) * pr.out_channels + h * pr.per_head + c0;
 }
 
 // One head's outputs for pixels [q0, q1): every column block, tiles inner.
 void conv_head(const Problem& pr, int64_t b, int64_t h, const int32_t* idx, int64_t k, const float* w,
-               const float* bias_pad, int64_t q0, int64_t q1, const float* const* ptrs, float* stage) {
+               const float* bias_pad, int64_t q0, int64_t q1, const float* const* ptrs) {
   const KernelTable& table = kernels();
   const int64_t n = pr.per_head;
   for (int blk = 0; blk < pr.nb; ++blk) {
@@ -519,28 +516,8 @@ void conv_head(const Problem& pr, int64_t b, int64_t h, const int32_t* idx, int6
     for (int64_t p0 = q0; p0 < q1; p0 += mr_full) {
       const int mr = static_cast<int>(std::min<int64_t>(mr_full, q1 - p0));
       table.fn[nv - 1][mr - 1](ptrs + (p0 - q0) * pr.taps, static_cast<int>(pr.taps), idx, static_cast<int>(k), wb,
-                               out_at(pr, b, h, c0, p0, q0, stage), pr.out_channels, bias_pad + c0, valid);
+                               out_at(pr, b, h, c0, p0), pr.out_channels, bias_pad + c0, valid);
     }
-  }
-}
-
-// out[j*H + h] = src[h*n + j] for one pixel: head-major -> interleaved.
-template <int H>
-void interleave_fixed(const float* __restrict src, float* __restrict dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j)
-#pragma GCC unroll 8
-    for (int h = 0; h < H; ++h) dst[j * H + h] = src[h * n + j];
-}
-
-void interleave(const float* src, float* dst, int64_t heads, int64_t n) {
-  switch (heads) {
-    case 1: std::memcpy(dst, src, n * sizeof(float)); return;
-    case 2: interleave_fixed<2>(src, dst, n); return;
-    case 4: interleave_fixed<4>(src, dst, n); return;
-    case 8: interleave_fixed<8>(src, dst, n); return;
-    default:
-      for (int64_t h = 0; h < heads; ++h)
-        for (int64_t j = 0; j < n; ++j) dst[j * heads + h] = src[h * n + j];
   }
 }
 
@@ -623,7 +600,7 @@ int64_t out_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding, 
 at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const at::Tensor& expand_in,
                       const at::Tensor& beta_in, const at::Tensor& packed_in, const std::optional<at::Tensor>& bias_in,
                       int64_t kept, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                      bool interleaved, bool unit_scores, std::optional<double> threshold) {
+                      bool unit_scores, std::optional<double> threshold) {
   TORCH_CHECK(x_in.dim() == 4, "dgc_conv2d: x must be 4-d (B, C, H, W), got ", x_in.dim(), " dims");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && packed_in.scalar_type() == at::kFloat,
               "dgc_conv2d: float32 only, got x ", x_in.scalar_type(), " and weight ", packed_in.scalar_type());
@@ -654,7 +631,6 @@ at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const
   pr.out_w = out_size(pr.width, pr.kw, pr.sx, pr.px, pr.dx);
   TORCH_CHECK(pr.out_h >= 1 && pr.out_w >= 1, "dgc_conv2d: the kernel does not fit the padded input");
   pr.pixels = pr.out_h * pr.out_w;
-  pr.interleaved = interleaved;
   pr.unit_scores = unit_scores;
   pr.use_threshold = threshold.has_value();
   pr.threshold = threshold.has_value() ? static_cast<float>(*threshold) : 0.f;
@@ -711,7 +687,7 @@ at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const
   const int64_t chunk_px = std::clamp<int64_t>((int64_t(96) << 10) / row_bytes, 24, 480);
 
   // 2. One task per (sample, group of heads) when those balance over the
-  //    threads, blocked layout only (heads write disjoint columns): scores,
+  //    threads (heads write disjoint columns): scores,
   //    selection and packed weights of the group's heads, then pixel chunks,
   //    every head of the group per chunk (its input rows stay in cache), with
   //    no synchronisation between the steps. Whole samples when the batch
@@ -722,7 +698,7 @@ at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const
     while (head_split <= H && (H % head_split != 0 || (B * head_split) % threads != 0)) ++head_split;
   }
   const int64_t fused_tasks = B * head_split;
-  const bool fused = !pr.interleaved && head_split <= H &&
+  const bool fused = head_split <= H &&
                      (threads == 1 || fused_tasks % threads == 0 || fused_tasks >= 4 * threads);
   // Past batch 1 the saliency of all samples is computed together, one task
   // per head, so each saliency weight is read once per call.
@@ -805,8 +781,7 @@ at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const
             const int64_t q1 = std::min(pr.pixels, q0 + chunk_px);
             build_pointers(pr, b, q0, q1, ptrs);
             for (int64_t i = 0; i < per_task; ++i)
-              conv_head(pr, b, h0 + i, idx + i * C, ks[i], w + i * wsize, bias_pad + i * pr.width_pad, q0, q1, ptrs,
-                        nullptr);
+              conv_head(pr, b, h0 + i, idx + i * C, ks[i], w + i * wsize, bias_pad + i * pr.width_pad, q0, q1, ptrs);
           }
         } else {
           // Large packed weights: one head at a time, so its weight stays in L2.
@@ -815,7 +790,7 @@ at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const
             for (int64_t q0 = 0; q0 < pr.pixels; q0 += chunk_px) {
               const int64_t q1 = std::min(pr.pixels, q0 + chunk_px);
               build_pointers(pr, b, q0, q1, ptrs);
-              conv_head(pr, b, h0 + i, idx, k, w, bias_pad, q0, q1, ptrs, nullptr);
+              conv_head(pr, b, h0 + i, idx, k, w, bias_pad, q0, q1, ptrs);
             }
           }
         }
@@ -855,7 +830,6 @@ at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const
       HeadScratch& s = thread_scratch();
       const int64_t max_px = (pr.pixels + n_chunks - 1) / n_chunks + 1;
       const float** ptrs = s.ptrs.get<const float*>(max_px * pr.taps);
-      float* stage = pr.interleaved ? s.stage.get<float>(max_px * pr.out_channels) : nullptr;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bi = task / (n_chunks * head_groups);
         const int64_t chunk = task / head_groups % n_chunks, hg = task % head_groups;
@@ -866,21 +840,7 @@ at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const
         build_pointers(pr, b, q0, q1, ptrs);
         for (int64_t h = h0; h < h1; ++h) {
           const int64_t u = bi * H + h;
-          conv_head(pr, b, h, idx_all + u * C, k_all[u], wall + u * wsize, bias_all + u * pr.width_pad, q0, q1, ptrs,
-                    stage);
-        }
-        if (pr.interleaved) {
-          if (head_groups == 1) {
-            for (int64_t q = q0; q < q1; ++q)
-              interleave(stage + (q - q0) * pr.out_channels, pr.out + (b * pr.pixels + q) * pr.out_channels, H,
-                         pr.per_head);
-          } else {
-            for (int64_t q = q0; q < q1; ++q)
-              for (int64_t h = h0; h < h1; ++h)
-                for (int64_t j = 0; j < pr.per_head; ++j)
-                  pr.out[(b * pr.pixels + q) * pr.out_channels + j * H + h] =
-                      stage[(q - q0) * pr.out_channels + h * pr.per_head + j];
-          }
+          conv_head(pr, b, h, idx_all + u * C, k_all[u], wall + u * wsize, bias_all + u * pr.width_pad, q0, q1, ptrs);
         }
       }
     });
@@ -889,17 +849,15 @@ at::Tensor dgc_conv2d(const at::Tensor& x_in, const at::Tensor& reduce_in, const
 }
 
 // (C', C, kh, kw) -> (heads, C, kh, kw, C'/heads); row (h, c) holds the filters
-// of head h over input channel c. Head h's j-th filter is weight[j*H + h]
-// (interleaved) or weight[h*n + j] (blocked).
-at::Tensor dgc_pack_weight(const at::Tensor& weight, int64_t heads, bool interleaved) {
+// of head h over input channel c. Head h's j-th filter is weight[h*n + j].
+at::Tensor dgc_pack_weight(const at::Tensor& weight, int64_t heads) {
   TORCH_CHECK(weight.dim() == 4, "dgc_pack_weight: weight must be (C', C, kh, kw)");
   TORCH_CHECK(heads >= 1 && weight.size(0) % heads == 0, "dgc_pack_weight: heads=", heads,
               " does not divide C'=", weight.size(0));
   const int64_t co = weight.size(0), n = co / heads;
   at::Tensor w = weight.to(at::kFloat);
-  at::Tensor arranged = interleaved
-                            ? w.reshape({n, heads, weight.size(1), weight.size(2), weight.size(3)}).permute({1, 2, 3, 4, 0})
-                            : w.reshape({heads, n, weight.size(1), weight.size(2), weight.size(3)}).permute({0, 2, 3, 4, 1});
+  at::Tensor arranged =
+      w.reshape({heads, n, weight.size(1), weight.size(2), weight.size(3)}).permute({0, 2, 3, 4, 1});
   return arranged.contiguous();
 }
 
@@ -908,9 +866,9 @@ at::Tensor dgc_pack_weight(const at::Tensor& weight, int64_t heads, bool interle
 TORCH_LIBRARY(dgc_convert, m) {
   m.def(
       "dgc_conv2d(Tensor x, Tensor reduce, Tensor expand, Tensor beta, Tensor packed_weight, Tensor? bias, "
-      "int kept, int[2] stride, int[2] padding, int[2] dilation, bool interleaved, bool unit_scores, "
+      "int kept, int[2] stride, int[2] padding, int[2] dilation, bool unit_scores, "
       "float? threshold=None) -> Tensor");
-  m.def("dgc_pack_weight(Tensor weight, int heads, bool interleaved) -> Tensor");
+  m.def("dgc_pack_weight(Tensor weight, int heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dgc_convert, CPU, m) { m.impl("dgc_conv2d", &dgc::dgc_conv2d); }
