@@ -321,8 +321,7 @@ def apply_conversion(model: nn.Module, layers: Mapping[str, LayerSettings]) -> N
         if not isinstance(conv, nn.Conv2d):
             raise ConversionError(f"layer {name}: a {type(conv).__name__}, not an nn.Conv2d")
         try:
-            # LayerSettings' fields are from_conv's keywords, one for one.
-            replacements[id(conv)] = DGCConv2d.from_conv(conv, **asdict(layer))
+            replacements[id(conv)] = DGCConv2d.from_conv(conv, layer)
         except ValueError as error:
             raise ConversionError(f"layer {name}: {error}") from None
     for parent in model.modules():

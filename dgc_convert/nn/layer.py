@@ -31,6 +31,7 @@ from dgc_convert.nn.settings import (
     DEFAULT_ZETA,
     GATINGS,
     SQUEEZE_RULES,
+    LayerSettings,
 )
 from dgc_convert.nn.sparse import ALGORITHMS as SPARSE_ALGORITHMS
 from dgc_convert.nn.tensor_state import tensor_state
@@ -132,26 +133,14 @@ class DGCConv2d(nn.Module):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias:
             as for ``nn.Conv2d`` (zeros padding, ``groups=1``).
-        heads: number of heads H; must divide ``out_channels``.
-        squeeze_ratio: d; each saliency generator's hidden width follows
-            ``squeeze_rule`` (``saliency_hidden_width``).
-        zeta: target pruning ratio, the fraction of input channels each head
-            drops per sample, in [0, 1). The layer starts at ``zeta_t = zeta``;
-            a trainer moves ``zeta_t`` along its schedule with ``set_zeta_t``.
-        interleaved: the layout of models saved before blocked ownership:
-            head ``i`` owns ``weight[i::heads]`` (the authors' layout). Such a
-            layer computes blocked with its weight rows relabelled and gathers
-            its output channels back once (see the ``interleaved`` property).
-            ``dgc_convert.load`` sets it for layers of such files; new layers
-            are blocked. The authors' checkpoints are interleaved too.
-        gating: "head" (each head keeps its top k, the default) or "network"
-            (DGC-G: every channel whose score is above the model-wide
-            ``threshold``, at least one per head; k varies per sample and head).
-        preact: give the layer its own ``BatchNorm2d`` + ReLU in front of both
-            the saliency generator and the convolution (``norm``), as every
-            DGC layer of the authors' networks has.
-        squeeze_rule: "standard" or "authors": the saliency generator's
-            hidden width and initialisation (see ``SQUEEZE_RULES``).
+        settings: the layer's DGC settings (``LayerSettings``: heads, squeeze
+            ratio, zeta, layout, gating, pre-activation, squeeze rule, each
+            documented there); the defaults when None. Any of its fields may
+            also be given as a keyword (``heads=8``), on top of ``settings``.
+            ``heads`` must divide ``out_channels``; the layer starts at
+            ``zeta_t = zeta``, and a trainer moves ``zeta_t`` with
+            ``set_zeta_t``. ``interleaved`` (the older layout, see the
+            property) is set by ``dgc_convert.load`` for such files.
         standardization: standardise the weight per output channel before
             every use, as timm's ``StdConv2d`` / ``ScaledStdConv2d`` do (a
             ``WeightStandardization``; with a ``scale`` the layer holds a
@@ -206,30 +195,22 @@ class DGCConv2d(nn.Module):
         dilation: int | tuple[int, int] = 1,
         bias: bool = False,
         *,
-        heads: int = DEFAULT_HEADS,
-        squeeze_ratio: float = DEFAULT_SQUEEZE_RATIO,
-        zeta: float = DEFAULT_ZETA,
-        interleaved: bool = False,
-        gating: str = DEFAULT_GATING,
-        preact: bool = False,
-        squeeze_rule: str = DEFAULT_SQUEEZE_RULE,
+        settings: LayerSettings | None = None,
         standardization: WeightStandardization | None = None,
         same_padding: bool = False,
+        **options: Any,
     ) -> None:
         super().__init__()
+        settings = LayerSettings.with_options(settings, options)
+        heads, squeeze_ratio, zeta = settings.heads, settings.squeeze_ratio, settings.zeta
+        gating, preact, squeeze_rule = settings.gating, settings.preact, settings.squeeze_rule
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
-            raise ValueError(f"heads must be a positive integer, got {heads!r}")
         if out_channels % heads != 0:
             raise ValueError(f"heads={heads} does not divide out_channels={out_channels}")
-        if not (squeeze_ratio >= 1):
-            raise ValueError(f"squeeze_ratio must be >= 1, got {squeeze_ratio!r}")
         if isinstance(padding, str):
             raise ValueError(f"padding must be an int or a pair of ints, got {padding!r}")
-        if gating not in GATINGS:
-            raise ValueError(f"gating must be one of {', '.join(GATINGS)}, got {gating!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size: tuple[int, int] = _pair(kernel_size)
@@ -238,7 +219,7 @@ class DGCConv2d(nn.Module):
         self.dilation: tuple[int, int] = _pair(dilation)
         self.heads = heads
         self.squeeze_ratio = squeeze_ratio
-        self.zeta = _check_zeta("zeta", zeta)
+        self.zeta = float(zeta)
         self.gating = gating
         self.preact = bool(preact)
         self.squeeze_rule = squeeze_rule
@@ -260,7 +241,7 @@ class DGCConv2d(nn.Module):
         # not persistent (derived from ``interleaved``), moved by ``.to`` with the layer.
         self.register_buffer("output_order", None, persistent=False)
         self.register_buffer("blocked_rows", None, persistent=False)
-        self.interleaved = interleaved
+        self.interleaved = settings.interleaved
         self.norm = nn.BatchNorm2d(in_channels) if self.preact else None
         hidden = saliency_hidden_width(in_channels, squeeze_ratio, squeeze_rule)
         self.saliency_generator = SaliencyGenerator(in_channels, heads, hidden, init=squeeze_rule)
@@ -282,16 +263,11 @@ class DGCConv2d(nn.Module):
     def from_conv(
         cls,
         conv: nn.Conv2d,
-        *,
-        heads: int = DEFAULT_HEADS,
-        squeeze_ratio: float = DEFAULT_SQUEEZE_RATIO,
-        zeta: float = DEFAULT_ZETA,
-        interleaved: bool = False,
-        gating: str = DEFAULT_GATING,
-        preact: bool = False,
-        squeeze_rule: str = DEFAULT_SQUEEZE_RULE,
+        settings: LayerSettings | None = None,
+        **options: Any,
     ) -> DGCConv2d:
-        """Build a DGC layer with ``conv``'s geometry, weight and bias.
+        """Build a DGC layer with ``conv``'s geometry, weight and bias, and ``settings`` (the
+        defaults when None) with any ``LayerSettings`` field given as a keyword on top.
 
         The new layer lives on ``conv``'s device and dtype; the weight and bias
         are copied, not shared, in the dense layout: which output channels a
@@ -307,6 +283,7 @@ class DGCConv2d(nn.Module):
         """
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        settings = LayerSettings.with_options(settings, options)
         kind = conv_kind(conv)
         if kind is None:
             raise ValueError(f"{type(conv).__name__} overrides nn.Conv2d.forward in a way a DGC layer cannot reproduce")
@@ -328,13 +305,7 @@ class DGCConv2d(nn.Module):
                 padding=padding,
                 dilation=_as_pair(conv.dilation),
                 bias=conv.bias is not None,
-                heads=heads,
-                squeeze_ratio=squeeze_ratio,
-                zeta=zeta,
-                interleaved=interleaved,
-                gating=gating,
-                preact=preact,
-                squeeze_rule=squeeze_rule,
+                settings=settings,
                 standardization=kind.standardization,
                 same_padding=kind.same_padding,
             )
@@ -342,9 +313,9 @@ class DGCConv2d(nn.Module):
         layer.saliency_generator.reset_parameters()
         if layer.norm is not None:
             layer.norm.reset_parameters()
-        if gating == "network":
+        if settings.gating == "network":
             layer.set_threshold(0.0)
-        layer.set_zeta_t(zeta)
+        layer.set_zeta_t(settings.zeta)
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
             if conv.bias is not None:
@@ -407,6 +378,19 @@ class DGCConv2d(nn.Module):
             self.output_order = self.blocked_rows = None
 
     # -- pruning ratio ----------------------------------------------------
+
+    @property
+    def settings(self) -> LayerSettings:
+        """The layer's DGC settings, as it was built with them (and its current layout)."""
+        return LayerSettings(
+            heads=self.heads,
+            squeeze_ratio=self.squeeze_ratio,
+            zeta=self.zeta,
+            interleaved=self.interleaved,
+            gating=self.gating,
+            preact=self.preact,
+            squeeze_rule=self.squeeze_rule,
+        )
 
     def set_zeta_t(self, value: float) -> None:
         """Set the pruning ratio forward uses, in [0, 1)."""

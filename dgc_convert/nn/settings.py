@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 __all__ = [
@@ -163,6 +163,17 @@ class LayerSettings:
         unknown keys are ignored, and every value is checked for its type (``ValueError``)."""
         known = {item.name for item in fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
+
+    @classmethod
+    def with_options(cls, settings: LayerSettings | None, options: Mapping[str, Any]) -> LayerSettings:
+        """``settings`` (the defaults when None) with ``options`` (field name -> value) on top:
+        how a layer takes both a settings object and keywords. ``TypeError`` for a name that is
+        no field, as for an unexpected keyword argument."""
+        known = [item.name for item in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r} (the DGC settings are {', '.join(known)})")
+        return replace(settings if settings is not None else cls(), **options)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain data, field by field."""
