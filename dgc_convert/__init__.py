@@ -59,6 +59,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(["Recipe", "load_recipe"], "training.recipe"),
     **dict.fromkeys(["Schedule"], "training.schedule"),
     **dict.fromkeys(["EpochMetrics", "TrainResult", "train"], "training.trainer"),
+    **dict.fromkeys(["TrainCallback"], "training.events"),
     **dict.fromkeys(["TrainProgress"], "training.progress_bars"),
     **dict.fromkeys(["StepProgress"], "display"),
 }
@@ -101,6 +102,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from dgc_convert.nn.modes import dgc_mode
     from dgc_convert.nn.network_gate import update_threshold
     from dgc_convert.serving.prepare import InferenceReport, prepare_for_inference
+    from dgc_convert.training.events import TrainCallback
     from dgc_convert.training.progress_bars import TrainProgress
     from dgc_convert.training.recipe import Recipe, load_recipe
     from dgc_convert.training.schedule import Schedule
@@ -172,6 +174,7 @@ __all__ = [
     "load",
     "LoadError",
     "TrainProgress",
+    "TrainCallback",
     "StepProgress",
     "__version__",
 ]
