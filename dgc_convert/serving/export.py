@@ -75,7 +75,12 @@ Shape = tuple[int | str, ...]  # an ONNX tensor shape: ints are fixed, strings n
 
 @dataclass
 class ExportReport:
-    """Where the model went, its ONNX signature, which operators carry the gating, and the parity check."""
+    """Where the model went, its ONNX signature, which operators carry the gating, and the parity check.
+
+    ``export_onnx`` returns one for every export that ran to the end, whether
+    the parity check passed (``written``: the file is at ``path``) or not (an
+    existing file at ``path`` was kept); what the CLI's export command prints.
+    """
 
     path: Path
     opset: int
