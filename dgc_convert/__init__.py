@@ -40,6 +40,7 @@ _LAZY: dict[str, str] = {
             "LayerDecision",
             "LayerOverride",
             "LayerSettings",
+            "SkipReason",
             "apply_conversion",
             "check_identity",
             "convert",
@@ -59,6 +60,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(["Recipe", "load_recipe"], "training.recipe"),
     **dict.fromkeys(["Schedule"], "training.schedule"),
     **dict.fromkeys(["EpochMetrics", "TrainResult", "train"], "training.trainer"),
+    **dict.fromkeys(["TrainCallback"], "training.events"),
     **dict.fromkeys(["TrainProgress"], "training.progress_bars"),
     **dict.fromkeys(["StepProgress"], "display"),
 }
@@ -72,6 +74,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
         LayerDecision,
         LayerOverride,
         LayerSettings,
+        SkipReason,
         apply_conversion,
         check_identity,
         convert,
@@ -101,6 +104,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from dgc_convert.nn.modes import dgc_mode
     from dgc_convert.nn.network_gate import update_threshold
     from dgc_convert.serving.prepare import InferenceReport, prepare_for_inference
+    from dgc_convert.training.events import TrainCallback
     from dgc_convert.training.progress_bars import TrainProgress
     from dgc_convert.training.recipe import Recipe, load_recipe
     from dgc_convert.training.schedule import Schedule
@@ -134,6 +138,7 @@ __all__ = [
     "ConversionReport",
     "LayerDecision",
     "LayerOverride",
+    "SkipReason",
     "check_identity",
     "dgc_layers",
     "set_zeta",
@@ -172,6 +177,7 @@ __all__ = [
     "load",
     "LoadError",
     "TrainProgress",
+    "TrainCallback",
     "StepProgress",
     "__version__",
 ]

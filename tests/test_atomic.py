@@ -90,3 +90,18 @@ def test_a_temporary_file_left_by_a_killed_writer_is_swept_by_the_next_write(tmp
         temporary.write_bytes(b"new")
     assert (tmp_path / "m.bin").read_bytes() == b"new"
     assert not dead.exists() and alive.exists() and other.exists()
+
+
+def test_a_temporary_beside_is_moved_into_place_only_when_asked(tmp_path):
+    from dgc_convert.files.atomic import move_into_place, temporary_beside
+
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with temporary_beside(path) as temporary:
+        temporary.write_bytes(b"rejected")  # not moved: the block ends without a rename
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+    with temporary_beside(path) as temporary:
+        temporary.write_bytes(b"accepted")
+        move_into_place(temporary, path)
+    assert path.read_bytes() == b"accepted" and _mode(path) == 0o666 & ~_umask()
+    assert os.listdir(tmp_path) == ["out.bin"]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from dgc_convert.conversion.settings import ConvertSection, LayerOverride, convert_settings
 from dgc_convert.conversion.shapes import convolution_output_sizes, normalize_input_size
+from dgc_convert.conversion.skip_reasons import SkipReason
 from dgc_convert.conversion.tracing import image_convolutions
 from dgc_convert.conversion.zoo import model_info
 from dgc_convert.errors import ConversionError, IdentityCheckError, first_line
@@ -41,6 +42,7 @@ __all__ = [
     "LayerSettings",
     "ConversionReport",
     "LayerOverride",
+    "SkipReason",
     "convert",
     "plan_conversion",
     "apply_conversion",
@@ -56,8 +58,10 @@ __all__ = [
 class LayerDecision:
     """One convolution of the model: its geometry and what happened to it.
 
-    ``status`` is "converted" or "skipped"; ``reason`` says why it was
-    skipped (empty when converted). ``kept`` is k, the input channels each
+    ``status`` is "converted" or "skipped"; ``skip_reason`` is why it was
+    skipped (None when converted) and ``detail`` the layer's figures behind
+    it; ``reason`` is the two as one line to read (empty when converted).
+    ``kept`` is k, the input channels each
     head keeps per sample at ``zeta`` (under network gating, the number the
     model-wide threshold aims at on average). ``gating``, ``preact`` and
     ``squeeze_rule`` are the converted layer's (None when skipped).
@@ -71,7 +75,8 @@ class LayerDecision:
     stride: tuple[int, int]
     groups: int
     status: str
-    reason: str = ""
+    skip_reason: SkipReason | None = None
+    detail: str = ""
     heads: int | None = None
     zeta: float | None = None
     squeeze_ratio: float | None = None
@@ -83,6 +88,11 @@ class LayerDecision:
     @property
     def converted(self) -> bool:
         return self.status == "converted"
+
+    @property
+    def reason(self) -> str:
+        """Why the layer was skipped, as the table and ``--json`` show it (empty when converted)."""
+        return "" if self.skip_reason is None else self.skip_reason.text(self.detail)
 
     @property
     def settings(self) -> LayerSettings | None:
@@ -99,7 +109,15 @@ class LayerDecision:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The decision as JSON-ready data: the fields, with ``reason`` (the line to read) after
+        ``status`` in place of ``skip_reason`` and ``detail``, as it has always been."""
+        data: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if key == "skip_reason":
+                data["reason"] = self.reason
+            elif key != "detail":
+                data[key] = value
+        return data
 
 
 @dataclass
@@ -127,36 +145,34 @@ class ConversionReport:
         return f"ConversionReport({len(self.converted)} of {len(self.layers)} convolutions converted)"
 
 
-def _reason_to_skip(conv: nn.Conv2d, heads: int, min_channels: int, is_stem: bool) -> str:
-    """Why ``conv`` stays dense under these settings; empty when it can convert."""
-    kind = type(conv).__name__
+# Why a convolution stays dense, with the layer's figures behind it; None when it can convert.
+Skip = tuple[SkipReason, str]
+
+
+def _reason_to_skip(conv: nn.Conv2d, heads: int, min_channels: int, is_stem: bool) -> Skip | None:
+    """Why ``conv`` stays dense under these settings; None when it can convert."""
     if conv_kind(conv) is None:
-        return f"{kind} overrides nn.Conv2d.forward (computes its weight or input in a way a DGC layer does not know)"
+        return SkipReason.CUSTOM_FORWARD, type(conv).__name__
     if is_stem:
-        return "stem: sees the image"
+        return SkipReason.STEM, ""
     if conv.groups != 1:
-        return f"grouped convolution (groups={conv.groups})"
+        return SkipReason.GROUPED, f"groups={conv.groups}"
     if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} (only zeros)"
+        return SkipReason.PADDING_MODE, f"padding_mode={conv.padding_mode!r}"
     if static_padding(conv) is None:
-        return f"padding={conv.padding!r} pads asymmetrically"
+        return SkipReason.ASYMMETRIC_PADDING, f"padding={conv.padding!r}"
     if conv.in_channels < min_channels:
-        return f"in_channels={conv.in_channels} < min_channels={min_channels}"
+        return SkipReason.TOO_FEW_CHANNELS, f"in_channels={conv.in_channels} < min_channels={min_channels}"
     if conv.out_channels % heads:
-        return f"out_channels={conv.out_channels} not divisible by heads={heads}"
-    return ""
-
-
-# The start of the reason a layer that would cost more as DGC stays dense (the
-# CLI and the "nothing can be converted" error group reasons by it).
-NO_SAVING = "no saving as DGC"
+        return SkipReason.HEADS_DO_NOT_DIVIDE, f"out_channels={conv.out_channels} not divisible by heads={heads}"
+    return None
 
 
 def _reason_no_saving(
     conv: nn.Conv2d, heads: int, zeta: float, squeeze_ratio: float, rule: str, output_size: tuple[int, int]
-) -> str:
+) -> Skip | None:
     """Why ``conv`` would cost at least as much as a DGC layer at its feature size (the
-    method's cost formula, saliency generators included); empty when DGC saves MACs."""
+    method's cost formula, saliency generators included); None when DGC saves MACs."""
     kernel = (conv.kernel_size[0], conv.kernel_size[1])
     per_channel = kept_channel_macs(kernel, conv.out_channels, heads, *output_size)
     hidden = saliency_hidden_width(conv.in_channels, squeeze_ratio, rule)
@@ -166,9 +182,9 @@ def _reason_no_saving(
     )
     dense = heads * conv.in_channels * per_channel
     if dgc < dense:
-        return ""
+        return None
     height, width = output_size
-    return f"{NO_SAVING} ({dgc:,} MACs per sample against {dense:,} dense, at its {height}x{width} output)"
+    return SkipReason.NO_SAVING, f"{dgc:,} MACs per sample against {dense:,} dense, at its {height}x{width} output"
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -260,7 +276,7 @@ def plan_conversion(
     for name, conv in convs:
         heads, zeta, ratio = settings.heads, settings.zeta, settings.squeeze_ratio
         preact, rule = settings.preact, settings.squeeze_rule
-        skip = ""
+        skip: Skip | None = None
         named = unskipped = False  # what lets a layer convert at a loss
         for pattern, override in settings.overrides.items():
             if fnmatch.fnmatchcase(name, pattern):
@@ -271,15 +287,15 @@ def plan_conversion(
                 rule = override.squeeze_rule if override.squeeze_rule is not None else rule
                 named = named or pattern == name
                 if override.skip is not None:
-                    skip = f"override {pattern!r} says skip" if override.skip else ""
+                    skip = (SkipReason.OVERRIDE, repr(pattern)) if override.skip else None
                     unskipped = not override.skip
         if settings.include and not _matches(name, settings.include):
-            skip = "not matched by include"
+            skip = SkipReason.NOT_INCLUDED, ""
         elif _matches(name, settings.exclude):
-            skip = "matched by exclude"
-        if not skip:
+            skip = SkipReason.EXCLUDED, ""
+        if skip is None:
             skip = _reason_to_skip(conv, heads, settings.min_channels, is_stem=name in stems)
-        if not skip and not (named or unskipped) and name in output_sizes:
+        if skip is None and not (named or unskipped) and name in output_sizes:
             skip = _reason_no_saving(conv, heads, zeta, ratio, rule, output_sizes[name])
         decision = LayerDecision(
             name=name,
@@ -289,10 +305,11 @@ def plan_conversion(
             kernel_size=(conv.kernel_size[0], conv.kernel_size[1]),
             stride=(conv.stride[0], conv.stride[1]),
             groups=conv.groups,
-            status="skipped" if skip else "converted",
-            reason=skip,
+            status="converted" if skip is None else "skipped",
+            skip_reason=None if skip is None else skip[0],
+            detail="" if skip is None else skip[1],
         )
-        if not skip:
+        if skip is None:
             decision.heads, decision.zeta, decision.squeeze_ratio = heads, float(zeta), ratio
             decision.kept = kept_channel_count(conv.in_channels, zeta)
             decision.gating, decision.preact, decision.squeeze_rule = settings.gating, preact, rule
@@ -405,7 +422,7 @@ def convert(
     )
     report = plan_conversion(model, settings, input_size=input_size)
     if not report.converted:
-        why = "; ".join(sorted({d.reason.split(" (")[0] for d in report.skipped})) or "it has no nn.Conv2d"
+        why = "; ".join(sorted({d.skip_reason.value for d in report.skipped if d.skip_reason})) or "it has no nn.Conv2d"
         model_name = _display_name(model)
         raise ConversionError(f"no convolution of {model_name} can be converted ({why})")
     apply_conversion(model, report.layer_settings())

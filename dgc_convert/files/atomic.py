@@ -19,7 +19,14 @@ from pathlib import Path
 
 from dgc_convert.files.processes import pid_alive
 
-__all__ = ["atomic_write", "give_default_mode", "make_directory", "naming_os_errors"]
+__all__ = [
+    "atomic_write",
+    "give_default_mode",
+    "make_directory",
+    "move_into_place",
+    "naming_os_errors",
+    "temporary_beside",
+]
 
 
 def give_default_mode(*paths: Path) -> None:
@@ -60,6 +67,22 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     ``path`` (nothing can remove it then) is removed by the next write to
     ``path`` once that process is gone.
     """
+    with temporary_beside(path) as temporary:
+        yield temporary
+        move_into_place(temporary, path)
+
+
+@contextlib.contextmanager
+def temporary_beside(path: str | Path) -> Iterator[Path]:
+    """Yield a new, empty temporary file next to ``path``, removed when the block ends unless
+    ``move_into_place`` renamed it over ``path`` inside the block.
+
+    For a writer that decides only after writing whether the file should
+    replace ``path`` (``atomic_write`` always does on a clean exit). Being
+    in the target's directory, the rename is atomic. An ``OSError`` inside
+    the block names ``path`` (``naming_os_errors``); the temporary file's
+    name and the sweep of dead processes' ones are ``atomic_write``'s.
+    """
     path = Path(path)
     make_directory(path.parent)
     _sweep_temporaries(path)
@@ -71,17 +94,23 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     try:
         with naming_os_errors(path):
             yield temporary
-            give_default_mode(temporary)  # after writing: a writer that recreates the file may narrow it
-            descriptor = os.open(temporary, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-            os.replace(temporary, path)
-    except BaseException:
+    finally:
+        # Gone already when it was moved into place; otherwise nothing may be left behind.
         with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
+            temporary.unlink(missing_ok=True)
+
+
+def move_into_place(temporary: Path, path: str | Path) -> None:
+    """Rename a complete ``temporary`` (from ``temporary_beside(path)``) over ``path``: given the
+    mode ``0o666 & ~umask`` and flushed to disk first, the directory flushed after (best effort)."""
+    path = Path(path)
+    give_default_mode(temporary)  # after writing: a writer that recreates the file may narrow it
+    descriptor = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, path)
     _fsync_directory(path.parent)
 
 

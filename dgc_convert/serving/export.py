@@ -25,17 +25,19 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from dgc_convert.conversion.zoo import model_info
 from dgc_convert.errors import ExportError
-from dgc_convert.files.atomic import atomic_write
+from dgc_convert.files.atomic import move_into_place, temporary_beside
 from dgc_convert.nn.conv_kinds import conv_kind
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.modes import dgc_mode
 from dgc_convert.progress import NO_PROGRESS, Progress
+from dgc_convert.serving.onnx_parity import check_parity, one_line
 
 __all__ = [
     "ExportReport",
@@ -73,7 +75,12 @@ Shape = tuple[int | str, ...]  # an ONNX tensor shape: ints are fixed, strings n
 
 @dataclass
 class ExportReport:
-    """Where the model went, its ONNX signature, which operators carry the gating, and the parity check."""
+    """Where the model went, its ONNX signature, which operators carry the gating, and the parity check.
+
+    ``export_onnx`` returns one for every export that ran to the end, whether
+    the parity check passed (``written``: the file is at ``path``) or not (an
+    existing file at ``path`` was kept); what the CLI's export command prints.
+    """
 
     path: Path
     opset: int
@@ -108,14 +115,6 @@ class ExportReport:
             + ", ".join(f"batch {b} {d:.1e}" for (b, h, w), d in self.max_abs_diff.items() if (h, w) == (height, width))
             for height, width in self.checked_sizes
         ]
-
-
-class _ParityFailed(Exception):
-    """Leaves ``atomic_write`` without renaming the exported file into place."""
-
-    def __init__(self, report: ExportReport) -> None:
-        super().__init__()
-        self.report = report
 
 
 def supported_opsets() -> tuple[int, int]:
@@ -185,13 +184,6 @@ def _quiet_loggers(*roots: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    """``error`` as ``Type: message`` on one line (onnxruntime spreads the useful part
-    over several lines, e.g. which index got which size), at most ``limit`` characters."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {text}"[:limit]
-
-
 def second_check_size(height: int, width: int) -> tuple[int, int]:
     """The second image size (height, width in pixels) the dynamic-size parity check runs at:
     each side 1.5x, rounded up to a multiple of 32 (the total stride of ResNets, MobileNets
@@ -220,6 +212,160 @@ def _shape(value: object) -> Shape:
     """The dims of an ONNX graph input/output (``ValueInfoProto``): named dims as str, fixed as int."""
     dims = value.type.tensor_type.shape.dim  # type: ignore[attr-defined]
     return tuple(dim.dim_param or dim.dim_value for dim in dims)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One export's settled arguments: the target, the traced size, the parity check's sizes and
+    batches (sizes in pixels, (height, width))."""
+
+    path: Path
+    channels: int
+    traced: tuple[int, int]
+    sizes: list[tuple[int, int]]
+    batches: tuple[int, ...]
+    opset: int
+    tolerance: float
+    dynamic_size: bool
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """What the exported file says about itself: gating operators by count, and its signature."""
+
+    gating_ops: dict[str, int]
+    input_name: str
+    input_shape: Shape
+    output_name: str
+    output_shape: Shape
+
+    def pinned(self, dynamic_size: bool) -> dict[str, int]:
+        """The sides asked to be dynamic that the graph fixed anyway ("height"/"width" -> pixels).
+
+        torch.onnx refines the requested dynamic dims from torch.export's
+        suggested fixes instead of failing: a size check or a size-dependent
+        branch in the model silently fixes them. The parity check reports
+        the first size the fixed graph cannot take.
+        """
+        if not dynamic_size:
+            return {}
+        return {axis: dim for axis, dim in zip(("height", "width"), self.input_shape[2:]) if isinstance(dim, int)}
+
+
+def _plan(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    input_size: tuple[int, int, int] | None,
+    opset: int,
+    tolerance: float,
+    check_batches: tuple[int, ...],
+    dynamic_size: bool,
+    check_sizes: Sequence[tuple[int, int]] | None,
+) -> _Plan:
+    """Check the arguments and the export packages, and settle the sizes (see ``export_onnx``).
+
+    Raises:
+        ExportError: a bad opset or tolerance, a missing package, or a check size
+            other than the export size without ``dynamic_size``.
+    """
+    check_export_options(opset, tolerance)
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        _require(module)
+    info = model_info(model)
+    size = tuple(input_size or (info.input_size if info else (3, 224, 224)))
+    traced = (int(size[1]), int(size[2]))
+    if check_sizes is None:
+        sizes = [traced, second_check_size(*traced)] if dynamic_size else [traced]
+        if dynamic_size and _pads_by_size(model):
+            # TF-'SAME' padding differs between even and odd sides, and both sizes above are even.
+            sizes.append((sizes[1][0] + 1, sizes[1][1] + 1))
+    else:
+        sizes = list(dict.fromkeys((int(h), int(w)) for h, w in check_sizes))
+        if not dynamic_size and any(s != traced for s in sizes):
+            other = next(s for s in sizes if s != traced)
+            raise ExportError(
+                f"check size {other[0]}x{other[1]} differs from the export size {traced[0]}x{traced[1]}: "
+                "a fixed-size graph takes only that size (export with dynamic size)"
+            )
+    return _Plan(Path(path), int(size[0]), traced, sizes, tuple(check_batches), opset, tolerance, dynamic_size)
+
+
+def _require_runs(model: nn.Module, example: torch.Tensor, traced: tuple[int, int]) -> None:
+    """Run ``model`` once at the export size: a model that cannot fails the export with
+    torch.export's symbolic-shape terms, and PyTorch's own error is clearer.
+
+    Raises:
+        ExportError: one line with PyTorch's error.
+    """
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as error:
+        raise ExportError(
+            f"the model does not run at the export size {traced[0]}x{traced[1]} in PyTorch ({one_line(error)})"
+        ) from None
+
+
+def _export_program(model: nn.Module, example: torch.Tensor, plan: _Plan) -> Any:
+    """Trace ``model`` (DGC layers in their export form) into an ONNX program, quietly.
+
+    Returns:
+        torch.onnx's ``ONNXProgram`` (``save(file)`` writes it).
+
+    Raises:
+        ExportError: the export failed (one line: the innermost cause).
+    """
+    axes: dict[int, torch.export.Dim] = {0: torch.export.Dim("batch", min=1, max=1024)}
+    if plan.dynamic_size:
+        # No upper bound: the exporter only records the names; the parity
+        # check is what shows the graph really takes another size.
+        axes[2] = torch.export.Dim("height", min=1)
+        axes[3] = torch.export.Dim("width", min=1)
+    try:
+        # The exporter prints its progress on stdout, and a failing trace logs
+        # dozens of lines (guards, stacks) on stderr; our output is the report.
+        with (
+            dgc_mode(model, algorithm="export"),
+            contextlib.redirect_stdout(io.StringIO()),
+            warnings.catch_warnings(),
+            _quiet_loggers("torch", "onnxscript"),
+        ):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                opset_version=plan.opset,
+                input_names=[_INPUT_NAME],
+                output_names=[_OUTPUT_NAME],
+                dynamic_shapes=(axes,),
+                verbose=False,
+            )
+    except Exception as error:  # the exporter fails in many ways; one line for the user
+        # torch.onnx wraps the cause in a generic "Failed to export ... step 1/3"
+        # (with terminal colours); the innermost error says what went wrong.
+        cause: BaseException = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        traced = plan.traced
+        what = f" with dynamic height and width (traced at {traced[0]}x{traced[1]})" if plan.dynamic_size else ""
+        raise ExportError(f"ONNX export{what} failed: {_ANSI_ESCAPE.sub('', one_line(cause))}") from None
+    if program is None:  # an older torch.onnx that returns nothing without a file to write
+        raise ExportError("ONNX export failed: torch.onnx.export returned no ONNX program")
+    return program
+
+
+def _read_graph(file: Path) -> _Graph:
+    """The gating operators and the signature of the ONNX file ``file``."""
+    import onnx
+
+    graph = onnx.load(str(file)).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type in _GATING_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return _Graph(counts, graph.input[0].name, _shape(graph.input[0]), graph.output[0].name, _shape(graph.output[0]))
 
 
 def export_onnx(
@@ -255,10 +401,12 @@ def export_onnx(
             Without ``dynamic_size`` only ``input_size``'s is allowed.
         progress: told each step, and each parity check (see ``dgc_convert.progress``).
 
-    The file is written only when the export and the parity check both
-    passed (``report.written``); otherwise an existing file at ``path`` is
-    kept as it was, and so it is when writing fails (e.g. a full disk: the
-    ``OSError`` propagates).
+    Returns:
+        An ``ExportReport``, whether the parity check passed or not: the file is
+        written only when the export and the parity check both passed
+        (``report.written``); otherwise an existing file at ``path`` is kept as
+        it was, and so it is when writing fails (e.g. a full disk: the
+        ``OSError`` propagates).
 
     Raises:
         ExportError: an unsupported ``opset`` or a ``tolerance`` that is not
@@ -267,158 +415,50 @@ def export_onnx(
             run (e.g. a model whose head needs a fixed size, at a second size);
             the one-line message names the size.
     """
-    check_export_options(opset, tolerance)
-    for module in ("onnx", "onnxscript", "onnxruntime"):
-        _require(module)
-    import onnx
-    import onnxruntime
-
-    path = Path(path)
-    info = model_info(model)
-    size = tuple(input_size or (info.input_size if info else (3, 224, 224)))
-    traced = (int(size[1]), int(size[2]))
-    if check_sizes is None:
-        sizes = [traced, second_check_size(*traced)] if dynamic_size else [traced]
-        if dynamic_size and _pads_by_size(model):
-            # TF-'SAME' padding differs between even and odd sides, and both sizes above are even.
-            sizes.append((sizes[1][0] + 1, sizes[1][1] + 1))
-    else:
-        sizes = list(dict.fromkeys((int(h), int(w)) for h, w in check_sizes))
-        if not dynamic_size and any(s != traced for s in sizes):
-            other = next(s for s in sizes if s != traced)
-            raise ExportError(
-                f"check size {other[0]}x{other[1]} differs from the export size {traced[0]}x{traced[1]}: "
-                "a fixed-size graph takes only that size (export with dynamic size)"
-            )
+    plan = _plan(
+        model,
+        path,
+        input_size=input_size,
+        opset=opset,
+        tolerance=tolerance,
+        check_batches=check_batches,
+        dynamic_size=dynamic_size,
+        check_sizes=check_sizes,
+    )
     model = model.eval()
-    example = torch.randn(2, *size)
-    progress.step(f"running the model in PyTorch at {traced[0]}x{traced[1]}")
-    try:
-        # A model that cannot run at the export size fails the export with
-        # torch.export's symbolic-shape terms; PyTorch's own error is clearer.
-        with torch.no_grad():
-            model(example)
-    except Exception as error:
-        raise ExportError(
-            f"the model does not run at the export size {traced[0]}x{traced[1]} in PyTorch ({_one_line(error)})"
-        ) from None
-    axes: dict[int, torch.export.Dim] = {0: torch.export.Dim("batch", min=1, max=1024)}
-    if dynamic_size:
-        # No upper bound: the exporter only records the names; the parity
-        # check below is what shows the graph really takes another size.
-        axes[2] = torch.export.Dim("height", min=1)
-        axes[3] = torch.export.Dim("width", min=1)
+    example = torch.randn(2, plan.channels, *plan.traced)
+    progress.step(f"running the model in PyTorch at {plan.traced[0]}x{plan.traced[1]}")
+    _require_runs(model, example, plan.traced)
     progress.step(f"exporting to ONNX (opset {opset}{', dynamic height and width' if dynamic_size else ''})")
-    try:
-        # The exporter prints its progress on stdout, and a failing trace logs
-        # dozens of lines (guards, stacks) on stderr; our output is the report.
-        with (
-            dgc_mode(model, algorithm="export"),
-            contextlib.redirect_stdout(io.StringIO()),
-            warnings.catch_warnings(),
-            _quiet_loggers("torch", "onnxscript"),
-        ):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model,
-                (example,),
-                dynamo=True,
-                opset_version=opset,
-                input_names=[_INPUT_NAME],
-                output_names=[_OUTPUT_NAME],
-                dynamic_shapes=(axes,),
-                verbose=False,
-            )
-    except Exception as error:  # the exporter fails in many ways; one line for the user
-        # torch.onnx wraps the cause in a generic "Failed to export ... step 1/3"
-        # (with terminal colours); the innermost error says what went wrong.
-        cause: BaseException = error
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        what = f" with dynamic height and width (traced at {traced[0]}x{traced[1]})" if dynamic_size else ""
-        raise ExportError(f"ONNX export{what} failed: {_ANSI_ESCAPE.sub('', _one_line(cause))}") from None
-    if program is None:  # an older torch.onnx that returns nothing without a file to write
-        raise ExportError("ONNX export failed: torch.onnx.export returned no ONNX program")
-    try:
-        # Written next to ``path`` and renamed over it only when the parity
-        # check below passed: a failure keeps an existing file as it was.
-        with atomic_write(path) as temporary:
-            progress.step("writing the graph and loading it into onnxruntime")
-            program.save(str(temporary), external_data=False)
-            graph = onnx.load(str(temporary)).graph
-            counts: dict[str, int] = {}
-            for node in graph.node:
-                if node.op_type in _GATING_OPS:
-                    counts[node.op_type] = counts.get(node.op_type, 0) + 1
-            input_shape, output_shape = _shape(graph.input[0]), _shape(graph.output[0])
-            # torch.onnx refines the requested dynamic dims from torch.export's
-            # suggested fixes instead of failing: a size check or a size-dependent
-            # branch in the model silently fixes them. Noted here, reported below at
-            # the first size the fixed graph cannot take.
-            pinned = {
-                axis: dim
-                for axis, dim in zip(("height", "width"), input_shape[2:])
-                if dynamic_size and isinstance(dim, int)
-            }
-            options = onnxruntime.SessionOptions()
-            # Fatal only: a failed run's error is logged to stderr and raised too; we
-            # report it once, in our own one-line message.
-            options.log_severity_level = 4
-            session = onnxruntime.InferenceSession(str(temporary), options, providers=["CPUExecutionProvider"])
-            input_name = session.get_inputs()[0].name
-            diffs: dict[tuple[int, int, int], float] = {}
-            scale = 1.0
-            generator = torch.Generator().manual_seed(0)
-            progress.step("checking onnxruntime against PyTorch", len(sizes) * len(check_batches))
-            for height, width in sizes:
-                for batch_size in check_batches:
-                    where = f"parity check at {height}x{width} (batch {batch_size})"
-                    x = torch.randn(batch_size, size[0], height, width, generator=generator)
-                    try:
-                        with torch.no_grad():
-                            expected = model(x)
-                    except Exception as error:  # the model's own limit, e.g. a head over a fixed-size map
-                        hint = (
-                            "; it needs a fixed input size: export without dynamic size"
-                            if (height, width) != traced
-                            else ""
-                        )
-                        raise ExportError(
-                            f"{where}: the model does not run at this size in PyTorch ({_one_line(error)}){hint}"
-                        ) from None
-                    wrong = [
-                        f"{axis} {dim}"
-                        for axis, dim in pinned.items()
-                        if dim != {"height": height, "width": width}[axis]
-                    ]
-                    if wrong:
-                        raise ExportError(
-                            f"{where}: the exported graph takes only {' and '.join(wrong)} px: the exporter fixed it "
-                            "because the model depends on the size (a size check or branch); export without dynamic size"
-                        )
-                    try:
-                        got = torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
-                    except Exception as error:  # onnxruntime raises its own error types
-                        raise ExportError(
-                            f"{where}: onnxruntime cannot run the exported graph ({_one_line(error)})"
-                        ) from None
-                    scale = max(scale, float(expected.abs().max()))
-                    diffs[(batch_size, height, width)] = float((got - expected).abs().max())
-                    progress.advance()
-            report = ExportReport(
-                path,
-                opset,
-                counts,
-                diffs,
-                tolerance * scale,
-                graph.input[0].name,
-                input_shape,
-                graph.output[0].name,
-                output_shape,
-            )
-            if not report.passed:
-                raise _ParityFailed(report)
-    except _ParityFailed as failed:
-        return failed.report
-    report.written = True
+    program = _export_program(model, example, plan)
+    # Written next to ``path`` and moved over it only when the parity check passed:
+    # a failed check, a failure or an interruption keeps an existing file as it was.
+    with temporary_beside(plan.path) as temporary:
+        progress.step("writing the graph and loading it into onnxruntime")
+        program.save(str(temporary), external_data=False)
+        graph = _read_graph(temporary)
+        parity = check_parity(
+            model,
+            temporary,
+            channels=plan.channels,
+            sizes=plan.sizes,
+            batches=plan.batches,
+            traced=plan.traced,
+            pinned=graph.pinned(plan.dynamic_size),
+            progress=progress,
+        )
+        report = ExportReport(
+            plan.path,
+            plan.opset,
+            graph.gating_ops,
+            parity.max_abs_diff,
+            plan.tolerance * parity.scale,
+            graph.input_name,
+            graph.input_shape,
+            graph.output_name,
+            graph.output_shape,
+        )
+        if report.passed:
+            move_into_place(temporary, plan.path)
+            report.written = True
     return report

@@ -1,21 +1,23 @@
 """What training tells the outside: the figures it reports, how it ends, and the handle callbacks get.
 
 ``train`` sends a ``RunInfo`` once, ``IterationStats`` every few iterations,
-``EpochMetrics`` after each epoch and a ``TrainResult`` at the end to a
-``TrainReporter`` (rank 0 only); callbacks receive a ``TrainControl``.
-Nothing here trains or prints.
+``EpochMetrics`` after each epoch and a ``TrainResult`` at the end to its
+reporter (rank 0 only), by calling the ``TrainCallback`` methods: reporters
+subclass it and override what they need. Callbacks receive a
+``TrainControl``. Nothing here trains or prints.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from dgc_convert.errors import TrainingDiverged
 from dgc_convert.files.names import CURVES_FILE, METRICS_FILE, RECIPE_FILE, TENSORBOARD_DIR
+
+if TYPE_CHECKING:  # annotations only: the reporters (progress bars) import this module without torch
+    from torch import nn
 
 __all__ = [
     "CURVES_FILE",
@@ -25,11 +27,11 @@ __all__ = [
     "EpochMetrics",
     "IterationStats",
     "RunInfo",
+    "TrainCallback",
     "TrainControl",
     "TrainReporter",
     "TrainResult",
     "TrainingDiverged",
-    "notify",
 ]
 
 
@@ -140,8 +142,45 @@ class TrainResult:
         return self.metrics[-1] if self.metrics else None
 
 
+class TrainCallback:
+    """Base class of training reporters: ``train`` calls these methods on rank 0, in this order.
+
+    ``on_start`` once, ``on_iteration`` every few iterations, ``on_epoch``
+    after each epoch (its line is already in ``metrics.jsonl``),
+    ``on_message`` for a one-line note (resuming, stopping, a picture that
+    could not be drawn), ``on_finish`` when the run ends, finished or
+    interrupted. Every method does nothing here: a subclass overrides the
+    events it cares about. ``close`` is for the reporter's owner, who calls
+    it when the run is over (also after an exception); ``train`` closes only
+    the reporters it makes itself. An object that does not subclass this but
+    has some of the ``on_*`` methods is accepted too (adapted once per run,
+    ``training.adapters.as_reporter``).
+    """
+
+    def on_start(self, info: RunInfo) -> None:
+        """The run is about to start (or resume)."""
+
+    def on_iteration(self, stats: IterationStats) -> None:
+        """Running figures inside an epoch."""
+
+    def on_epoch(self, metrics: EpochMetrics) -> None:
+        """An epoch ended and was evaluated."""
+
+    def on_message(self, text: str) -> None:
+        """A one-line note from the trainer for the user."""
+
+    def on_finish(self, result: TrainResult) -> None:
+        """The run ended, finished or interrupted."""
+
+    def close(self) -> None:
+        """Release what the reporter holds (bars, files); idempotent."""
+
+
 class TrainReporter(Protocol):
-    """Where ``train`` sends progress (rank 0 only). Every method is optional."""
+    """The shape of a duck-typed reporter, kept for type annotations; subclass ``TrainCallback`` instead.
+
+    ``train`` accepts an object with any of these methods (at least one).
+    """
 
     def on_start(self, info: RunInfo) -> None: ...
     def on_iteration(self, stats: IterationStats) -> None: ...
@@ -161,11 +200,3 @@ class TrainControl:
     def request_stop(self) -> None:
         """Stop after the current iteration (within a few iterations) and write ``last``."""
         self.stop_requested = True
-
-
-def notify(target: Any, method: str, *args: Any) -> None:
-    """Call ``target.method(*args)`` if ``target`` is not None and has that method
-    (reporters and callbacks implement only what they need)."""
-    handler = getattr(target, method, None) if target is not None else None
-    if handler is not None:
-        handler(*args)

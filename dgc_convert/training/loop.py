@@ -15,7 +15,6 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,8 +24,9 @@ from dgc_convert.conversion.surgery import set_zeta, sparsity_loss
 from dgc_convert.measuring.evaluate import Scores, move_batch, score
 from dgc_convert.nn.layer import DGCConv2d
 from dgc_convert.nn.network_gate import network_gated, update_threshold
+from dgc_convert.training.adapters import Callbacks, as_reporter
 from dgc_convert.training.distributed import Processes
-from dgc_convert.training.events import IterationStats, TrainControl, TrainingDiverged, TrainReporter, notify
+from dgc_convert.training.events import IterationStats, TrainCallback, TrainControl, TrainingDiverged
 from dgc_convert.training.schedule import Schedule
 
 __all__ = ["CHECK_EVERY", "EpochFigures", "apply_schedule", "mean_zeta_t", "train_one_epoch", "validate"]
@@ -109,8 +109,8 @@ def train_one_epoch(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     channels_last: bool = False,
     control: TrainControl | None = None,
-    callbacks: Sequence[Any] = (),
-    reporter: TrainReporter | None = None,
+    callbacks: Callbacks | Sequence[object] = (),
+    reporter: TrainCallback | object | None = None,
     check_every: int = CHECK_EVERY,
 ) -> EpochFigures:
     """Train ``model`` over ``loader``'s batches: epoch ``epoch`` (0-based) or its remainder.
@@ -131,8 +131,10 @@ def train_one_epoch(
         autocast: makes the forward pass's precision context.
         channels_last: feed images in channels-last layout.
         control: handed to callbacks; its stop request ends the epoch at the next check.
-        callbacks: objects with an optional ``on_iteration_end(control, iteration)``.
-        reporter: receives ``IterationStats`` at each check.
+        callbacks: objects with an ``on_iteration_end(control, iteration)`` (or ``on_epoch_end``,
+            not called here), or ``Callbacks`` already bound.
+        reporter: receives ``IterationStats`` at each check (its ``on_iteration``): a
+            ``TrainCallback``, or an object with some of its methods (``adapters.as_reporter``).
         check_every: in-epoch steps between checks (and at the epoch's end).
 
     Returns:
@@ -144,6 +146,7 @@ def train_one_epoch(
     """
     processes = processes or Processes.single()
     control = control or TrainControl()
+    hooks, listener = Callbacks.of(callbacks), as_reporter(reporter)  # bound once, called directly below
     device = processes.device
     per_epoch = schedule.iterations_per_epoch
     iteration, epoch_iteration = start_iteration, start_epoch_iteration
@@ -180,8 +183,7 @@ def train_one_epoch(
         steps += 1
         iteration += 1
         epoch_iteration += 1
-        for callback in callbacks:
-            notify(callback, "on_iteration_end", control, iteration)
+        hooks.iteration_ended(control, iteration)
         if epoch_iteration % check_every == 0 or epoch_iteration == per_epoch:
             stop, bad = _agree(processes, control, nonfinite)
             if bad:
@@ -190,9 +192,7 @@ def train_one_epoch(
                     f"(lr {schedule.lr(iteration):.4g}, zeta_t {mean_zeta_t(layers):.3f})"
                 )
             elapsed = time.perf_counter() - start
-            notify(
-                reporter,
-                "on_iteration",
+            listener.on_iteration(
                 IterationStats(
                     epoch=epoch + 1,
                     epoch_iteration=epoch_iteration,

@@ -9,6 +9,7 @@ from rich.markup import escape  # names and paths are text: "runs/[best]" is no 
 
 from dgc_convert.display import format_macs, output_console
 from dgc_convert.files.names import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE
+from dgc_convert.training.events import TrainCallback
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -48,7 +49,7 @@ def epoch_line(m: EpochMetrics, total_epochs: int | None = None, expected: bool 
     )
 
 
-class TrainProgress:
+class TrainProgress(TrainCallback):
     """Training reporter: rich progress bars on a terminal, plain lines otherwise.
 
     Bars show epoch, loss, accuracy, zeta_t, lr and images/s; each finished

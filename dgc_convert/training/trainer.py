@@ -35,7 +35,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +59,7 @@ from dgc_convert.files.names import (
 )
 from dgc_convert.measuring.macs import count_macs
 from dgc_convert.nn.modes import dgc_mode
+from dgc_convert.training.adapters import Callbacks, as_reporter, message_sink
 from dgc_convert.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -74,11 +75,11 @@ from dgc_convert.training.events import (
     EpochMetrics,
     IterationStats,
     RunInfo,
+    TrainCallback,
     TrainControl,
     TrainingDiverged,
     TrainReporter,
     TrainResult,
-    notify,
 )
 from dgc_convert.training.loop import EpochFigures, apply_schedule, mean_zeta_t, train_one_epoch, validate
 from dgc_convert.training.recipe import Recipe, recipe_from_dict
@@ -91,6 +92,7 @@ __all__ = [
     "EpochMetrics",
     "IterationStats",
     "RunInfo",
+    "TrainCallback",
     "TrainControl",
     "TrainReporter",
     "TrainResult",
@@ -256,7 +258,7 @@ def _restore(
     checkpoint: Checkpoint,
     state: RunState,
     output: Path,
-    reporter: TrainReporter | None,
+    reporter: TrainCallback,
     started: float,
 ) -> _Progress:
     """Load weights, optimizer, scaler and generator states from ``checkpoint``; the progress it
@@ -281,9 +283,7 @@ def _restore(
     p = setup.processes
     if not _restore_rng(training["rng"], p):
         torch.manual_seed(setup.recipe.train.seed + p.rank + _RESEED_STRIDE * state.iteration)
-        notify(
-            reporter,
-            "on_message",
+        reporter.on_message(
             f"resuming on {p.world_size} processes, saved on "
             f"{len(training['rng']['torch_cpu'])}: random streams are reseeded, so the result will not match "
             "an uninterrupted run bit for bit",
@@ -307,8 +307,8 @@ class _Run:
         setup: TrainingSetup,
         progress: _Progress,
         output: Path,
-        reporter: TrainReporter | None,
-        callbacks: Sequence[Any],
+        reporter: TrainCallback,
+        callbacks: Callbacks,
     ) -> None:
         self.setup = setup
         self.progress = progress
@@ -319,17 +319,16 @@ class _Run:
             watchers(
                 output,
                 tensorboard=setup.recipe.train.tensorboard,
-                warn=lambda text: notify(reporter, "on_message", text),
+                warn=reporter.on_message,
             )
             if setup.processes.main
             else (),
         )
-        self.reporter = self.watch if setup.processes.main else None
-        self.callbacks = list(callbacks)
+        # Other ranks report nothing: a silent reporter, called all the same.
+        self.reporter: TrainCallback = self.watch if setup.processes.main else TrainCallback()
+        self.callbacks = callbacks
         self.control = TrainControl(setup.model)
-        self.signals = StopSignals(
-            self.control, None if self.reporter is None else lambda text: notify(self.reporter, "on_message", text)
-        )
+        self.signals = StopSignals(self.control, self.reporter.on_message if setup.processes.main else None)
 
     def run(self) -> TrainResult:
         setup, progress, t = self.setup, self.progress, self.setup.recipe.train
@@ -339,7 +338,7 @@ class _Run:
                     written.write_text(
                         yaml.safe_dump(setup.recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
                     )
-            notify(self.reporter, "on_start", self._info())
+            self.reporter.on_start(self._info())
             status: Literal["finished", "interrupted"] = "finished"
             while progress.epochs_completed < t.epochs:
                 if not self._epoch():
@@ -357,7 +356,7 @@ class _Run:
                 wall_seconds=progress.wall_seconds(),
                 model=setup.model,
             )
-            notify(self.reporter, "on_finish", result)
+            self.reporter.on_finish(result)
             return result
 
     def _info(self) -> RunInfo:
@@ -433,13 +432,12 @@ class _Run:
                 open(self.output / METRICS_FILE, "a", encoding="utf-8") as handle,
             ):
                 handle.write(json.dumps(asdict(metrics)) + "\n")
-        notify(self.reporter, "on_epoch", metrics)
+        self.reporter.on_epoch(metrics)
         at_target = setup.schedule.zeta_fraction(progress.iteration) >= 1.0
         if at_target and (progress.best_top1 is None or metrics.val_top1 > progress.best_top1):
             progress.best_top1 = metrics.val_top1
             self._save_best()
-        for callback in self.callbacks:
-            notify(callback, "on_epoch_end", self.control, metrics)
+        self.callbacks.epoch_ended(self.control, metrics)
         # A callback may have asked on one rank only: every rank learns of it.
         stop = p.all_reduce([float(self.control.stop_requested)], dist.ReduceOp.MAX if p.distributed else None)[0] > 0
         finished = progress.epochs_completed == t.epochs
@@ -524,10 +522,12 @@ class _Run:
                 save_checkpoint(self.output / BEST_CHECKPOINT, model=self.setup.model, state=self._state("best"))
 
 
-def _lock_notice(reporter: TrainReporter | None) -> Any:
-    """Where the one line about taking over a stale run lock goes: the reporter, else a warning."""
-    if reporter is not None and hasattr(reporter, "on_message"):
-        return reporter.on_message
+def _lock_notice(reporter: TrainCallback) -> Callable[[str], Any]:
+    """Where the one line about taking over a stale run lock goes: the reporter's ``on_message``,
+    else (no reporter, or one without messages of its own) a warning."""
+    sink = message_sink(reporter)
+    if sink is not None:
+        return sink
     return lambda text: warnings.warn(text, stacklevel=4)
 
 
@@ -535,8 +535,8 @@ def train(
     recipe: Recipe | dict,
     *,
     resume: bool = False,
-    reporter: TrainReporter | None = None,
-    callbacks: Sequence[Any] = (),
+    reporter: TrainCallback | TrainReporter | None = None,
+    callbacks: Sequence[object] = (),
 ) -> TrainResult:
     """Train the recipe's model from scratch (or ``resume`` its ``last`` checkpoint).
 
@@ -545,9 +545,10 @@ def train(
         resume: continue from ``output.directory/last``; the recipe must match
             the checkpoint's (output directory, workers and checkpoint interval
             may differ).
-        reporter: receives progress on rank 0 (see ``TrainReporter``).
-        callbacks: objects with optional ``on_iteration_end(control, iteration)``
-            and ``on_epoch_end(control, metrics)``, called on every rank;
+        reporter: receives progress on rank 0: a ``TrainCallback`` (subclass), or
+            any object with some of its ``on_*`` methods (adapted once, here).
+        callbacks: objects with ``on_iteration_end(control, iteration)``
+            and/or ``on_epoch_end(control, metrics)``, called on every rank;
             ``control.request_stop()`` ends the run with a checkpoint.
 
     Returns:
@@ -555,11 +556,15 @@ def train(
         callback stopped the run (``last`` holds where it stopped).
 
     Raises:
+        TypeError: a reporter with none of the ``on_*`` methods, or a callback
+            with neither of its two (one line, before anything runs).
         TrainingDiverged: the loss became non-finite.
         RunLockedError: another live run holds ``output.directory``'s lock
             (checked first, on rank 0, before anything is written).
         DGCConvertError: bad recipe values, data or checkpoints (one-line messages).
     """
+    # The caller's objects are checked and bound once, before anything runs.
+    listener, hooks = as_reporter(reporter), Callbacks.of(callbacks)
     if not isinstance(recipe, Recipe):
         recipe = recipe_from_dict(recipe)
     if recipe.train.tensorboard:
@@ -571,7 +576,7 @@ def train(
         # Rank 0 holds the output directory's lock for the run's whole life, and tidies what a
         # crashed run left there (temporary checkpoint directories, a checkpoint set aside).
         with (
-            run_lock(output, enabled=processes.main, notify=_lock_notice(reporter)),
+            run_lock(output, enabled=processes.main, notify=_lock_notice(listener)),
             _determinism(recipe.train.seed, recipe.train.deterministic),
         ):
             if processes.main:
@@ -582,12 +587,12 @@ def train(
             saved = None if opened is None else saved_layer_settings(read_metadata(opened[0].directory / MODEL_FILE))
             setup = build_training(recipe, processes, load_checkpoint=opened is None, layers=saved)
             if opened is not None:
-                progress = _restore(setup, *opened, output, reporter if processes.main else None, started)
+                progress = _restore(setup, *opened, output, listener if processes.main else TrainCallback(), started)
             else:
                 # Fresh run: the model was initialised from the run's seed (seeded
                 # above); now give each rank its own stream (dropout, ...), reproducibly.
                 torch.manual_seed(recipe.train.seed + processes.rank)
                 progress = _Progress(started=started)
-            return _Run(setup, progress, output, reporter, callbacks).run()
+            return _Run(setup, progress, output, listener, hooks).run()
     finally:
         processes.close()

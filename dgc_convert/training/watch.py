@@ -1,6 +1,6 @@
 """Watching a run: its curves redrawn after every epoch, and TensorBoard scalars.
 
-Both are ``TrainReporter``s: the trainer sends them the events every
+Both are ``TrainCallback``s: the trainer sends them the events every
 reporter gets (rank 0 only), beside the caller's own reporter, through one
 ``Reporters`` fan-out. ``CurvesWriter`` redraws ``curves.png`` from
 ``metrics.jsonl`` after each epoch, so the picture always shows what the
@@ -19,7 +19,7 @@ from typing import Any
 
 from dgc_convert.errors import SettingsError, first_line
 from dgc_convert.files.names import CURVES_FILE, TENSORBOARD_DIR
-from dgc_convert.training.events import EpochMetrics, IterationStats, RunInfo, TrainReporter, TrainResult, notify
+from dgc_convert.training.events import EpochMetrics, IterationStats, RunInfo, TrainCallback, TrainResult
 
 __all__ = [
     "TENSORBOARD_MISSING",
@@ -37,47 +37,49 @@ _ITERATION_COUNTERS = {"epoch", "epoch_iteration", "iterations_per_epoch", "iter
 _EPOCH_COUNTERS = {"epoch", "iteration"}
 
 
-class Reporters:
+class Reporters(TrainCallback):
     """Several reporters as one: each event goes to ``reporter`` (the caller's), then to each watcher.
 
     ``close()`` closes the watchers only (the caller's reporter is the caller's).
     """
 
-    def __init__(self, reporter: TrainReporter | None, watchers: Iterable[Any] = ()) -> None:
+    def __init__(self, reporter: TrainCallback, watchers: Iterable[TrainCallback] = ()) -> None:
         self.reporter = reporter
         self.watchers = list(watchers)
-
-    def _send(self, method: str, *args: Any) -> None:
-        for target in (self.reporter, *self.watchers):
-            notify(target, method, *args)
+        self.every = [reporter, *self.watchers]
 
     def on_start(self, info: RunInfo) -> None:
         """The run is about to start (or resume)."""
-        self._send("on_start", info)
+        for target in self.every:
+            target.on_start(info)
 
     def on_iteration(self, stats: IterationStats) -> None:
         """Running figures inside an epoch."""
-        self._send("on_iteration", stats)
+        for target in self.every:
+            target.on_iteration(stats)
 
     def on_epoch(self, metrics: EpochMetrics) -> None:
         """An epoch ended (its line is already in ``metrics.jsonl``)."""
-        self._send("on_epoch", metrics)
+        for target in self.every:
+            target.on_epoch(metrics)
 
     def on_message(self, text: str) -> None:
         """A note from the trainer."""
-        self._send("on_message", text)
+        for target in self.every:
+            target.on_message(text)
 
     def on_finish(self, result: TrainResult) -> None:
         """The run ended, finished or interrupted."""
-        self._send("on_finish", result)
+        for target in self.every:
+            target.on_finish(result)
 
     def close(self) -> None:
         """Close every watcher (also when the run ended with an exception)."""
         for watcher in self.watchers:
-            notify(watcher, "close")
+            watcher.close()
 
 
-class CurvesWriter:
+class CurvesWriter(TrainCallback):
     """Redraws ``curves.png`` (see ``plots.draw_curves``) from the run's ``metrics.jsonl`` after each epoch.
 
     A picture that cannot be drawn (a full disk, a broken font cache) must not
@@ -128,7 +130,7 @@ def _scalars(figures: Any, counters: set[str]) -> list[tuple[str, float]]:
     ]
 
 
-class TensorBoardWriter:
+class TensorBoardWriter(TrainCallback):
     """TensorBoard scalars in ``directory``: ``iteration/<field>`` for each ``IterationStats``
     and ``epoch/<field>`` for each ``EpochMetrics`` (MACs per sample, seconds, ...).
 
@@ -180,11 +182,13 @@ class TensorBoardWriter:
             self.writer = None
 
 
-def watchers(directory: str | Path, *, tensorboard: bool, warn: Callable[[str], None] | None = None) -> list[Any]:
+def watchers(
+    directory: str | Path, *, tensorboard: bool, warn: Callable[[str], None] | None = None
+) -> list[TrainCallback]:
     """The reporters every run on rank 0 gets for its output ``directory``: a ``CurvesWriter``
     and, with ``tensorboard``, a ``TensorBoardWriter`` into ``directory/tensorboard``."""
     directory = Path(directory)
-    found: list[Any] = [CurvesWriter(directory, warn)]
+    found: list[TrainCallback] = [CurvesWriter(directory, warn)]
     if tensorboard:
         found.append(TensorBoardWriter(directory / TENSORBOARD_DIR))
     return found
