@@ -35,7 +35,7 @@ from dgc_convert.nn.layer import (
     static_padding,
 )
 from dgc_convert.nn.modes import dgc_mode, find_dgc_layers
-from dgc_convert.nn.settings import DEFAULT_GATING, DEFAULT_SQUEEZE_RULE, LayerSettings
+from dgc_convert.nn.settings import LayerSettings, SettingsFields
 
 __all__ = [
     "LayerDecision",
@@ -55,16 +55,16 @@ __all__ = [
 
 
 @dataclass
-class LayerDecision:
+class LayerDecision(SettingsFields):
     """One convolution of the model: its geometry and what happened to it.
 
     ``status`` is "converted" or "skipped"; ``skip_reason`` is why it was
     skipped (None when converted) and ``detail`` the layer's figures behind
     it; ``reason`` is the two as one line to read (empty when converted).
-    ``kept`` is k, the input channels each
-    head keeps per sample at ``zeta`` (under network gating, the number the
-    model-wide threshold aims at on average). ``gating``, ``preact`` and
-    ``squeeze_rule`` are the converted layer's (None when skipped).
+    ``settings`` are the converted layer's (None when skipped), each also read
+    as the decision's own attribute (``decision.heads``). ``kept`` is k, the
+    input channels each head keeps per sample at ``zeta`` (under network
+    gating, the number the model-wide threshold aims at on average).
     """
 
     name: str
@@ -77,13 +77,8 @@ class LayerDecision:
     status: str
     skip_reason: SkipReason | None = None
     detail: str = ""
-    heads: int | None = None
-    zeta: float | None = None
-    squeeze_ratio: float | None = None
+    settings: LayerSettings | None = None
     kept: int | None = None
-    gating: str | None = None
-    preact: bool | None = None
-    squeeze_rule: str | None = None
 
     @property
     def converted(self) -> bool:
@@ -94,27 +89,16 @@ class LayerDecision:
         """Why the layer was skipped, as the table and ``--json`` show it (empty when converted)."""
         return "" if self.skip_reason is None else self.skip_reason.text(self.detail)
 
-    @property
-    def settings(self) -> LayerSettings | None:
-        """The layer's DGC settings when converted, else None."""
-        if not self.converted or self.heads is None or self.zeta is None or self.squeeze_ratio is None:
-            return None
-        return LayerSettings(
-            self.heads,
-            self.squeeze_ratio,
-            self.zeta,
-            gating=self.gating if self.gating is not None else DEFAULT_GATING,
-            preact=bool(self.preact),
-            squeeze_rule=self.squeeze_rule if self.squeeze_rule is not None else DEFAULT_SQUEEZE_RULE,
-        )
-
     def to_dict(self) -> dict[str, Any]:
-        """The decision as JSON-ready data: the fields, with ``reason`` (the line to read) after
-        ``status`` in place of ``skip_reason`` and ``detail``, as it has always been."""
+        """The decision as JSON-ready data: the geometry and status, ``reason`` (the line to read)
+        in place of ``skip_reason`` and ``detail``, every user setting by name (None when skipped)
+        and ``kept``."""
         data: dict[str, Any] = {}
         for key, value in asdict(self).items():
             if key == "skip_reason":
                 data["reason"] = self.reason
+            elif key == "settings":
+                data.update(self.settings_dict())
             elif key != "detail":
                 data[key] = value
         return data
@@ -310,9 +294,15 @@ def plan_conversion(
             detail="" if skip is None else skip[1],
         )
         if skip is None:
-            decision.heads, decision.zeta, decision.squeeze_ratio = heads, float(zeta), ratio
+            decision.settings = LayerSettings(
+                heads=heads,
+                squeeze_ratio=ratio,
+                zeta=float(zeta),
+                gating=settings.gating,
+                preact=preact,
+                squeeze_rule=rule,
+            )
             decision.kept = kept_channel_count(conv.in_channels, zeta)
-            decision.gating, decision.preact, decision.squeeze_rule = settings.gating, preact, rule
         report.layers.append(decision)
     return report
 

@@ -20,18 +20,19 @@ from dgc_convert.conversion.surgery import ConversionReport, LayerDecision, chec
 from dgc_convert.conversion.zoo import require_model_info
 from dgc_convert.measuring.macs import count_macs
 from dgc_convert.measuring.memory import available_memory, require_memory
+from dgc_convert.nn.settings import LayerSettings, SettingsFields
 from dgc_convert.progress import NO_PROGRESS, Progress
 
 __all__ = ["ConversionSummary", "LayerRow", "summarize_conversion"]
 
 
 @dataclass
-class LayerRow:
+class LayerRow(SettingsFields):
     """One convolution: geometry, decision and MACs per sample before and after.
 
-    ``gating``, ``preact`` and ``squeeze_rule`` are the DGC layer's (None when
-    kept dense); under network gating ``kept`` and ``dgc_macs`` are what the
-    model-wide threshold aims at (expected at the target).
+    ``settings`` are the DGC layer's (None when kept dense), each also read as
+    the row's own attribute (``row.heads``); under network gating ``kept`` and
+    ``dgc_macs`` are what the model-wide threshold aims at (expected at the target).
     """
 
     name: str
@@ -39,14 +40,16 @@ class LayerRow:
     geometry: str
     status: str
     reason: str
-    heads: int | None
-    zeta: float | None
+    settings: LayerSettings | None
     kept: int | None
     dense_macs: int
     dgc_macs: int
-    gating: str | None = None
-    preact: bool | None = None
-    squeeze_rule: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as JSON-ready data, every user setting by name (None when kept dense)."""
+        data = asdict(self)
+        del data["settings"]
+        return {**data, **self.settings_dict()}
 
 
 @dataclass
@@ -77,7 +80,7 @@ class ConversionSummary:
             "library": self.library,
             "input_size": list(self.input_size),
             "settings": self.settings,
-            "layers": [asdict(row) for row in self.layers],
+            "layers": [row.to_dict() for row in self.layers],
             "totals": self.totals,
         }
         if self.identity_max_diff is not None:
@@ -130,14 +133,10 @@ def summarize_conversion(
             geometry=_geometry(d),
             status=d.status,
             reason=d.reason,
-            heads=d.heads,
-            zeta=d.zeta,
+            settings=d.settings,
             kept=d.kept,
             dense_macs=dense_by_name[d.name].macs if d.name in dense_by_name else 0,
             dgc_macs=dgc_by_name[d.name].macs if d.name in dgc_by_name else 0,
-            gating=d.gating,
-            preact=d.preact,
-            squeeze_rule=d.squeeze_rule,
         )
         for d in report.layers
     ]

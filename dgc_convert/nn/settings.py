@@ -21,6 +21,7 @@ __all__ = [
     "setting_choices",
     "setting_help",
     "user_settings",
+    "SettingsFields",
     "MODEL_WIDE_SETTINGS",
     "DEFAULT_HEADS",
     "DEFAULT_SQUEEZE_RATIO",
@@ -250,3 +251,25 @@ MODEL_WIDE_SETTINGS: dict[str, str] = {
 def user_settings() -> list[str]:
     """The settings a user chooses (every field but internal ones), in declaration order."""
     return [item.name for item in fields(LayerSettings) if not item.metadata["internal"]]
+
+
+class SettingsFields:
+    """Mixin for a record that holds ``settings: LayerSettings | None`` (a decision, a summary row):
+    every user setting reads as the record's own attribute (``row.heads``), None without settings,
+    so a new setting shows up in every such record without being copied into it."""
+
+    settings: LayerSettings | None
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only when normal lookup fails: never for the record's own fields.
+        if name in _USER_SETTINGS:
+            settings = self.__dict__.get("settings")
+            return None if settings is None else getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def settings_dict(self) -> dict[str, Any]:
+        """Every user setting by name (None each without settings): the record's JSON form of them."""
+        return {name: getattr(self, name) for name in _USER_SETTINGS}
+
+
+_USER_SETTINGS: tuple[str, ...] = tuple(user_settings())
