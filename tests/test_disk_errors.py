@@ -120,13 +120,13 @@ def test_a_writer_failing_without_a_file_name_is_named_after_the_target(tmp_path
 def test_exit_codes_bad_paths_are_bad_input_everything_else_a_failed_run():
     import errno
 
-    from dgc_convert.cli.app import EXIT_BAD_INPUT, EXIT_RUN_FAILED, _os_error_exit
+    from dgc_convert.cli.exits import EXIT_BAD_INPUT, EXIT_RUN_FAILED, os_error_exit
 
     for code in (errno.EACCES, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
-        assert _os_error_exit(OSError(code, "x")) == EXIT_BAD_INPUT
+        assert os_error_exit(OSError(code, "x")) == EXIT_BAD_INPUT
     for code in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE):
-        assert _os_error_exit(OSError(code, "x")) == EXIT_RUN_FAILED
-    assert _os_error_exit(OSError("no errno")) == EXIT_RUN_FAILED
+        assert os_error_exit(OSError(code, "x")) == EXIT_RUN_FAILED
+    assert os_error_exit(OSError("no errno")) == EXIT_RUN_FAILED
 
 
 def test_export_to_a_full_disk_keeps_the_old_file(saved_model, small_disk):

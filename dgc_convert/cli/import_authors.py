@@ -1,9 +1,9 @@
 """``dgc-convert import-authors FILE --out F.safetensors``: the authors' released
 DGC checkpoints as models of ours (``dgc_convert.conversion.authors`` does the work).
 
-``app.py`` registers ``import_authors_command`` behind its error handler, so
-bad input is one line on stderr and exit code 2. Nothing heavy is imported
-until the command runs.
+``import_authors_command`` runs behind the CLI's error handler, so bad input
+is one line on stderr and exit code 2. Nothing heavy is imported until the
+command runs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dgc_convert.cli.render import print_json
+from dgc_convert.cli.exits import handles_errors
 from dgc_convert.display import output_console
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ def _summary(report: AuthorsImport, out: Path) -> list[str]:
     return lines
 
 
+@handles_errors
 def import_authors_command(
     file: Annotated[Path, typer.Argument(help="The authors' checkpoint, e.g. imagenet_dyresnet18_h4.tar.")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the imported model (.safetensors).")],
@@ -69,6 +70,8 @@ def import_authors_command(
     ] = 16.0,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON on stdout and nothing else.")] = False,
 ) -> None:
+    """Import the checkpoint, save it to ``--out`` and print what was read (or ``--json``)."""
+    from dgc_convert.cli.render import print_json
     from dgc_convert.conversion.authors import import_authors_checkpoint
     from dgc_convert.conversion.saved_models import save
 

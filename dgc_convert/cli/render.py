@@ -13,12 +13,12 @@ from rich.markup import escape  # names and paths are text: "runs/[best]" is no 
 from rich.table import Table
 
 from dgc_convert.display import StepProgress, error_console, format_macs, output_console
-from dgc_convert.measuring.conversion_summary import ConversionSummary
 from dgc_convert.nn.settings import DEFAULT_SQUEEZE_RULE
 from dgc_convert.training.progress_bars import TrainProgress, stage_rows
 
-if TYPE_CHECKING:  # only named here
+if TYPE_CHECKING:  # only named here; importing them would import torch
     from dgc_convert.measuring.bench import BenchResult
+    from dgc_convert.measuring.conversion_summary import ConversionSummary
     from dgc_convert.measuring.evaluate import EvalReport
     from dgc_convert.measuring.gate_usage import LayerChannelUsage
 

@@ -23,6 +23,9 @@ from dgc_convert.conversion.zoo import model_info
 from dgc_convert.errors import WeightsFileError, first_line
 from dgc_convert.files.model_file import MODEL_FORMAT, weights_file
 
+# The suffixes are file-name facts (files.names, no torch: the CLI's help names them); re-exported here.
+from dgc_convert.files.names import SAFETENSORS_SUFFIX, TORCH_SUFFIXES, WEIGHTS_SUFFIXES
+
 __all__ = [
     "SAFETENSORS_SUFFIX",
     "TORCH_SUFFIXES",
@@ -36,10 +39,6 @@ __all__ = [
     "load_dense_weights",
 ]
 
-SAFETENSORS_SUFFIX = ".safetensors"
-# Files torch.save writes under the names people give them (.bin: Hugging Face's pytorch_model.bin).
-TORCH_SUFFIXES = (".pth", ".pt", ".bin")
-WEIGHTS_SUFFIXES = (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)
 # Where training scripts keep the weights inside a saved dict, in the order they are taken.
 WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 # Prefixes a wrapper adds to every key: DataParallel / DDP (module.) and torch.compile (_orig_mod.).

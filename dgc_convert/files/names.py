@@ -13,6 +13,9 @@ __all__ = [
     "LOCK_FILE",
     "LAST_CHECKPOINT",
     "BEST_CHECKPOINT",
+    "SAFETENSORS_SUFFIX",
+    "TORCH_SUFFIXES",
+    "WEIGHTS_SUFFIXES",
 ]
 
 # A checkpoint directory (a run's last/ and best/): the model as ``dgc_convert.save`` writes it,
@@ -29,3 +32,9 @@ TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files, with train.tensorboa
 LOCK_FILE = ".lock"  # held for a run's whole life: one run per output directory
 LAST_CHECKPOINT = "last"  # the newest epoch's checkpoint directory
 BEST_CHECKPOINT = "best"  # the best held-out top-1's checkpoint directory
+
+# A dense weights file (``model.checkpoint``, ``--checkpoint``), known by its suffix.
+SAFETENSORS_SUFFIX = ".safetensors"
+# Files torch.save writes under the names people give them (.bin: Hugging Face's pytorch_model.bin).
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+WEIGHTS_SUFFIXES = (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)

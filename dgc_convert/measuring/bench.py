@@ -20,6 +20,7 @@ from torch import nn
 
 from dgc_convert.conversion.shapes import normalize_input_size
 from dgc_convert.errors import first_line
+from dgc_convert.measuring.engines import BENCH_ENGINES
 from dgc_convert.measuring.macs import MacReport, count_macs
 from dgc_convert.measuring.memory import require_batch_memory
 from dgc_convert.nn.layer import DGCConv2d
@@ -29,8 +30,6 @@ from dgc_convert.progress import NO_PROGRESS, Progress
 from dgc_convert.serving.prepare import InferenceReport, prepare_for_inference
 
 __all__ = ["BENCH_ENGINES", "BenchResult", "LayerTiming", "benchmark", "realized_fraction"]
-
-BENCH_ENGINES: tuple[str, ...] = ("auto", "eager", "compile")
 
 
 def realized_fraction(dense_ms: float, dgc_ms: float, mac_ratio: float) -> float | None:
