@@ -2,9 +2,9 @@
 
 The library never prints. A long call takes ``progress=``, an object with two
 methods, and tells it which step it is on and how far that step has got; the
-CLI hands in rich bars on a terminal (``dgc_convert.cli.render.StepProgress``),
+CLI hands in rich bars on a terminal (``dgc_convert.display.StepProgress``),
 and the default, ``NO_PROGRESS``, does nothing. Training has its own, richer
-reporter (``train_events.TrainReporter``).
+reporter (``training.events.TrainCallback``).
 """
 
 from __future__ import annotations

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from dgc_convert.conversion.name_cache import CACHE_DIR_VARIABLE
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _model_name_cache(tmp_path_factory):
+    """The model-name lists the tests write go to a directory of this session, not the user's cache
+    (child processes inherit the variable)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_DIR_VARIABLE, str(tmp_path_factory.mktemp("model-name-cache")))
+        yield
+
 
 @pytest.fixture
 def library_calls(monkeypatch):

@@ -325,7 +325,8 @@ def test_a_saved_model_loads_even_when_todays_rules_would_skip_its_layers(tmp_pa
     convert(model, zeta=0.5)
     path = save(model.eval(), tmp_path / "r18.safetensors", input_size=32)
     # A stricter eligibility rule introduced after the file was written: nothing converts any more.
-    monkeypatch.setattr(surgery, "_reason_to_skip", lambda *args, **kwargs: "a rule from the future")
+    future_rule = (surgery.SkipReason.TOO_FEW_CHANNELS, "a rule from the future")  # (reason, detail)
+    monkeypatch.setattr(surgery, "_reason_to_skip", lambda *args, **kwargs: future_rule)
     with pytest.raises(Exception, match="no convolution of resnet18 can be converted"):
         convert(create_model("resnet18", num_classes=5))
     loaded = load(path)

@@ -97,12 +97,12 @@ def test_a_decision_as_data_keeps_its_fields_and_json_as_before():
         "status",
         "reason",
         "heads",
-        "zeta",
         "squeeze_ratio",
-        "kept",
+        "zeta",
         "gating",
         "preact",
         "squeeze_rule",
+        "kept",
     ]
     assert data["status"] == "skipped" and data["reason"] == "grouped convolution (groups=2)"
     json.dumps(report.to_dict())  # no enum leaks into the data

@@ -1,39 +1,10 @@
 """Import the authors' released DGC checkpoints (Su et al., ECCV 2020, github.com/hellozhuo/dgc).
 
-Their ResNets (``models/dynamic_resnet.py``) are torchvision's BasicBlock
-ResNets with every block's ``conv1``/``conv2`` and ``downsample.0`` a
-``DynamicMultiHeadConv``: a ``norm`` BatchNorm + ReLU in front, then per head
-``i`` a ``headconv_{i}`` with its filters (``conv``), its saliency generator
-(``fc1``, ``fc2`` with bias) and a ``_inactive_channels`` buffer, the number of
-channels each head drops. Head i owns the output channels i, i+H, i+2H, ...
-
-``import_authors_checkpoint`` builds the torchvision model, converts exactly
-those layers with ``interleaved=True, preact=True, squeeze_rule="authors"``
-and maps every tensor of the checkpoint onto it, by name and checked shape:
-
-=====================================  =========================================
-theirs                                 ours
-=====================================  =========================================
-``L.headconv_{i}.conv.weight[j]``      ``L.weight[j*H + i]`` (dense, interleaved)
-``L.headconv_{i}.fc1.weight``          ``L.saliency_generator.reduce[i]``
-``L.headconv_{i}.fc2.weight``          ``L.saliency_generator.expand[i]``
-``L.headconv_{i}.fc2.bias``            ``L.saliency_generator.beta[i]``
-``L._inactive_channels`` (n)           ``L.zeta_t`` = n / C (float64)
-``L.norm.*``                           ``L.norm.*``
-``B.downsample.1.norm.*``              ``B.downsample.1.*``
-anything else (stem, bn1/bn2, fc)      the same name
-=====================================  =========================================
-
-A checkpoint tensor that maps to nothing, a tensor of the model that gets no
-value and a shape that differs are errors naming the tensor. The file is read
-with ``torch.load(weights_only=True)`` only: nothing in it is ever executed.
-
-The imported model selects channels by dgc-convert's rule, not theirs: each
-head keeps exactly ``k = C - n`` channels, equal scores going to the lower
-channel index, where their code drops every channel scoring at or below the
-n-th smallest score (so on ties at that score a head keeps fewer than k).
-Unless positive scores tie exactly at the cut, the two compute the same output
-(channels scoring 0 contribute nothing whichever of them is kept).
+Their ResNets are torchvision's BasicBlock ResNets with DGC blocks; ``import_authors_checkpoint``
+converts exactly those layers (interleaved, pre-activation, the authors' squeeze rule) and maps
+every tensor by name and checked shape, reading the file with ``torch.load(weights_only=True)``
+only. The mapping table and how their selection rule differs from ours: ``docs/files.md``,
+"The authors' checkpoints".
 """
 
 from __future__ import annotations

@@ -1,30 +1,8 @@
-"""Save and load converted models: one safetensors file, never a pickle.
+"""Save and load converted models: one safetensors file (weights plus the metadata to rebuild the
+model by name), never a pickle; ``load`` opens the trainer's checkpoints too.
 
-``save(model, path)`` writes the weights (``zeta_t`` buffers included) and,
-in the file's metadata, everything needed to rebuild the model: its name and
-library, class count, input size, the conversion of every DGC layer (heads,
-squeeze ratio, zeta, zeta_t, layout, gating, preact, squeeze rule), and the
-dgc-convert and torch versions.
-``load(path)`` rebuilds the model from timm or torchvision by name,
-applies the saved per-layer conversion to the named modules, loads the weights and checks that every tensor
-matched. The trainer's ``last``/``best`` checkpoints carry the same metadata,
-so ``load`` opens them too (a checkpoint directory or its ``model.safetensors``).
-
-Layout: every layer records ``"layout": "blocked"`` (head i owns a contiguous
-block of output channels) or ``"interleaved"`` (head i owns channels i::H).
-Files written before the key existed were all interleaved, so an entry without
-it loads as an interleaved layer and computes exactly what it did. An
-interleaved layer computes as a blocked layer plus one relabelling of its
-output channels (``dgc_convert.nn.channel_order``), but its parameters keep
-the dense rows, so it is written exactly as before: "layout": "interleaved"
-and the weights in dense order. That form is what every earlier release
-reads, and what optimizer states and trainer checkpoints already hold.
-
-Gating, pre-activation and squeeze rule: every layer records ``"gating"``
-("head" or "network"), ``"preact"`` (true or false) and ``"squeeze_rule"``
-("standard" or "authors"); entries written before these keys existed load as
-head / false / standard, what every layer was then. A network-gated layer's
-threshold and a preact layer's ``norm`` are tensors of the weights file.
+What the metadata records per layer, and how files written before a key existed (layout, gating,
+pre-activation, squeeze rule) load: ``docs/files.md``, "Saved models".
 """
 
 from __future__ import annotations
@@ -49,6 +27,7 @@ from dgc_convert.conversion.zoo import Library, ModelInfo, attach_model_info, cr
 from dgc_convert.errors import DGCConvertError, LoadError, UnknownModelError, first_line, shown
 from dgc_convert.files.atomic import atomic_write
 from dgc_convert.files.model_file import MODEL_FORMAT, weights_file
+from dgc_convert.nn.layer import DGCConv2d
 
 __all__ = [
     "MODEL_FORMAT",
@@ -65,8 +44,17 @@ __all__ = [
 _FORMAT_NAME, _FORMAT_VERSION = MODEL_FORMAT.rsplit("/", 1)
 # A conversion entry's "layout"; entries written before the key existed are interleaved.
 _LAYOUTS = {"blocked": False, "interleaved": True}  # name -> DGCConv2d.interleaved
+_LAYOUT_NAMES = {interleaved: name for name, interleaved in _LAYOUTS.items()}
 _LAYOUT_BEFORE_THE_KEY = "interleaved"
 _LIBRARIES: tuple[str, ...] = get_args(Library)  # the zoo's libraries
+
+
+def _layer_entry(name: str, layer: DGCConv2d) -> dict[str, Any]:
+    """One layer's saved entry: its name, every ``LayerSettings`` field (the layout written as
+    "layout", the form every release reads) and its current ``zeta_t``."""
+    settings = layer.settings.to_dict()
+    interleaved = settings.pop("interleaved")
+    return {"name": name, **settings, "zeta_t": layer.zeta_t_value, "layout": _LAYOUT_NAMES[interleaved]}
 
 
 def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = None) -> dict[str, str]:
@@ -80,20 +68,7 @@ def model_metadata(model: nn.Module, input_size: int | tuple[int, ...] | None = 
         raise DGCConvertError(
             "save needs a model built by dgc_convert.create_model: it records the name and library to rebuild it from"
         )
-    layers = [
-        {
-            "name": name,
-            "heads": layer.heads,
-            "squeeze_ratio": layer.squeeze_ratio,
-            "zeta": layer.zeta,
-            "zeta_t": layer.zeta_t_value,
-            "layout": "interleaved" if layer.interleaved else "blocked",
-            "gating": layer.gating,
-            "preact": layer.preact,
-            "squeeze_rule": layer.squeeze_rule,
-        }
-        for name, layer in dgc_layers(model)
-    ]
+    layers = [_layer_entry(name, layer) for name, layer in dgc_layers(model)]
     given = input_size if input_size is not None else info.input_size
     size = [int(v) for v in ((3, given, given) if isinstance(given, int) else given)]
     return {
@@ -158,7 +133,7 @@ def _is_int(value: Any) -> bool:
 
 def _check_metadata(metadata: dict[str, str], file: Path) -> None:
     """Every field ``load`` builds from, checked for type and range before anything is built
-    (``recipe.MAX_*`` bound the shape): ``LoadError`` naming the file, the field and the value."""
+    (``conversion.settings.MAX_*`` bound the shape): ``LoadError`` naming the file, the field and the value."""
 
     def bad(key: str, value: Any, expected: str) -> LoadError:
         return LoadError(f"{file}: metadata field {key!r} must be {expected}, got {shown(value)}")

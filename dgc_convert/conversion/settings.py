@@ -79,7 +79,7 @@ class ModelSection(Section):
     checkpoint: str | None = Field(
         default=None,
         min_length=1,
-        description="start from these trained dense weights: a file (dense_weights.WEIGHTS_SUFFIXES) or a run's "
+        description="start from these trained dense weights: a file (files.names.WEIGHTS_SUFFIXES) or a run's "
         "last/ or best/ directory; a relative path is relative to the current working directory",
     )
 

@@ -6,13 +6,14 @@ import contextlib
 import difflib
 import fnmatch
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torchvision
-from torch import nn
-
+from dgc_convert.conversion.name_cache import cached_names, remember_names
 from dgc_convert.conversion.network import hub_endpoint, hub_offline, unreachable
 from dgc_convert.errors import SettingsError, UnknownModelError, first_line
+
+if TYPE_CHECKING:  # torch loads with the first model built, not to resolve a name
+    from torch import nn
 
 Library = Literal["timm", "torchvision"]
 SOURCES = ("auto", "timm", "torchvision")
@@ -54,15 +55,31 @@ def attach_model_info(model: nn.Module, info: ModelInfo) -> None:
 
 
 def torchvision_names() -> list[str]:
-    """Classification model names torchvision can build."""
-    return torchvision.models.list_models(module=torchvision.models)
+    """Classification model names torchvision can build (remembered for ``resolve``: ``name_cache``)."""
+    import torchvision  # on demand: its import loads torch's compiler stack, seconds
+
+    return remember_names("torchvision", lambda: torchvision.models.list_models(module=torchvision.models))
 
 
 def timm_names() -> list[str]:
-    """Model names timm can build."""
+    """Model names timm can build (remembered for ``resolve``: ``name_cache``)."""
     import timm  # imported on demand: it takes seconds, and torchvision names need none of it
 
-    return timm.list_models()
+    return remember_names("timm", timm.list_models)
+
+
+def _resolved_from_cache(name: str, source: str) -> Library | None:
+    """The library a cached name list says builds ``name``, honouring ``auto``'s preference for
+    torchvision; None when the caches cannot decide (the libraries are asked then)."""
+    torchvision_known = cached_names("torchvision") if source in ("auto", "torchvision") else None
+    if torchvision_known is not None and name in torchvision_known:
+        return "torchvision"
+    # A timm hit decides only once torchvision (when it counts) is known not to build the name.
+    if source == "timm" or (source == "auto" and torchvision_known is not None):
+        timm_known = cached_names("timm")
+        if timm_known is not None and name in timm_known:
+            return "timm"
+    return None
 
 
 def list_models(pattern: str = "*") -> list[tuple[str, Library]]:
@@ -92,6 +109,9 @@ def resolve(name: str, source: str = "auto") -> tuple[str, Library, bool]:
         if source != "auto" and source != prefix:
             raise UnknownModelError(f"{name!r} names library {prefix} but source is {source}")
         source, name = prefix, bare
+    cached = _resolved_from_cache(name, source)
+    if cached is not None:
+        return name, cached, source == "auto"
     tv = torchvision_names()
     if source in ("auto", "torchvision") and name in tv:
         return name, "torchvision", source == "auto"
@@ -116,6 +136,8 @@ def default_input_size(name: str, library: Library) -> tuple[int, int, int]:
         if cfg is not None and cfg.input_size:
             return tuple(cfg.input_size)  # type: ignore[return-value]
         return (3, 224, 224)
+    import torchvision
+
     try:
         weights = torchvision.models.get_model_weights(name).DEFAULT
         crop = weights.transforms().crop_size[0]
@@ -170,6 +192,8 @@ def create_model(
             with hub_offline() if offline else contextlib.nullcontext():
                 model = timm.create_model(bare, pretrained=pretrained, **kwargs)
         else:
+            import torchvision
+
             if bare in ("inception_v3", "googlenet") and not pretrained:
                 # Keep today's init and silence torchvision's warning that it will change.
                 kwargs.setdefault("init_weights", True)

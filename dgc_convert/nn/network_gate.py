@@ -1,31 +1,9 @@
-"""DGC-G: learning the one network-wise threshold T.
+"""DGC-G: learning the one network-wise threshold T from the scores training forwards record.
 
-Under network gating (``DGCConv2d(gating="network")``) every head of every
-layer keeps the channels whose saliency score is above one threshold T, at
-least its top channel. Training learns T so that the network as a whole
-spends the MACs its pruning ratios allow, while each sample, layer and head
-may keep more or fewer channels than the head-wise rule would:
-
-1. Each training forward of a network-gated layer records its detached
-   scores (batch, heads, C) and its output size (``last_gate_record``).
-2. ``update_threshold`` gives each (sample, head, channel) entry the
-   convolution MACs it costs when kept, ``kh * kw * C'/H * H' * W'`` of its
-   layer, and finds the batch threshold ``T_batch``: the score at which the
-   kept MAC fraction over the batch and all layers equals the target
-   ``1 - zeta_t`` (the MAC-weighted mean of each layer's ``1 - zeta_t``, so
-   per-layer targets keep their weight). Entries are sorted by score; T_batch
-   lies midway between the last entry kept and the first dropped.
-3. Under torch.distributed the ranks average their ``T_batch`` (one
-   all-reduce of a scalar), so every rank takes the same step.
-4. T moves towards ``T_batch`` by ``THRESHOLD_MOMENTUM`` (an exponential
-   moving average, as BatchNorm's running statistics: one batch's quantile is
-   noisy, the threshold used at inference should not be), and every
-   network-gated layer receives the new T.
-
-While ``zeta_t`` is 0 (warm-up) every channel is kept and T is not updated;
-T starts at 0, and the ramp of ``zeta_t`` from 0 lets it follow from there.
-T is a buffer of each layer (the same value in all), saved with the weights,
-so evaluation and a resumed run use the learned value.
+``update_threshold`` finds the batch threshold at which the kept MAC fraction meets the target,
+averages it across ranks and moves T towards it by a running average; every network-gated layer
+holds the same T, saved with the weights. The steps: ``docs/training.md``, "DGC-G: learning the
+threshold" (and ``docs/method.md`` section 8).
 """
 
 from __future__ import annotations

@@ -1,33 +1,10 @@
-"""Sparse inference for DGC layers: compute only the kept channels.
+"""Sparse inference for DGC layers: compute only the kept channels, exactly.
 
-In eval mode a DGC layer need not touch dropped channels.
-For every sample and head it gathers the ``k`` kept input channels and the
-matching weight slices, folds the saliency scores into whichever side is
-smaller, and convolves:
-
-- ``gather_conv``: one sample at a time; the kept channels of all heads are
-  stacked and convolved with ``groups=heads`` (low fixed cost; batch 1);
-- ``gather_bmm``: all samples at once as im2col + batched matrix products with
-  per-sample weight slices (``B * heads`` products of (pixels x k*kh*kw) by
-  (k*kh*kw x C'/heads));
-- ``gather_pointwise``: 1x1 convolutions only, per sample one batched matrix
-  product over heads of gathered filters by gathered input rows;
-- ``stacked``: dense in cost, every head's gated copy of the input in one
-  grouped convolution (small maps, where per-call overhead dominates);
-- ``masked``: the training computation (every channel, dropped ones at zero),
-  which is dense in cost but has no gathers.
-
-All are exact. Which is fastest depends on the shape, the batch size,
-``k`` and the machine, so ``pick_algorithm`` times each once per distinct
-case and caches the winner (as cuDNN's benchmark mode does); the masked path
-is a candidate, so the sparse path is never slower than it, up to timing
-noise. The weights are rearranged for gathering once and kept until they
-change (``WeightCache``).
-
-Every function computes the blocked layout: head h owns the weight rows
-``h*C'/H : (h+1)*C'/H`` and its head-major results are already in output
-order (an interleaved layer relabels its output itself,
-``dgc_convert.nn.channel_order``).
+Five algorithms (``gather_conv``, ``gather_bmm``, ``gather_pointwise``, ``stacked``, ``masked``);
+which is fastest depends on shape, batch, ``k`` and machine, so ``pick_algorithm`` times each once
+per case and caches the winner, and ``WeightCache`` keeps the weights arranged for gathering.
+Every function computes the blocked layout. What each algorithm does: ``docs/serving.md``,
+"Sparse inference algorithms".
 """
 
 from __future__ import annotations

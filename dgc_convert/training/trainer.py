@@ -1,30 +1,8 @@
-"""Training from scratch with the paper's three-stage schedule, on one process or many.
+"""Training with the paper's three-stage schedule, on one process or many (torchrun): the run that
+strings the parts together (resume checks, random streams, checkpoints, ``metrics.jsonl``).
 
-``train(recipe)`` builds the model, converts it (unless ``convert.enabled`` is
-false, the dense baseline), and trains it: every iteration sets each DGC
-layer's ``zeta_t`` from the schedule and the learning rate from one cosine;
-the loss is cross entropy plus ``sparsity_lambda`` times the layers' sparsity
-terms. Each epoch evaluates top-1 (top-5 with more than 5 classes) and the
-MACs per sample at the current ``zeta_t``, appends a line to
-``metrics.jsonl``, redraws ``curves.png`` and writes the ``last`` checkpoint
-(``best`` too when the epoch is at the target pruning ratio and beats the
-previous best). With ``train.tensorboard`` it also writes TensorBoard scalars
-(``train_watch``).
-
-Under ``torchrun --nproc_per_node N`` the same call trains with
-DistributedDataParallel: ``train.batch_size`` is the global batch, split
-across processes; only rank 0 reports and writes.
-
-Ctrl-C (SIGINT) or SIGTERM finishes the current iteration, writes ``last``
-and returns with ``status == "interrupted"``; a second Ctrl-C aborts at once.
-A non-finite loss raises ``TrainingDiverged`` and leaves the last good
-checkpoint alone. Nothing here prints: progress goes to a ``reporter``.
-
-The parts: ``train_setup.build_training`` builds model, data, optimizer and
-schedule; ``train_loop.train_one_epoch`` / ``validate`` run one epoch and one
-evaluation; ``checkpoint.RunState`` is what ``state.json`` records. This
-module strings them together: resume checks, random streams, checkpoints and
-``metrics.jsonl``.
+What each epoch does, how Ctrl-C and divergence end a run, and which module holds which part:
+``docs/training.md``, "One training run".
 """
 
 from __future__ import annotations
