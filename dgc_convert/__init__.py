@@ -33,13 +33,13 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(["LayerMacs", "MacReport", "count_macs"], "measuring.macs"),
     **dict.fromkeys(["DGCConv2d", "Gates", "SaliencyGenerator", "kept_channel_count"], "nn.layer"),
     **dict.fromkeys(["dgc_mode"], "nn.modes"),
+    **dict.fromkeys(["LayerSettings"], "nn.settings"),
     **dict.fromkeys(["update_threshold"], "nn.network_gate"),
     **dict.fromkeys(
         [
             "ConversionReport",
             "LayerDecision",
             "LayerOverride",
-            "LayerSettings",
             "SkipReason",
             "apply_conversion",
             "check_identity",
@@ -73,7 +73,6 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
         ConversionReport,
         LayerDecision,
         LayerOverride,
-        LayerSettings,
         SkipReason,
         apply_conversion,
         check_identity,
@@ -103,6 +102,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from dgc_convert.nn.layer import DGCConv2d, Gates, SaliencyGenerator, kept_channel_count
     from dgc_convert.nn.modes import dgc_mode
     from dgc_convert.nn.network_gate import update_threshold
+    from dgc_convert.nn.settings import LayerSettings
     from dgc_convert.serving.prepare import InferenceReport, prepare_for_inference
     from dgc_convert.training.events import TrainCallback
     from dgc_convert.training.progress_bars import TrainProgress
