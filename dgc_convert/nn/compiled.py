@@ -45,6 +45,7 @@ __all__ = [
     "dgc_conv2d",
     "packed_weight_for",
     "dgc_conv2d_for_layer",
+    "blocked_dgc_conv2d_for_layer",
 ]
 
 _SOURCE = Path(__file__).with_name("csrc") / "dgc_conv.cpp"
@@ -302,10 +303,22 @@ def dgc_conv2d_for_layer(
     """
     if packed is None:
         packed = packed_weight_for(layer)
+    out = blocked_dgc_conv2d_for_layer(layer, x, packed, layer.padding if padding is None else padding)
+    result: Tensor = layer.to_output_order(out)
+    return result
+
+
+def blocked_dgc_conv2d_for_layer(layer: Any, x: Tensor, packed: Tensor, padding: Sequence[int]) -> Tensor:
+    """The op called with ``layer``'s generator, bias, k (or threshold) and geometry: the output in
+    blocked channel order (an interleaved layer relabels it afterwards), channels-last.
+
+    ``packed`` is the layer's prepacked weight, (heads, C, kh, kw, C'/heads); ``padding`` the
+    (height, width) zeros on each side.
+    """
     generator = layer.saliency_generator
     thresholded = bool(layer.thresholded)
     bias = layer.blocked_bias()
-    out = dgc_conv2d(
+    return dgc_conv2d(
         x,
         generator.reduce.detach(),
         generator.expand.detach(),
@@ -314,10 +327,8 @@ def dgc_conv2d_for_layer(
         None if bias is None else bias.detach(),
         layer.in_channels if thresholded else layer.kept_channels,
         layer.stride,
-        layer.padding if padding is None else padding,
+        padding,
         layer.dilation,
         bool(layer.unit_scores),
         layer.threshold_value if thresholded else None,
     )
-    result: Tensor = layer.to_output_order(out)
-    return result

@@ -42,23 +42,7 @@ class CompiledOpComputation(InferenceComputation):
         layer.last_algorithm = "compiled"
         kh, kw = layer.kernel_size
         packed = flat.view(layer.heads, layer.in_channels, kh, kw, layer.out_channels // layer.heads)
-        generator = layer.saliency_generator
-        thresholded = layer.thresholded
-        bias = layer.blocked_bias()
-        return compiled.dgc_conv2d(
-            x,
-            generator.reduce.detach(),
-            generator.expand.detach(),
-            generator.beta.detach(),
-            packed,
-            None if bias is None else bias.detach(),
-            layer.in_channels if thresholded else layer.kept_channels,
-            layer.stride,
-            padding,
-            layer.dilation,
-            bool(layer.unit_scores),
-            layer.threshold_value if thresholded else None,
-        )
+        return compiled.blocked_dgc_conv2d_for_layer(layer, x, packed, padding)
 
     def packed_weight(self, layer: DGCConv2d) -> Tensor:
         """The layer's prepacked weight (flat), packed again whenever its weight changed."""
