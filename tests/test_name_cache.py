@@ -43,6 +43,11 @@ def test_a_known_name_resolves_from_the_cache_without_importing_the_libraries(tm
     assert _resolve_in_child("resnet18d", tmp_path) == ("timm", "-")
 
 
+def test_a_timm_tag_resolves_from_the_cache_too(tmp_path: Path) -> None:
+    assert _resolve_in_child("resnet18.a1_in1k", tmp_path) == ("timm", "timm,torch,torchvision")
+    assert _resolve_in_child("resnet18.a1_in1k", tmp_path) == ("timm", "-")
+
+
 def test_auto_prefers_torchvision_even_when_only_timm_is_cached(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
     from importlib.metadata import version

@@ -15,13 +15,16 @@ LIST_MODELS_HELP = "List model names from timm and torchvision matching PATTERN 
 @handles_errors
 def list_models_command(
     pattern: str = typer.Argument("*", help="Glob such as 'resnet*', or a substring."),
+    tags: bool = typer.Option(
+        False, "--tags", help="Also list timm's pretrained tags (ARCH.TAG, e.g. resnet50.a1_in1k): names it builds too."
+    ),
     json_output: JsonOption = False,
 ) -> None:
     """Print (or ``--json``) every (name, library) matching PATTERN; no match is bad input."""
     from dgc_convert.cli.render import print_json, print_model_list
     from dgc_convert.conversion.zoo import list_models
 
-    models = list_models(pattern)
+    models = list_models(pattern, tags=tags)
     if json_output:
         print_json([{"name": n, "library": lib} for n, lib in models])
     elif not models:

@@ -35,18 +35,18 @@ def cache_directory() -> Path:
     return Path(base) / "dgc-convert"
 
 
-def _file(library: str) -> Path | None:
+def _file(library: str, kind: str) -> Path | None:
     try:
         installed = version(library)
     except PackageNotFoundError:
         return None
-    return cache_directory() / f"model-names-{library}-{installed}.json"
+    return cache_directory() / f"model-names-{library}{'-' + kind if kind else ''}-{installed}.json"
 
 
-def cached_names(library: str) -> frozenset[str] | None:
-    """The names ``library`` could build when its installed version last listed them, or None
-    when there is no readable list for this version."""
-    file = _file(library)
+def cached_names(library: str, kind: str = "") -> frozenset[str] | None:
+    """The names ``library`` could build when its installed version last listed them (``kind``:
+    which list, e.g. "tags" for timm's ARCH.TAG names), or None when there is no readable list."""
+    file = _file(library, kind)
     if file is None:
         return None
     try:
@@ -60,12 +60,12 @@ def cached_names(library: str) -> frozenset[str] | None:
     return frozenset(names)
 
 
-def remember_names(library: str, list_names: Callable[[], list[str]]) -> list[str]:
+def remember_names(library: str, list_names: Callable[[], list[str]], kind: str = "") -> list[str]:
     """``list_names()`` (the library asked, imported), written to the cache for its installed
     version on the way (atomically; skipped when the cache directory cannot be written)."""
     names = list_names()
-    file = _file(library)
-    if file is not None and cached_names(library) != frozenset(names):
+    file = _file(library, kind)
+    if file is not None and cached_names(library, kind) != frozenset(names):
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(file) as temporary:

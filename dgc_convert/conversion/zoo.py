@@ -68,6 +68,33 @@ def timm_names() -> list[str]:
     return remember_names("timm", timm.list_models)
 
 
+def timm_tagged_names() -> list[str]:
+    """timm's ``ARCH.TAG`` names: each architecture with each of its pretrained configurations
+    (``resnet50.a1_in1k``), all of which ``timm.create_model`` takes (remembered: ``name_cache``)."""
+    import timm
+
+    return remember_names("timm", lambda: timm.list_models(pretrained=True), kind="tags")
+
+
+def _resolve_tagged(name: str, auto: bool) -> tuple[str, Library, bool]:
+    """A timm ``ARCH.TAG`` name; ``UnknownModelError`` listing the architecture's tags when the
+    tag is not one of them, with close matches otherwise."""
+    known = cached_names("timm", "tags")
+    if known is not None and name in known:
+        return name, "timm", auto
+    tagged = timm_tagged_names()
+    if name in tagged:
+        return name, "timm", auto
+    arch, _, tag = name.partition(".")
+    tags = sorted(n.partition(".")[2] for n in tagged if n.partition(".")[0] == arch)
+    if tags:
+        shown_tags = ", ".join(tags[:8]) + (f" and {len(tags) - 8} more" if len(tags) > 8 else "")
+        raise UnknownModelError(f"unknown pretrained tag {tag!r} for timm model {arch!r}; its tags: {shown_tags}")
+    close = difflib.get_close_matches(name, tagged, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `dgc-convert list-models PATTERN --tags`"
+    raise UnknownModelError(f"unknown model {name!r} in timm{hint}")
+
+
 def _resolved_from_cache(name: str, source: str) -> Library | None:
     """The library a cached name list says builds ``name``, honouring ``auto``'s preference for
     torchvision; None when the caches cannot decide (the libraries are asked then)."""
@@ -82,14 +109,16 @@ def _resolved_from_cache(name: str, source: str) -> Library | None:
     return None
 
 
-def list_models(pattern: str = "*") -> list[tuple[str, Library]]:
+def list_models(pattern: str = "*", *, tags: bool = False) -> list[tuple[str, Library]]:
     """(name, library) for every model whose name matches the glob ``pattern``
-    (case-insensitive; a pattern without wildcards matches as a substring)."""
+    (case-insensitive; a pattern without wildcards matches as a substring); with ``tags``,
+    timm's pretrained ``ARCH.TAG`` names are listed too."""
     if not any(ch in pattern for ch in "*?["):
         pattern = f"*{pattern}*"
     pattern = pattern.lower()
     found: list[tuple[str, Library]] = [(n, "torchvision") for n in torchvision_names() if fnmatch.fnmatch(n, pattern)]
-    found += [(n, "timm") for n in timm_names() if fnmatch.fnmatch(n, pattern)]
+    timm_listed = timm_names() + (timm_tagged_names() if tags else [])
+    found += [(n, "timm") for n in sorted(set(timm_listed)) if fnmatch.fnmatch(n, pattern)]
     return sorted(found)
 
 
@@ -97,8 +126,9 @@ def resolve(name: str, source: str = "auto") -> tuple[str, Library, bool]:
     """Which library builds ``name``: returns (bare name, library, picked automatically).
 
     ``timm:NAME`` and ``torchvision:NAME`` force the library. ``auto`` prefers
-    torchvision (the paper's ResNets are torchvision-style), then timm. Unknown
-    names raise ``UnknownModelError`` with up to five close matches.
+    torchvision (the paper's ResNets are torchvision-style), then timm. timm's
+    pretrained tags (``resnet50.a1_in1k``) are timm names. Unknown names raise
+    ``UnknownModelError`` with up to five close matches (a tag: the architecture's tags).
     """
     if source not in SOURCES:
         raise UnknownModelError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
@@ -109,6 +139,8 @@ def resolve(name: str, source: str = "auto") -> tuple[str, Library, bool]:
         if source != "auto" and source != prefix:
             raise UnknownModelError(f"{name!r} names library {prefix} but source is {source}")
         source, name = prefix, bare
+    if "." in name and source in ("auto", "timm"):  # timm's ARCH.TAG: torchvision names hold no dot
+        return _resolve_tagged(name, source == "auto")
     cached = _resolved_from_cache(name, source)
     if cached is not None:
         return name, cached, source == "auto"
