@@ -13,6 +13,7 @@ from dgc_convert.cli.options import (
     HeadsOption,
     InputSizeOption,
     MinChannelsOption,
+    NumClassesOption,
     PreactOption,
     SourceOption,
     SqueezeRatioOption,
@@ -43,6 +44,7 @@ def bench_command(
     source: SourceOption = None,
     batch_size: BatchSizeOption = 1,
     input_size: InputSizeOption = None,
+    num_classes: NumClassesOption = None,
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs per variant (median reported)."),
     warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed runs per variant first."),
@@ -75,7 +77,7 @@ def bench_command(
     from dgc_convert.conversion.settings import model_settings
     from dgc_convert.measuring.bench import benchmark
 
-    model_settings(name=model, input_size=input_size)  # the schema's bound on --input-size, before any work
+    model_settings(name=model, input_size=input_size, num_classes=num_classes)  # the schema's bounds, before any work
     conversion = {
         "heads": heads,
         "zeta": zeta,
@@ -87,7 +89,9 @@ def bench_command(
     }
     with StepProgress() as progress:
         progress.step(f"building {model}")
-        dense, dgc, name, default_size = models_for_bench(model, conversion, source=source, input_size=input_size)
+        dense, dgc, name, default_size = models_for_bench(
+            model, conversion, source=source, input_size=input_size, num_classes=num_classes
+        )
         result = benchmark(
             dense,
             dgc,

@@ -17,6 +17,7 @@ from dgc_convert.cli.options import (
     InputSizeOption,
     JsonOption,
     MinChannelsOption,
+    NumClassesOption,
     PreactOption,
     SourceOption,
     SqueezeRatioOption,
@@ -72,6 +73,7 @@ def convert_command(
     ] = None,
     min_channels: MinChannelsOption = None,
     input_size: InputSizeOption = None,
+    num_classes: NumClassesOption = None,
     source: SourceOption = None,
     checkpoint: CheckpointOption = None,
     recipe: Annotated[
@@ -107,7 +109,12 @@ def convert_command(
         fail("give a MODEL name or --recipe FILE (see `dgc-convert --help`)")
     # The recipe's values, then the options given here: one validation, the schema's.
     model_spec = model_settings(
-        base_model, name=model, source=source, input_size=input_size, checkpoint=str(checkpoint) if checkpoint else None
+        base_model,
+        name=model,
+        source=source,
+        input_size=input_size,
+        num_classes=num_classes,
+        checkpoint=str(checkpoint) if checkpoint else None,
     )
     settings = convert_settings(
         base_convert,

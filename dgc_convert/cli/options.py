@@ -28,6 +28,7 @@ __all__ = [
     "MinChannelsOption",
     "SourceOption",
     "InputSizeOption",
+    "NumClassesOption",
     "CheckpointOption",
     "SetOption",
     "JsonOption",
@@ -110,6 +111,12 @@ SourceOption = Annotated[
 ]
 InputSizeOption = Annotated[
     int | None, typer.Option("--input-size", help="Square input side in pixels (default: the model's).")
+]
+NumClassesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--num-classes", help="Classifier width, e.g. to match a checkpoint's classes (default: the model's)."
+    ),
 ]
 CheckpointOption = Annotated[
     Path | None,
