@@ -22,6 +22,7 @@ from dgc_convert.nn.settings import (
     setting_bound,
     setting_choices,
     setting_help,
+    setting_type,
     user_settings,
 )
 
@@ -97,7 +98,7 @@ def _layer_field(name: str, *, optional: bool) -> tuple[Any, Any]:
     """(annotation, pydantic field) of one ``LayerSettings`` field, read off its type, bound,
     choices, default and help text: the recipe schema never restates a per-layer setting."""
     item = next(item for item in fields(LayerSettings) if item.name == name)
-    kind = {"int": int, "float": float, "bool": bool, "str": str}[str(item.type)]
+    kind = setting_type(name)
     bound, choices = setting_bound(name), setting_choices(name)
     annotation: Any
     if choices is not None:
@@ -150,6 +151,14 @@ class OverrideSection(_OverrideFields):  # type: ignore[misc,valid-type]  # fiel
                 if name in value:
                     raise ValueError(f"{name} is model-wide ({why}); set convert.{name} instead")
         return value
+
+    def layer_values(self) -> dict[str, Any]:
+        """The per-layer settings this override sets (its non-None keys but ``skip``), by name."""
+        return {
+            name: value
+            for name in type(self).model_fields
+            if name != "skip" and (value := getattr(self, name)) is not None
+        }
 
 
 def _convert_fields() -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -257,18 +257,14 @@ def plan_conversion(
     stems = stem_convolutions(model)
     output_sizes = _output_sizes(model, convs, stems, input_size)
     report = ConversionReport()
+    section_layer = settings.layer_settings()
     for name, conv in convs:
-        heads, zeta, ratio = settings.heads, settings.zeta, settings.squeeze_ratio
-        preact, rule = settings.preact, settings.squeeze_rule
+        layer = section_layer
         skip: Skip | None = None
         named = unskipped = False  # what lets a layer convert at a loss
         for pattern, override in settings.overrides.items():
             if fnmatch.fnmatchcase(name, pattern):
-                heads = override.heads if override.heads is not None else heads
-                zeta = override.zeta if override.zeta is not None else zeta
-                ratio = override.squeeze_ratio if override.squeeze_ratio is not None else ratio
-                preact = override.preact if override.preact is not None else preact
-                rule = override.squeeze_rule if override.squeeze_rule is not None else rule
+                layer = replace(layer, **override.layer_values())  # later patterns win, key by key
                 named = named or pattern == name
                 if override.skip is not None:
                     skip = (SkipReason.OVERRIDE, repr(pattern)) if override.skip else None
@@ -278,9 +274,11 @@ def plan_conversion(
         elif _matches(name, settings.exclude):
             skip = SkipReason.EXCLUDED, ""
         if skip is None:
-            skip = _reason_to_skip(conv, heads, settings.min_channels, is_stem=name in stems)
+            skip = _reason_to_skip(conv, layer.heads, settings.min_channels, is_stem=name in stems)
         if skip is None and not (named or unskipped) and name in output_sizes:
-            skip = _reason_no_saving(conv, heads, zeta, ratio, rule, output_sizes[name])
+            skip = _reason_no_saving(
+                conv, layer.heads, layer.zeta, layer.squeeze_ratio, layer.squeeze_rule, output_sizes[name]
+            )
         decision = LayerDecision(
             name=name,
             kind=type(conv).__name__,
@@ -294,15 +292,8 @@ def plan_conversion(
             detail="" if skip is None else skip[1],
         )
         if skip is None:
-            decision.settings = LayerSettings(
-                heads=heads,
-                squeeze_ratio=ratio,
-                zeta=float(zeta),
-                gating=settings.gating,
-                preact=preact,
-                squeeze_rule=rule,
-            )
-            decision.kept = kept_channel_count(conv.in_channels, zeta)
+            decision.settings = layer
+            decision.kept = kept_channel_count(conv.in_channels, layer.zeta)
         report.layers.append(decision)
     return report
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
 __all__ = [
     "LayerSettings",
     "Bound",
+    "setting_type",
     "setting_bound",
     "setting_choices",
     "setting_help",
@@ -194,9 +195,9 @@ def _quoted(value: Any) -> str:
     return text if len(text) <= _QUOTED else f"{text[:_QUOTED]}... ({len(text)} characters)"
 
 
-def _check(name: str, value: Any, annotation: Any, metadata: Mapping[str, Any]) -> None:
+def _check(name: str, value: Any, annotation: object, metadata: Mapping[str, Any]) -> None:
     """``ValueError`` unless ``value`` has the field's type and lies in its bound or choices."""
-    kind = _TYPES[annotation if isinstance(annotation, str) else annotation.__name__]
+    kind = _TYPES[str(annotation)]  # the annotations are strings here (postponed evaluation)
     bound: Bound | None = metadata.get("bound")
     choices: tuple[str, ...] | None = metadata.get("choices")
     if kind is bool:
@@ -217,11 +218,20 @@ def _check(name: str, value: Any, annotation: Any, metadata: Mapping[str, Any]) 
         raise ValueError(f"{name} must be {bound.describe(with_kind=False)}, got {_quoted(value)}")
 
 
-def _field_metadata(name: str) -> Mapping[str, Any]:
+def _field(name: str) -> Field[Any]:
     for item in fields(LayerSettings):
         if item.name == name:
-            return item.metadata
+            return item
     raise KeyError(name)
+
+
+def _field_metadata(name: str) -> Mapping[str, Any]:
+    return _field(name).metadata
+
+
+def setting_type(name: str) -> type:
+    """A setting's Python type: int, float, bool or str."""
+    return _TYPES[str(_field(name).type)]
 
 
 def setting_bound(name: str) -> Bound | None:
@@ -248,9 +258,13 @@ MODEL_WIDE_SETTINGS: dict[str, str] = {
 }
 
 
-def user_settings() -> list[str]:
+# The settings a user chooses (every field but internal ones), in declaration order.
+_USER_SETTINGS: tuple[str, ...] = tuple(item.name for item in fields(LayerSettings) if not item.metadata["internal"])
+
+
+def user_settings() -> tuple[str, ...]:
     """The settings a user chooses (every field but internal ones), in declaration order."""
-    return [item.name for item in fields(LayerSettings) if not item.metadata["internal"]]
+    return _USER_SETTINGS
 
 
 class SettingsFields:
@@ -270,6 +284,3 @@ class SettingsFields:
     def settings_dict(self) -> dict[str, Any]:
         """Every user setting by name (None each without settings): the record's JSON form of them."""
         return {name: getattr(self, name) for name in _USER_SETTINGS}
-
-
-_USER_SETTINGS: tuple[str, ...] = tuple(user_settings())
